@@ -1,0 +1,151 @@
+"""Settings: ``config/rsaga.toml`` decoded with msgspec, overridden by ``RSAGA_*`` variables.
+
+Unknown keys are errors (a typo must not be silently ignored). Every error is
+one `ConfigError` line naming the key and the problem; the CLI exits 2 on it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from rsaga.errors import ConfigError
+from rsaga.events import DEFAULT_MAX_EVENT_BYTES
+from rsaga.executor import DEFAULT_COMMAND_RETRY
+from rsaga.retry import RetryPolicy
+from rsaga.store import DEFAULT_PAGE_SIZE
+
+DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
+
+
+class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How to reach Redis."""
+
+    url: str = ""
+    """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; empty: none."""
+    socket_timeout: float = 5.0
+    """Seconds before a Redis call without a blocking timeout gives up."""
+    max_connections: int = 64
+    """Upper bound on the connection pool of one process."""
+
+    def __post_init__(self) -> None:
+        if self.url:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(
+                    f"scheme must be redis://, rediss:// or unix://, got {redact_url(self.url)!r}"
+                )
+        if self.socket_timeout <= 0:
+            raise ValueError("socket_timeout must be > 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+
+
+class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The keyspace and event store."""
+
+    prefix: str = "rsaga"
+    """Prefix of every key."""
+    shards: int = 1
+    """Number of shards; each stream id maps to one. Changing it remaps streams."""
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    """Largest encoded event accepted."""
+    read_page_size: int = DEFAULT_PAGE_SIZE
+    """Events per XRANGE page when reading a stream."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,50}", self.prefix):
+            raise ValueError(f"prefix must be 1-50 of [A-Za-z0-9._-], got {self.prefix!r}")
+        for name in ("shards", "max_event_bytes", "read_page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The command executor."""
+
+    retry: RetryPolicy = DEFAULT_COMMAND_RETRY
+    """Retry policy on version conflicts."""
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """All of rsaga's settings."""
+
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    executor: ExecutorSettings = msgspec.field(default_factory=ExecutorSettings)
+
+
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "RSAGA_REDIS_URL": ("redis", "url"),
+    "RSAGA_REDIS_SOCKET_TIMEOUT": ("redis", "socket_timeout"),
+    "RSAGA_REDIS_MAX_CONNECTIONS": ("redis", "max_connections"),
+    "RSAGA_PREFIX": ("store", "prefix"),
+    "RSAGA_SHARDS": ("store", "shards"),
+    "RSAGA_MAX_EVENT_BYTES": ("store", "max_event_bytes"),
+}
+"""Environment variables and the setting each overrides."""
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+_AT_PATH = re.compile(r"^(.*) - at `\$\.?(.*)`$")
+
+
+def _one_line(exc: msgspec.ValidationError, source: str, from_env: dict[str, str]) -> str:
+    text = str(exc).splitlines()[0]
+    match = _AT_PATH.match(text)
+    if not match:
+        return f"{source}: {text}"
+    problem, path = match.groups()
+    var = from_env.get(path)
+    where = f"{path} (from {var})" if var else path or "(top level)"
+    return f"{source}: {where}: {problem}"
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from `path` (or ``RSAGA_CONFIG``, or ``config/rsaga.toml`` if present),
+    then the ``RSAGA_*`` environment overrides."""
+    env = os.environ if environ is None else environ
+    explicit = path or env.get("RSAGA_CONFIG")
+    config_path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    raw: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            raw = msgspec.toml.decode(config_path.read_bytes())
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"{config_path}: config file not found")
+    source = str(config_path) if config_path.exists() else "defaults"
+    from_env: dict[str, str] = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in env:
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: {section}: expected a table")
+            table[key] = env[var]
+            from_env[f"{section}.{key}"] = var
+            from_env.setdefault(section, var)
+    if from_env:
+        source += " + environment"
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_one_line(exc, source, from_env)) from None

@@ -1,0 +1,114 @@
+"""The command executor: read, fold, decide, write atomically, retry on conflict."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import anyio
+import msgspec
+
+from rsaga.commands import Command
+from rsaga.errors import ConcurrencyConflict, RetriesExhausted, UndeclaredStream, ValidationError
+from rsaga.events import RecordedEvent, new_id
+from rsaga.keyspace import validate_stream_id
+from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.store import EventStore, StreamSlice, StreamWrite
+
+DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
+    base=0.002, cap=0.25, max_retries=25, jitter=1.0
+)
+"""Conflicts resolve fast under contention: short, fully jittered delays."""
+
+MAX_RESOLVE_ROUNDS = 16
+
+
+class ExecutionResult(msgspec.Struct, frozen=True):
+    """What executing a command did."""
+
+    versions: dict[str, int]
+    """Every stream the command read, at its version after the write."""
+    events: list[RecordedEvent]
+    """The events written, with their versions."""
+    attempts: int
+    """1 if the first attempt succeeded; more after version conflicts."""
+
+
+class Executor:
+    """Executes commands against an `EventStore`, retrying version conflicts."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        retry: RetryPolicy = DEFAULT_COMMAND_RETRY,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.retry = retry
+        self._rng = rng or random.Random()
+
+    async def execute(
+        self,
+        command: Command[Any],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> ExecutionResult:
+        """Execute `command` and return what it wrote.
+
+        Domain errors raised by `handle` propagate at once. A version conflict
+        re-reads every stream and decides again, until the retry policy gives up
+        with `RetriesExhausted`.
+        """
+        if not isinstance(command, Command):
+            raise ValidationError(f"expected a Command, got {type(command).__name__}")
+        correlation = correlation_id or new_id()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(command, correlation, causation_id, attempt)
+            except ConcurrencyConflict as conflict:
+                delay = self.retry.delay(attempt, self._rng)
+                if delay is None:
+                    raise RetriesExhausted(attempt, conflict) from conflict
+                await anyio.sleep(delay)
+
+    async def _attempt(
+        self, command: Command[Any], correlation: str, causation: str | None, attempt: int
+    ) -> ExecutionResult:
+        state = command.initial_state()
+        slices: dict[str, StreamSlice] = {}
+        to_read = [validate_stream_id(s) for s in command.read_streams()]
+        for _ in range(MAX_RESOLVE_ROUNDS):
+            new = [s for s in dict.fromkeys(to_read) if s not in slices]
+            if not new:
+                break
+            read = await self.store.read_streams(new)
+            for stream_id in new:
+                for event in read[stream_id].events:
+                    state = command.apply(state, event)
+            slices.update(read)
+            to_read = [validate_stream_id(s) for s in command.more_streams(state)]
+        else:
+            raise ValidationError(
+                f"{type(command).__name__}.more_streams kept asking for new streams "
+                f"after {MAX_RESOLVE_ROUNDS} rounds"
+            )
+
+        writes = command.handle(state)
+        undeclared = [s for s in writes if s not in slices]
+        if undeclared:
+            raise UndeclaredStream(
+                f"{type(command).__name__} wrote to {', '.join(map(repr, undeclared))}, "
+                "which it did not declare as read"
+            )
+        if not any(writes.values()):
+            return ExecutionResult({s: sl.version for s, sl in slices.items()}, [], attempt)
+        result = await self.store.commit(
+            [StreamWrite(s, sl.version, writes.get(s, ())) for s, sl in slices.items()],
+            correlation_id=correlation,
+            causation_id=causation,
+        )
+        return ExecutionResult(result.versions, result.events, attempt)

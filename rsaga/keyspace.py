@@ -1,0 +1,104 @@
+"""Every Redis key rsaga uses is named here, and nowhere else.
+
+Keys that belong to a shard carry the shard as a Redis Cluster hash tag
+(``rsaga:{0}:...``), so every multi-key script touches one hash slot and stays
+legal on Redis Cluster. A stream id maps to exactly one shard.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from rsaga.errors import CrossShardWrite, InvalidStreamId, ValidationError
+
+MAX_STREAM_ID_LENGTH = 200
+# Braces would fight the hash tag, whitespace and glob characters would break
+# SCAN patterns and the CLI; everything else printable is fine.
+_STREAM_ID = re.compile(r"[A-Za-z0-9._:@/+=~!$%&()<>,;|^#-]+")
+_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,50}")
+
+
+def validate_stream_id(stream_id: object) -> str:
+    """Return `stream_id` if the keyspace can carry it, else raise `InvalidStreamId`."""
+    if not isinstance(stream_id, str):
+        raise InvalidStreamId(f"stream id must be a str, got {type(stream_id).__name__}")
+    if not stream_id:
+        raise InvalidStreamId("stream id is empty")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise InvalidStreamId(
+            f"stream id is {len(stream_id)} characters long; the limit is {MAX_STREAM_ID_LENGTH}"
+        )
+    if _STREAM_ID.fullmatch(stream_id) is None:
+        bad = next(c for c in stream_id if _STREAM_ID.fullmatch(c) is None)
+        raise InvalidStreamId(f"stream id {stream_id!r} contains the character {bad!r}")
+    return stream_id
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    """Owns every key name: a prefix, a shard count, and the shard of each stream id."""
+
+    prefix: str = "rsaga"
+    shards: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or _PREFIX.fullmatch(self.prefix) is None:
+            raise ValidationError(
+                f"prefix {self.prefix!r} must be 1-50 characters of letters, digits, '.', '_', '-'"
+            )
+        if not isinstance(self.shards, int) or not 1 <= self.shards <= 16384:
+            raise ValidationError(f"shards must be an int from 1 to 16384, got {self.shards!r}")
+
+    def shard_of(self, stream_id: str) -> int:
+        """The shard that holds `stream_id` (stable for a given shard count)."""
+        if self.shards == 1:
+            return 0
+        return zlib.crc32(stream_id.encode()) % self.shards
+
+    def shard_of_all(self, stream_ids: list[str]) -> int:
+        """The one shard all `stream_ids` share; `CrossShardWrite` if they do not."""
+        shards = {self.shard_of(s) for s in stream_ids}
+        if len(shards) > 1:
+            by_shard = sorted((self.shard_of(s), s) for s in stream_ids)
+            raise CrossShardWrite(
+                "one atomic write must stay in one shard; streams map to shards "
+                + ", ".join(f"{s}->{n}" for n, s in by_shard)
+            )
+        return shards.pop() if shards else 0
+
+    def _tag(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}"
+
+    # --- keys of one shard (all share the shard's hash tag) -------------------
+
+    def stream(self, stream_id: str) -> str:
+        """Redis Stream holding the events of one stream id; entry id ``<version>-0``."""
+        return f"{self._tag(self.shard_of(stream_id))}:s:{stream_id}"
+
+    def log(self, shard: int) -> str:
+        """The shard log: every event of the shard in commit order; consumer groups read it."""
+        return f"{self._tag(shard)}:log"
+
+    def dead_letters(self, shard: int) -> str:
+        """Stream of entries that handlers gave up on or could not decode."""
+        return f"{self._tag(shard)}:dlq"
+
+    def stream_owners(self, shard: int, group: str) -> str:
+        """Hash: stream id -> consumer that owns its in-flight entries for `group`."""
+        return f"{self._tag(shard)}:own:{group}"
+
+    def handoffs(self, shard: int, group: str) -> str:
+        """Hash: consumer -> count of entries handed to it by other consumers of `group`."""
+        return f"{self._tag(shard)}:handoff:{group}"
+
+    # --- keys outside any shard -------------------------------------------------
+
+    def heartbeat(self, consumer: str) -> str:
+        """String with TTL: a live worker or scheduler's description."""
+        return f"{self.prefix}:heartbeat:{consumer}"
+
+    def heartbeat_pattern(self) -> str:
+        """SCAN pattern matching every heartbeat key."""
+        return f"{self.prefix}:heartbeat:*"

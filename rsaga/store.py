@@ -1,0 +1,335 @@
+"""The event store: paged, pipelined reads and atomic versioned multi-stream writes.
+
+Layout in Redis (see `Keyspace`): one Redis Stream per stream id whose entry ids
+are ``<version>-0`` and whose only field ``d`` is the event envelope; and one log
+stream per shard that receives every committed event in commit order, with
+fields ``s`` (stream id), ``v`` (version) and ``d`` (envelope).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rsaga.clock import Clock, SystemClock
+from rsaga.errors import (
+    ConcurrencyConflict,
+    ConfigError,
+    EventDecodeError,
+    RedisUnavailable,
+    ScriptError,
+    ValidationError,
+)
+from rsaga.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, EventRegistry, RecordedEvent, new_id
+from rsaga.keyspace import Keyspace, validate_stream_id
+from rsaga.scripts import EncodableArg, script
+
+DEFAULT_PAGE_SIZE = 512
+
+
+class ExpectedVersion(enum.IntEnum):
+    """Special expected versions; a plain int N >= 1 means "exactly N"."""
+
+    ANY = -1
+    """No check: append at whatever version the stream has."""
+    NO_STREAM = 0
+    """The stream must not exist yet."""
+
+
+Expected = int | ExpectedVersion
+
+
+def _expected_text(expected: int) -> str:
+    if expected == ExpectedVersion.ANY:
+        return "any"
+    if expected == ExpectedVersion.NO_STREAM:
+        return "no stream"
+    return str(expected)
+
+
+class StreamWrite(msgspec.Struct, frozen=True):
+    """One stream's part of an atomic write: its expected version and new events.
+
+    A write with no events is a pure check: the stream was read and must not have
+    changed.
+    """
+
+    stream_id: str
+    expected: int
+    events: Sequence[msgspec.Struct] = ()
+
+
+class CommitResult(msgspec.Struct, frozen=True):
+    """What one atomic write did: each stream's version afterwards and the new events."""
+
+    versions: dict[str, int]
+    events: list[RecordedEvent]
+
+
+class StreamSlice(msgspec.Struct, frozen=True):
+    """The events of one stream read from some version on, and its current version."""
+
+    stream_id: str
+    version: int
+    events: list[RecordedEvent]
+
+
+class LogEntry(msgspec.Struct, frozen=True):
+    """One entry of a shard log: its Redis entry id and the event it carries."""
+
+    log_id: str
+    event: RecordedEvent
+
+
+def describe_redis(redis: Redis) -> str:
+    """Where `redis` points, for messages: never includes a password."""
+    kwargs = redis.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        where = f"unix://{kwargs['path']}"
+    elif "host" in kwargs:
+        scheme = "rediss" if "ssl_cert_reqs" in kwargs or "ssl" in kwargs else "redis"
+        user = f"{kwargs['username']}@" if kwargs.get("username") else ""
+        where = f"{scheme}://{user}{kwargs['host']}:{kwargs.get('port', 6379)}"
+    else:
+        return "embedded fakeredis"
+    return f"{where}/{kwargs.get('db', 0)}"
+
+
+class EventStore:
+    """Reads and atomically writes event streams in Redis.
+
+    `redis` must be a `redis.asyncio.Redis` client with ``decode_responses=False``.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        registry: EventRegistry,
+        *,
+        keyspace: Keyspace | None = None,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        clock: Clock | None = None,
+    ) -> None:
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ConfigError("the Redis client must have decode_responses=False")
+        if page_size < 1:
+            raise ValidationError(f"page_size must be >= 1, got {page_size}")
+        if max_event_bytes < 1:
+            raise ValidationError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
+        self.redis = redis
+        self.registry = registry
+        self.keyspace = keyspace or Keyspace()
+        self.codec = EventCodec(registry, max_event_bytes=max_event_bytes)
+        self.page_size = page_size
+        self.clock: Clock = clock or SystemClock()
+        self._commit = script("commit")
+
+    @contextmanager
+    def _talking_to_redis(self) -> Iterator[None]:
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnavailable(
+                f"cannot reach Redis at {describe_redis(self.redis)}: {exc}"
+            ) from exc
+
+    # --- reading ------------------------------------------------------------------
+
+    async def read(self, stream_id: str, *, from_version: int = 1) -> StreamSlice:
+        """Every event of `stream_id` from `from_version` on, paged internally."""
+        return (await self.read_streams([stream_id], from_version=from_version))[stream_id]
+
+    async def read_streams(
+        self, stream_ids: Sequence[str], *, from_version: int = 1
+    ) -> dict[str, StreamSlice]:
+        """Read several streams: one pipelined round trip per page of the longest stream."""
+        for stream_id in stream_ids:
+            validate_stream_id(stream_id)
+        if from_version < 1:
+            raise ValidationError(f"from_version must be >= 1, got {from_version}")
+        ids = list(dict.fromkeys(stream_ids))
+        events: dict[str, list[RecordedEvent]] = {s: [] for s in ids}
+        next_version = dict.fromkeys(ids, from_version)
+        pending = ids
+        with self._talking_to_redis():
+            while pending:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for stream_id in pending:
+                        pipe.xrange(
+                            self.keyspace.stream(stream_id),
+                            f"{next_version[stream_id]}-0",
+                            "+",
+                            count=self.page_size,
+                        )
+                    pages: list[list[tuple[bytes, dict[bytes, bytes]]]] = await pipe.execute()
+                full = []
+                for stream_id, page in zip(pending, pages, strict=True):
+                    decoded = self._decode_page(stream_id, page)
+                    events[stream_id].extend(decoded)
+                    if len(page) == self.page_size:
+                        next_version[stream_id] = decoded[-1].version + 1
+                        full.append(stream_id)
+                pending = full
+        return {
+            s: StreamSlice(s, evs[-1].version if evs else from_version - 1, evs)
+            for s, evs in events.items()
+        }
+
+    def _decode_page(
+        self, stream_id: str, page: list[tuple[bytes, dict[bytes, bytes]]]
+    ) -> list[RecordedEvent]:
+        decode = self.codec.decode
+        return [
+            decode(stream_id, int(entry_id.partition(b"-")[0]), fields[b"d"])
+            for entry_id, fields in page
+        ]
+
+    async def version(self, stream_id: str) -> int:
+        """The current version of `stream_id` (0 if it has no events)."""
+        validate_stream_id(stream_id)
+        with self._talking_to_redis():
+            return int(await self.redis.xlen(self.keyspace.stream(stream_id)))
+
+    async def read_log(
+        self, shard: int = 0, *, after: str = "0-0", count: int = 1000
+    ) -> list[LogEntry]:
+        """Up to `count` entries of a shard log after the entry id `after`."""
+        if not 0 <= shard < self.keyspace.shards:
+            raise ValidationError(f"shard must be in 0..{self.keyspace.shards - 1}, got {shard}")
+        with self._talking_to_redis():
+            page: Any = await self.redis.xrange(
+                self.keyspace.log(shard), f"({after}", "+", count=count
+            )
+        return [self.decode_log_entry(entry_id, fields) for entry_id, fields in page]
+
+    def decode_log_entry(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> LogEntry:
+        """Decode one raw log entry; raises `EventDecodeError` or `UnknownEventType`."""
+        try:
+            stream_id = fields[b"s"].decode()
+            version = int(fields[b"v"])
+            blob = fields[b"d"]
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise EventDecodeError(
+                f"log entry {entry_id.decode(errors='replace')} lacks a valid s/v/d field: {exc!r}"
+            ) from None
+        return LogEntry(entry_id.decode(), self.codec.decode(stream_id, version, blob))
+
+    # --- writing ------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[msgspec.Struct],
+        *,
+        expected: Expected = ExpectedVersion.ANY,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> CommitResult:
+        """Append `events` to one stream if its version is `expected`."""
+        return await self.commit(
+            [StreamWrite(stream_id, int(expected), events)],
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    async def commit(
+        self,
+        writes: Sequence[StreamWrite],
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> CommitResult:
+        """Check every write's expected version, then append all events, atomically.
+
+        Raises `ConcurrencyConflict` (nothing written) if any stream is not at its
+        expected version; validation errors are raised before Redis is touched.
+        """
+        keys, args, recorded = self._encode_commit(writes, correlation_id, causation_id)
+        with self._talking_to_redis():
+            reply = await self._commit(self.redis, keys, args)
+        return self._commit_result(writes, reply, recorded)
+
+    def _encode_commit(
+        self,
+        writes: Sequence[StreamWrite],
+        correlation_id: str | None,
+        causation_id: str | None,
+    ) -> tuple[list[str], list[EncodableArg], list[list[RecordedEvent]]]:
+        if not writes:
+            raise ValidationError("a commit needs at least one stream")
+        stream_ids = [validate_stream_id(w.stream_id) for w in writes]
+        if len(set(stream_ids)) != len(stream_ids):
+            raise ValidationError("a commit names the same stream twice")
+        for w in writes:
+            if not isinstance(w.expected, int) or w.expected < -1:
+                raise ValidationError(
+                    f"expected version of {w.stream_id!r} must be ANY, NO_STREAM or an int >= 1,"
+                    f" got {w.expected!r}"
+                )
+        shard = self.keyspace.shard_of_all(stream_ids)
+        now_ms = self.clock.now_ms()
+        occurred_at = datetime.fromtimestamp(now_ms / 1000, UTC)
+        correlation = correlation_id or new_id()
+        keys: list[str] = [self.keyspace.log(shard)]
+        header: list[EncodableArg] = [len(writes)]
+        envelopes: list[EncodableArg] = []
+        recorded: list[list[RecordedEvent]] = []
+        for w in writes:
+            keys.append(self.keyspace.stream(w.stream_id))
+            header += [w.stream_id, w.expected, len(w.events)]
+            mine = []
+            for event in w.events:
+                event_id = new_id()
+                envelopes.append(
+                    self.codec.encode(
+                        event,
+                        event_id=event_id,
+                        occurred_at_ms=now_ms,
+                        correlation_id=correlation,
+                        causation_id=causation_id,
+                    )
+                )
+                mine.append(
+                    RecordedEvent(
+                        stream_id=w.stream_id,
+                        version=0,
+                        event_id=event_id,
+                        occurred_at=occurred_at,
+                        type=self.registry.name_of(event),
+                        data=event,
+                        correlation_id=correlation,
+                        causation_id=causation_id,
+                    )
+                )
+            recorded.append(mine)
+        return keys, header + envelopes, recorded
+
+    def _commit_result(
+        self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]
+    ) -> CommitResult:
+        code = int(reply[0])
+        if code == -1:
+            write = writes[int(reply[1]) - 1]
+            expected = _expected_text(write.expected)
+            raise ConcurrencyConflict(write.stream_id, expected, int(reply[2]))
+        if code != 0:
+            raise ScriptError(f"commit.lua returned unknown code {code}")
+        versions: dict[str, int] = {}
+        events: list[RecordedEvent] = []
+        for w, final, mine in zip(writes, reply[1:], recorded, strict=True):
+            final = int(final)
+            versions[w.stream_id] = final
+            first = final - len(mine) + 1
+            events.extend(
+                msgspec.structs.replace(e, version=first + i) for i, e in enumerate(mine)
+            )
+        return CommitResult(versions, events)

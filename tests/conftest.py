@@ -1,0 +1,71 @@
+"""Shared fixtures: every store-level test runs on fakeredis and on a real redis-server."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from rsaga.testing import RedisServer, fake_redis, require_real_redis
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _no_real_redis(reason: str) -> None:
+    if require_real_redis():
+        pytest.fail(f"RSAGA_REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def real_redis_url() -> Iterator[str]:
+    """RSAGA_TEST_REDIS_URL if set, else a private redis-server for the session."""
+    url = os.environ.get("RSAGA_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if not RedisServer.available():
+        _no_real_redis("no real Redis: set RSAGA_TEST_REDIS_URL or put redis-server on PATH")
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server of this test's own, which the test may stop or kill."""
+    if not RedisServer.available():
+        _no_real_redis("redis-server is not on PATH")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """An async client on fakeredis or on a real server (the test runs on both)."""
+    if request.param == "fakeredis":
+        client = fake_redis()
+    else:
+        client = Redis.from_url(request.getfixturevalue("real_redis_url"))
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own, so tests can share one server."""
+    return "t" + uuid.uuid4().hex[:12]
