@@ -74,12 +74,51 @@ class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Retry policy on version conflicts."""
 
 
+class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`rsaga worker` processes."""
+
+    handlers: list[str] = msgspec.field(default_factory=list)
+    """Handlers to load by import path (``package.module:Class``), besides entry points."""
+    concurrency: int = 32
+    """Events handled at once by one worker process (over all handlers and streams)."""
+    batch_size: int = 100
+    """Entries read from a shard log per round trip."""
+    block_ms: int = 2000
+    """How long an idle read waits for new entries (must stay below socket_timeout)."""
+    start: str = "beginning"
+    """Where a new consumer group starts: "beginning" of the log or "new" events only."""
+    shutdown_timeout: float = 25.0
+    """Seconds in-flight handlers get to finish after SIGTERM or SIGINT."""
+    heartbeat_ttl: float = 15.0
+    """Seconds a worker's heartbeat lives unless renewed."""
+    max_deliveries: int = 5
+    """Deliveries without acknowledgement (crashes) before an entry goes to dead letters."""
+    dead_letter_max_len: int = 100_000
+    """Dead letters kept per shard (oldest trimmed first, approximately)."""
+    log_retention: float = 3600.0
+    """Seconds acknowledged entries stay on the shard log before trimming."""
+    trim_interval: float = 30.0
+    """Seconds between trims of the shard logs."""
+
+    def __post_init__(self) -> None:
+        if self.start not in ("beginning", "new"):
+            raise ValueError(f"start must be 'beginning' or 'new', got {self.start!r}")
+        for name in ("concurrency", "batch_size", "block_ms", "max_deliveries",
+                     "dead_letter_max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("shutdown_timeout", "heartbeat_ttl", "log_retention", "trim_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """All of rsaga's settings."""
 
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     executor: ExecutorSettings = msgspec.field(default_factory=ExecutorSettings)
+    worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
 
 
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -89,6 +128,9 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RSAGA_PREFIX": ("store", "prefix"),
     "RSAGA_SHARDS": ("store", "shards"),
     "RSAGA_MAX_EVENT_BYTES": ("store", "max_event_bytes"),
+    "RSAGA_HANDLERS": ("worker", "handlers"),
+    "RSAGA_CONCURRENCY": ("worker", "concurrency"),
+    "RSAGA_SHUTDOWN_TIMEOUT": ("worker", "shutdown_timeout"),
 }
 """Environment variables and the setting each overrides."""
 
@@ -140,7 +182,7 @@ def load_settings(
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: {section}: expected a table")
-            table[key] = env[var]
+            table[key] = env[var].split(",") if key == "handlers" else env[var]
             from_env[f"{section}.{key}"] = var
             from_env.setdefault(section, var)
     if from_env:

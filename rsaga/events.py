@@ -16,7 +16,7 @@ import os
 import time
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -113,6 +113,13 @@ class EventRegistry:
                 "register it with EventRegistry.register()"
             ) from None
 
+    def name_of_type(self, cls: type[msgspec.Struct]) -> str:
+        """The registered name of the type `cls`; `UnknownEventType` if unregistered."""
+        try:
+            return self._by_type[cls]
+        except KeyError:
+            raise UnknownEventType(f"event type {cls.__qualname__} is not registered") from None
+
     def type_of(self, name: str) -> type[msgspec.Struct]:
         """The struct type registered as `name`; `UnknownEventType` if none."""
         try:
@@ -168,11 +175,21 @@ class EventCodec:
 
     def decode(self, stream_id: str, version: int, blob: bytes) -> RecordedEvent:
         """Decode stored envelope bytes; `EventDecodeError` or `UnknownEventType` if bad."""
+        event = self.decode_wanted(stream_id, version, blob, None)
+        assert event is not None
+        return event
+
+    def decode_wanted(
+        self, stream_id: str, version: int, blob: bytes, wanted: Container[str] | None
+    ) -> RecordedEvent | None:
+        """Like `decode`, but None without decoding the payload if the type is not wanted."""
         where = f"{stream_id}@{version}"
         try:
             env = self._envelope_decoder.decode(blob)
         except (msgspec.DecodeError, TypeError) as exc:
             raise EventDecodeError(f"{where}: envelope is not valid: {exc}") from None
+        if wanted is not None and env.type not in wanted:
+            return None
         try:
             decoder = self.registry.decoder(env.type)
         except UnknownEventType:

@@ -89,6 +89,10 @@ class Keyspace:
         """Hash: stream id -> consumer that owns its in-flight entries for `group`."""
         return f"{self._tag(shard)}:own:{group}"
 
+    def in_flight(self, shard: int, group: str) -> str:
+        """Hash: stream id -> number of its entries pending for `group`."""
+        return f"{self._tag(shard)}:inflight:{group}"
+
     def handoffs(self, shard: int, group: str) -> str:
         """Hash: consumer -> count of entries handed to it by other consumers of `group`."""
         return f"{self._tag(shard)}:handoff:{group}"

@@ -9,7 +9,7 @@ fields ``s`` (stream id), ``v`` (version) and ``d`` (envelope).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -209,19 +209,31 @@ class EventStore:
             page: Any = await self.redis.xrange(
                 self.keyspace.log(shard), f"({after}", "+", count=count
             )
-        return [self.decode_log_entry(entry_id, fields) for entry_id, fields in page]
+        entries = [self.decode_log_entry(entry_id, fields) for entry_id, fields in page]
+        return [e for e in entries if e is not None]
 
-    def decode_log_entry(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> LogEntry:
-        """Decode one raw log entry; raises `EventDecodeError` or `UnknownEventType`."""
+    def decode_log_entry(
+        self,
+        entry_id: bytes | str,
+        fields: Mapping[bytes, bytes],
+        wanted: Container[str] | None = None,
+    ) -> LogEntry | None:
+        """Decode one raw log entry, or None if its type is not in `wanted`.
+
+        Raises `EventDecodeError` (missing or malformed fields, corrupt bytes) or
+        `UnknownEventType`.
+        """
+        log_id = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id
         try:
             stream_id = fields[b"s"].decode()
             version = int(fields[b"v"])
             blob = fields[b"d"]
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise EventDecodeError(
-                f"log entry {entry_id.decode(errors='replace')} lacks a valid s/v/d field: {exc!r}"
+                f"log entry {log_id} lacks a valid s/v/d field: {exc!r}"
             ) from None
-        return LogEntry(entry_id.decode(), self.codec.decode(stream_id, version, blob))
+        event = self.codec.decode_wanted(stream_id, version, blob, wanted)
+        return None if event is None else LogEntry(log_id, event)
 
     # --- writing ------------------------------------------------------------------
 

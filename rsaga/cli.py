@@ -1,0 +1,284 @@
+"""The ``rsaga`` command line.
+
+Exit codes: 0 success, 1 failure at run time (Redis unreachable, a check that
+failed), 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+import rsaga
+from rsaga.config import Settings, load_settings, redact_url
+from rsaga.connection import connect, embedded, ping
+from rsaga.deadletters import DeadLetters
+from rsaga.errors import ConfigError, RsagaError
+from rsaga.events import EventRegistry
+from rsaga.executor import Executor
+from rsaga.handlers import InstalledHandler, discover_handlers
+from rsaga.keyspace import Keyspace
+from rsaga.scripts import all_scripts
+from rsaga.store import EventStore
+from rsaga.worker import Worker
+
+Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
+
+
+def _print(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+async def _check(args: argparse.Namespace, settings: Settings) -> int:
+    """Connect, load every script, and print what this deployment looks like."""
+    redis = connect(settings.redis)
+    where = redact_url(settings.redis.url)
+    try:
+        info = await ping(redis, where)
+        for script in all_scripts():
+            await script.load(redis)
+    finally:
+        await redis.aclose()
+    _print(
+        f"redis      {where}",
+        f"server     Redis {info.get('redis_version', '?')} ({info.get('redis_mode', '?')})",
+        f"prefix     {settings.store.prefix}",
+        f"shards     {settings.store.shards}",
+        f"scripts    {len(all_scripts())} loaded",
+        "ok",
+    )
+    return 0
+
+
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the bank transfer demo on embedded fakeredis, or on the configured Redis."""
+    from handlers.bank_demo import run_bank_demo
+
+    if settings.redis.url:
+        redis = connect(settings.redis)
+        target = redact_url(settings.redis.url)
+        await ping(redis, target)
+    else:
+        redis = embedded()
+        target = "embedded fakeredis (set RSAGA_REDIS_URL to use a real server)"
+    _print(
+        f"rsaga demo: {args.transfers} concurrent bank transfers among {args.accounts} accounts",
+        f"on {target}",
+        "",
+    )
+    try:
+        report = await run_bank_demo(
+            redis,
+            accounts=args.accounts,
+            transfers=args.transfers,
+            concurrency=args.concurrency,
+            prefix=settings.store.prefix + "-demo",
+            seed=args.seed,
+        )
+    finally:
+        await redis.aclose()
+    _print(*report.lines())
+    return 0 if report.ok else 1
+
+
+def _store(settings: Settings) -> EventStore:
+    return EventStore(
+        connect(settings.redis),
+        EventRegistry(),
+        keyspace=Keyspace(prefix=settings.store.prefix, shards=settings.store.shards),
+        max_event_bytes=settings.store.max_event_bytes,
+        page_size=settings.store.read_page_size,
+    )
+
+
+def _selected_handlers(settings: Settings, names: Sequence[str]) -> list[InstalledHandler]:
+    installed = discover_handlers(settings.worker.handlers)
+    if not names:
+        return installed
+    by_name = {h.handler.name: h for h in installed}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(
+            f"--handler: no handler named {', '.join(unknown)}; installed: "
+            + (", ".join(sorted(by_name)) or "none")
+        )
+    return [by_name[n] for n in names]
+
+
+async def _handlers(args: argparse.Namespace, settings: Settings) -> int:
+    """List installed handlers and where each comes from."""
+    installed = discover_handlers(settings.worker.handlers)
+    if not installed:
+        _print("no handlers installed (entry points 'rsaga.handlers' or worker.handlers)")
+        return 0
+    width = max(len(h.handler.name) for h in installed)
+    for item in installed:
+        events = ", ".join(t.__name__ for t in item.handler.events)
+        _print(f"{item.handler.name:<{width}}  {item.source}", f"{'':<{width}}  events: {events}")
+    return 0
+
+
+async def _watch_signals(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                logging.getLogger("rsaga").warning("second signal: exiting now")
+                os._exit(1)
+            logging.getLogger("rsaga").info(
+                "%s: stopping gracefully (send again to exit at once)", signal.Signals(signum).name
+            )
+            stop.set()
+
+
+async def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run handlers until SIGTERM or SIGINT."""
+    selected = _selected_handlers(settings, args.handler or [])
+    if not selected:
+        raise ConfigError("no handlers to run: install some or set worker.handlers")
+    worker_settings = settings.worker
+    if args.concurrency:
+        worker_settings = msgspec.structs.replace(worker_settings, concurrency=args.concurrency)
+    store = _store(settings)
+    await ping(store.redis, redact_url(settings.redis.url))
+    worker = Worker(
+        Executor(store, retry=settings.executor.retry),
+        [item.handler() for item in selected],
+        settings=worker_settings,
+    )
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, stop)
+            await worker.run(stop)
+            tg.cancel_scope.cancel()
+    finally:
+        await store.redis.aclose()
+    return 0
+
+
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    """List, replay or drop dead letters."""
+    store = _store(settings)
+    letters = DeadLetters(store.redis, store.keyspace)
+    try:
+        if args.action == "list":
+            found = await letters.list(shard=args.shard, limit=args.limit)
+            if args.json:
+                _print(msgspec.json.encode(found).decode())
+            elif not found:
+                _print("no dead letters")
+            for letter in [] if args.json else found:
+                version = "" if letter.version is None else f"@{letter.version}"
+                _print(
+                    f"{letter.shard}/{letter.id}  {letter.handler}  {letter.stream_id}{version}  "
+                    f"{letter.error_type}: {letter.error.splitlines()[0] if letter.error else ''}"
+                    f"  (attempts {letter.attempts}, {letter.failed_at:%Y-%m-%d %H:%M:%S})"
+                )
+            return 0
+        if args.all:
+            if args.action == "replay":
+                _print(f"replayed {await letters.replay_all(shard=args.shard)}")
+            else:
+                _print(f"dropped {await letters.drop_all(shard=args.shard)}")
+            return 0
+        if not args.id:
+            raise ConfigError(f"dlq {args.action}: give an ID or --all")
+        shard = args.shard or 0
+        if args.action == "replay":
+            new_log_id = await letters.replay(args.id, shard=shard)
+            _print(f"replayed as log entry {new_log_id}" if new_log_id else "no such dead letter")
+            return 0 if new_log_id else 1
+        dropped = await letters.drop(args.id, shard=shard)
+        _print("dropped" if dropped else "no such dead letter")
+        return 0 if dropped else 1
+    finally:
+        await store.redis.aclose()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``rsaga`` command."""
+    parser = argparse.ArgumentParser(
+        prog="rsaga",
+        description="Long-running business processes on Redis Streams, event sourced.",
+    )
+    parser.add_argument("--version", action="version", version=f"rsaga {rsaga.__version__}")
+    parser.add_argument(
+        "--config", metavar="PATH", help="config file (default: $RSAGA_CONFIG or config/rsaga.toml)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser("check", help="connect to Redis, load the scripts, print the setup")
+    check.set_defaults(run=_check)
+
+    demo = commands.add_parser("demo", help="run the demo (embedded fakeredis unless configured)")
+    demo.add_argument("--accounts", type=_positive, default=20)
+    demo.add_argument("--transfers", type=_positive, default=2_000)
+    demo.add_argument("--concurrency", type=_positive, default=32)
+    demo.add_argument("--seed", type=int, default=None)
+    demo.set_defaults(run=_demo)
+
+    handlers = commands.add_parser("handlers", help="list installed handlers and their source")
+    handlers.set_defaults(run=_handlers)
+
+    worker = commands.add_parser("worker", help="run event handlers until SIGTERM or SIGINT")
+    worker.add_argument(
+        "--handler", action="append", metavar="NAME", help="run only this handler (repeatable)"
+    )
+    worker.add_argument("--concurrency", type=_positive, help="events handled at once")
+    worker.set_defaults(run=_worker)
+
+    dlq = commands.add_parser("dlq", help="list, replay or drop dead letters")
+    dlq.add_argument("action", choices=["list", "replay", "drop"])
+    dlq.add_argument("id", nargs="?", help="dead-letter id (replay, drop)")
+    dlq.add_argument("--all", action="store_true", help="replay or drop every dead letter")
+    dlq.add_argument("--shard", type=int, default=None)
+    dlq.add_argument("--limit", type=_positive, default=100)
+    dlq.add_argument("--json", action="store_true")
+    dlq.set_defaults(run=_dlq)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rsaga`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=os.environ.get("RSAGA_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_settings(args.config)
+        run: Handler = args.run
+        return anyio.run(run, args, settings)
+    except ConfigError as exc:
+        print(f"rsaga: config error: {exc}", file=sys.stderr)
+        return 2
+    except RsagaError as exc:
+        print(f"rsaga: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

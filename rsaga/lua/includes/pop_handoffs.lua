@@ -1,0 +1,19 @@
+--[[
+  Take the entries other consumers handed to `consumer` (see read_batch.lua)
+  and return them in log order, each as {id, fields}.
+]]
+local function pop_handoffs(log, handoffs, consumer)
+  local ids = redis.call('HGET', handoffs, consumer)
+  if not ids then
+    return {}
+  end
+  redis.call('HDEL', handoffs, consumer)
+  local entries = {}
+  for id in string.gmatch(ids, '%S+') do
+    local found = redis.call('XRANGE', log, id, id)
+    if #found == 1 then
+      entries[#entries + 1] = found[1]
+    end
+  end
+  return entries
+end

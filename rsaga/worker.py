@@ -1,0 +1,456 @@
+"""The worker: runs event handlers over the shard logs through consumer groups.
+
+For every handler and shard a `_Subscription` reads batches (`GroupConsumer`),
+runs the events of each stream one after another and different streams in
+parallel (bounded by the worker's concurrency), acknowledges in batches,
+retries and dead-letters failures, reclaims what dead consumers left pending,
+and keeps the claims of running handlers fresh.
+
+Delivery is at least once; a handler makes its effect once by executing
+commands with expected versions (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from rsaga.config import WorkerSettings
+from rsaga.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
+from rsaga.errors import EventDecodeError, RedisUnavailable, UnknownEventType
+from rsaga.events import new_id
+from rsaga.executor import Executor
+from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.scripts import EncodableArg, script
+
+log = logging.getLogger("rsaga.worker")
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
+"""Errors that mean Redis is unreachable right now: wait and try again, never give up."""
+
+_RELEASE_IDLE_MS = 10 * 365 * 24 * 3600 * 1000
+"""Idle time given to entries a stopping worker leaves: others reclaim them at once."""
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    """What a live worker tells about itself in Redis."""
+
+    consumer: str
+    host: str
+    pid: int
+    handlers: list[str]
+    started_at: float
+    kind: str = "worker"
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{new_id()[-6:]}"
+
+
+class _Backoff:
+    """Exponential wait for reconnecting: 0.1 s doubling to 5 s, reset on success."""
+
+    def __init__(self) -> None:
+        self.delay = 0.1
+
+    async def wait(self, what: str, exc: BaseException) -> None:
+        log.warning("redis unavailable during %s: %s; retrying in %.1fs", what, exc, self.delay)
+        await anyio.sleep(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
+
+    def reset(self) -> None:
+        self.delay = 0.1
+
+
+class _Subscription:
+    """One handler on one shard: the consumer-group loop of a worker."""
+
+    def __init__(
+        self,
+        handler: EventHandler,
+        consumer: GroupConsumer,
+        executor: Executor,
+        settings: WorkerSettings,
+        limiter: anyio.CapacityLimiter,
+    ) -> None:
+        self.handler = handler
+        self.consumer = consumer
+        self.executor = executor
+        self.settings = settings
+        self.limiter = limiter
+        self.wanted = {executor.store.registry.name_of_type(t) for t in handler.events}
+        self.claim_timeout_ms = max(1, int(type(handler).claim_timeout * 1000))
+        self._delivery_lock = anyio.Lock()
+        self._queues: dict[str, deque[RawEntry]] = {}
+        self._known: set[str] = set()
+        self._to_ack: list[RawEntry] = []
+        self._ack_wanted = anyio.Event()
+        self._space = anyio.Event()
+        self._stopping = False
+        self._work: TaskGroup | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.handler.name}@{self.consumer.shard}"
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, stop: anyio.Event) -> None:
+        """Consume until `stop` is set, then shut down gracefully."""
+        await self._retrying("creating group", self._ensure_group)
+        async with anyio.create_task_group() as work:
+            self._work = work
+            async with anyio.create_task_group() as io:
+                io.start_soon(self._read_loop)
+                io.start_soon(self._ack_loop)
+                io.start_soon(self._claim_loop)
+                io.start_soon(self._touch_loop)
+                await stop.wait()
+                self._stopping = True
+                io.cancel_scope.cancel()
+            # Runners stop after their current entry; whatever still runs at the
+            # deadline is cancelled and left pending.
+            work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._flush_acks(dispatch=False)
+            unfinished = sorted(self._known)
+            if unfinished:
+                await self.consumer.touch(unfinished, idle_ms=_RELEASE_IDLE_MS)
+                log.info("%s: left %d unfinished entries for others", self.name, len(unfinished))
+
+    async def _ensure_group(self) -> None:
+        start = START_FROM_BEGINNING if self.settings.start == "beginning" else START_FROM_NEW
+        await self.consumer.ensure_group(start)
+
+    async def _retrying(
+        self, what: str, call: Callable[..., Awaitable[Any]], *args: Any
+    ) -> Any:
+        """`await call(*args)`, waiting out Redis outages and recreating a lost group."""
+        backoff = _Backoff()
+        while True:
+            try:
+                result = await call(*args)
+            except REDIS_DOWN as exc:
+                await backoff.wait(f"{self.name} {what}", exc)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("%s: consumer group vanished (Redis restarted?); recreating", self.name)
+                await self._ensure_group()
+            else:
+                return result
+
+    # --- reading and dispatching ----------------------------------------------------
+
+    def _buffered(self) -> int:
+        return len(self._known)
+
+    def _capacity(self) -> int:
+        return max(self.settings.batch_size, 4 * self.settings.concurrency)
+
+    async def _read_loop(self) -> None:
+        while True:
+            while self._buffered() >= self._capacity():
+                self._space = anyio.Event()
+                await self._space.wait()
+            count = min(self.settings.batch_size, self._capacity() - self._buffered())
+
+            async def read_and_dispatch(count: int = count) -> str:
+                async with self._delivery_lock:
+                    result = await self.consumer.read(count)
+                    self._dispatch(result.handed)
+                    self._dispatch(result.new)
+                return result.last_id
+
+            last_id = await self._retrying("reading", read_and_dispatch)
+            if last_id:
+                await self._retrying(
+                    "waiting", self.consumer.wait_for_entries, last_id, self.settings.block_ms
+                )
+
+    def _dispatch(self, entries: Sequence[RawEntry]) -> None:
+        """Queue entries per stream, in the order given; start a runner per new stream."""
+        assert self._work is not None
+        for entry in entries:
+            if entry.log_id in self._known:
+                continue
+            self._known.add(entry.log_id)
+            key = entry.stream_id or entry.log_id
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = deque()
+                self._work.start_soon(self._drain, key, queue)
+            queue.append(entry)
+
+    async def _drain(self, key: str, queue: deque[RawEntry]) -> None:
+        try:
+            while queue and not self._stopping:
+                entry = queue[0]
+                async with self.limiter:
+                    done = await self._process(entry)
+                queue.popleft()
+                if done:
+                    self._to_ack.append(entry)
+                    self._ack_wanted.set()
+        finally:
+            if self._queues.get(key) is queue:
+                del self._queues[key]
+
+    def _finished(self, entries: Sequence[RawEntry]) -> None:
+        for entry in entries:
+            self._known.discard(entry.log_id)
+        self._space.set()
+
+    # --- handling one entry -----------------------------------------------------------
+
+    async def _process(self, entry: RawEntry) -> bool:
+        """Handle, retry or dead-letter one entry; True when it is to be acknowledged."""
+        target = entry.fields.get(b"g")
+        if target is not None and target.decode(errors="replace") != self.handler.name:
+            return True
+        try:
+            decoded = self.executor.store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
+        except (EventDecodeError, UnknownEventType) as exc:
+            await self._dead_letter(entry, exc, attempts=0, tb="")
+            return False
+        if decoded is None:
+            return True
+        if entry.deliveries > self.settings.max_deliveries:
+            reason = RuntimeError(
+                f"delivered {entry.deliveries} times without acknowledgement "
+                "(did its worker crash while handling it?)"
+            )
+            await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
+            return False
+        retry = type(self.handler).retry
+        attempt = 0
+        backoff = _Backoff()
+        while True:
+            attempt += 1
+            ctx = HandlerContext(
+                decoded.event,
+                executor=self.executor,
+                handler=self.handler.name,
+                log_id=entry.log_id,
+                attempt=attempt,
+            )
+            try:
+                await self.handler.handle(decoded.event, ctx)
+            except REDIS_DOWN as exc:
+                attempt -= 1
+                await backoff.wait(f"{self.name} handling {entry.log_id}", exc)
+                continue
+            except Exception as exc:
+                delay = retry.delay(attempt)
+                if self._stopping:
+                    return False
+                if delay is None:
+                    await self._dead_letter(entry, exc, attempt, traceback.format_exc(limit=8))
+                    return False
+                log.info(
+                    "%s: %s failed (attempt %d): %r; retrying in %.2fs",
+                    self.name, entry.log_id, attempt, exc, delay,
+                )
+                await anyio.sleep(delay)
+                continue
+            return True
+
+    async def _dead_letter(
+        self, entry: RawEntry, exc: BaseException, attempts: int, tb: str
+    ) -> None:
+        fields: dict[str, EncodableArg] = {
+            "handler": self.handler.name,
+            "log_id": entry.log_id,
+            "error_type": type(exc).__name__,
+            "error": str(exc)[:2000],
+            "traceback": tb[-4000:],
+            "attempts": attempts,
+            "deliveries": entry.deliveries,
+            "failed_at_ms": int(time.time() * 1000),
+            "consumer": self.consumer.name,
+        }
+        for name in (b"s", b"v", b"d"):
+            if name in entry.fields:
+                fields[name.decode()] = entry.fields[name]
+        log.error(
+            "%s: %s dead-lettered after %d attempts: %s: %s",
+            self.name, entry.log_id, attempts, type(exc).__name__, exc,
+        )
+        await self._retrying(
+            "dead-lettering",
+            self.consumer.dead_letter, entry, fields, self.settings.dead_letter_max_len,
+        )
+        self._finished([entry])
+
+    # --- acknowledging, reclaiming, keeping claims fresh -----------------------------
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self._ack_wanted.wait()
+            self._ack_wanted = anyio.Event()
+            await self._retrying("acknowledging", self._flush_acks)
+
+    async def _flush_acks(self, dispatch: bool = True) -> None:
+        if not self._to_ack and not dispatch:
+            return
+        async with self._delivery_lock:
+            batch, self._to_ack = self._to_ack, []
+            try:
+                _, handed = await self.consumer.ack(batch)
+            except BaseException:
+                self._to_ack[:0] = batch
+                raise
+            self._finished(batch)
+            if dispatch:
+                self._dispatch(handed)
+            else:
+                self._known.update(e.log_id for e in handed)
+
+    async def _claim_loop(self) -> None:
+        interval = max(0.05, self.claim_timeout_ms / 2000)
+        sweeps = 0
+        while True:
+            await anyio.sleep(interval)
+            cursor = "0-0"
+            while True:
+
+                async def claim(start: str = cursor) -> str:
+                    async with self._delivery_lock:
+                        next_cursor, entries = await self.consumer.claim_stale(
+                            self.claim_timeout_ms, start
+                        )
+                        if entries:
+                            log.warning(
+                                "%s: reclaimed %d stale entries", self.name, len(entries)
+                            )
+                        self._dispatch(entries)
+                    return next_cursor
+
+                cursor = await self._retrying("reclaiming", claim)
+                if cursor == "0-0":
+                    break
+            sweeps += 1
+            if sweeps % 20 == 0:
+                idle_ms = max(60_000, 4 * self.claim_timeout_ms)
+                removed = await self._retrying(
+                    "removing idle consumers", self.consumer.remove_idle_consumers, idle_ms
+                )
+                if removed:
+                    log.info("%s: removed idle consumers %s", self.name, removed)
+
+    async def _touch_loop(self) -> None:
+        interval = max(0.05, self.claim_timeout_ms / 3000)
+        while True:
+            await anyio.sleep(interval)
+            held = sorted(self._known)
+            lost = await self._retrying("refreshing claims", self.consumer.touch, held)
+            if lost:
+                log.warning("%s: %d entries were taken over by others", self.name, len(lost))
+
+
+class Worker:
+    """Runs handlers over every shard log until stopped.
+
+    `run` returns after a graceful shutdown: reading stops, in-flight handlers get
+    `settings.shutdown_timeout` seconds, finished entries are acknowledged, and
+    unfinished ones are left for other workers to reclaim at once.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        handlers: Sequence[EventHandler],
+        *,
+        settings: WorkerSettings | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.executor = executor
+        self.handlers = list(handlers)
+        self.settings = settings or WorkerSettings()
+        self.name = name or consumer_name()
+        self.started_at = time.time()
+        store = executor.store
+        for handler in self.handlers:
+            type(handler).validate()
+            store.registry.register(*handler.events, *handler.decodes)
+        limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        self.subscriptions = [
+            _Subscription(
+                handler,
+                GroupConsumer(store.redis, store.keyspace, shard, handler.name, self.name),
+                executor,
+                self.settings,
+                limiter,
+            )
+            for handler in self.handlers
+            for shard in range(store.keyspace.shards)
+        ]
+
+    async def run(self, stop: anyio.Event) -> None:
+        """Run until `stop` is set, then shut down gracefully."""
+        log.info(
+            "worker %s starting: handlers %s, concurrency %d",
+            self.name, [h.name for h in self.handlers], self.settings.concurrency,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat_loop, stop)
+            tg.start_soon(self._trim_loop, stop)
+            async with anyio.create_task_group() as subs:
+                for sub in self.subscriptions:
+                    subs.start_soon(sub.run, stop)
+            tg.cancel_scope.cancel()
+        shielded = anyio.CancelScope(shield=True)
+        with shielded, anyio.move_on_after(2), contextlib.suppress(*REDIS_DOWN):
+            await self.executor.store.redis.delete(self._heartbeat_key)
+        log.info("worker %s stopped", self.name)
+
+    @property
+    def _heartbeat_key(self) -> str:
+        return self.executor.store.keyspace.heartbeat(self.name)
+
+    async def _heartbeat_loop(self, stop: anyio.Event) -> None:
+        beat = msgspec.json.encode(
+            Heartbeat(
+                consumer=self.name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                handlers=[h.name for h in self.handlers],
+                started_at=self.started_at,
+            )
+        )
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        redis = self.executor.store.redis
+        while not stop.is_set():
+            try:
+                await redis.set(self._heartbeat_key, beat, px=ttl_ms)
+            except REDIS_DOWN as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await anyio.sleep(self.settings.heartbeat_ttl / 3)
+
+    async def _trim_loop(self, stop: anyio.Event) -> None:
+        store = self.executor.store
+        retention_ms = int(self.settings.log_retention * 1000)
+        while not stop.is_set():
+            await anyio.sleep(self.settings.trim_interval)
+            for shard in range(store.keyspace.shards):
+                try:
+                    await script("trim_log")(
+                        store.redis, [store.keyspace.log(shard)], [retention_ms]
+                    )
+                except REDIS_DOWN as exc:
+                    log.warning("trimming shard %d failed: %s", shard, exc)

@@ -1,0 +1,379 @@
+"""The worker in-process, on fakeredis and on a real Redis."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+from worker_plugins import Flaky, Other, Ping, Recorder, Seen
+
+from rsaga import EventRegistry, EventStore, Executor, Keyspace, ValidationError
+from rsaga.config import WorkerSettings
+from rsaga.consumer import GroupConsumer
+from rsaga.deadletters import DeadLetters
+from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.retry import FixedDelay
+from rsaga.scripts import script
+from rsaga.worker import Worker
+
+FAST = WorkerSettings(concurrency=32, block_ms=50, heartbeat_ttl=5, shutdown_timeout=5)
+
+
+def make_store(redis: Redis, prefix: str) -> EventStore:
+    return EventStore(redis, EventRegistry([Ping, Other, Seen]), keyspace=Keyspace(prefix=prefix))
+
+
+async def run_workers(
+    workers: Sequence[Worker],
+    until: Callable[[], Awaitable[bool]],
+    timeout: float = 20.0,
+) -> None:
+    """Run `workers` until `until()` holds (checked every 20 ms), then stop them."""
+    stop = anyio.Event()
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tg:
+            for worker in workers:
+                tg.start_soon(worker.run, stop)
+            while not await until():
+                await anyio.sleep(0.02)
+            stop.set()
+
+
+async def seen_versions(store: EventStore, stream_id: str) -> list[int]:
+    return [e.data.version for e in (await store.read(f"seen-{stream_id}")).events]
+
+
+async def append_interleaved(store: EventStore, streams: int, per_stream: int) -> list[str]:
+    ids = [f"s-{n}" for n in range(streams)]
+    order = [s for s in ids for _ in range(per_stream)]
+    random.Random(7).shuffle(order)
+    for stream_id in order:
+        await store.append(stream_id, [Ping()])
+    return ids
+
+
+class JitteryRecorder(Recorder):
+    async def handle(self, event, ctx):  # type: ignore[no-untyped-def]
+        await anyio.sleep(random.random() * 0.003)
+        await super().handle(event, ctx)
+
+
+async def test_every_event_handled_once_in_stream_order(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    ids = await append_interleaved(store, streams=20, per_stream=15)
+    worker = Worker(Executor(store), [JitteryRecorder()], settings=FAST)
+
+    async def done() -> bool:
+        return all([len(await seen_versions(store, s)) == 15 for s in ids])
+
+    await run_workers([worker], done)
+    for stream_id in ids:
+        assert await seen_versions(store, stream_id) == list(range(1, 16))
+    groups = await redis.xinfo_groups(store.keyspace.log(0))
+    assert groups[0]["pending"] == 0
+
+
+async def test_two_workers_share_a_group_and_keep_stream_order(redis: Redis, prefix: str) -> None:
+    """Entries of a stream owned by one consumer are handed to it by the other."""
+    store = make_store(redis, prefix)
+    ids = [f"s-{n}" for n in range(6)]
+    workers = [
+        Worker(Executor(store), [JitteryRecorder()], settings=FAST, name=f"w{n}")
+        for n in range(2)
+    ]
+    total = 6 * 25
+
+    async def produce_then_check() -> bool:
+        return sum([len(await seen_versions(store, s)) for s in ids]) == total
+
+    stop = anyio.Event()
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for worker in workers:
+                tg.start_soon(worker.run, stop)
+            rng = random.Random(3)
+            for _ in range(total // len(ids)):
+                for stream_id in rng.sample(ids, len(ids)):
+                    await store.append(stream_id, [Ping()])
+                await anyio.sleep(0.001)
+            while not await produce_then_check():
+                await anyio.sleep(0.02)
+            stop.set()
+    for stream_id in ids:
+        assert await seen_versions(store, stream_id) == list(range(1, 26))
+    log_key = store.keyspace.log(0)
+    consumers = await redis.xinfo_consumers(log_key, Recorder.name)
+    assert {c["name"] for c in consumers} >= {b"w0", b"w1"} or len(consumers) == 2
+    assert await redis.hlen(store.keyspace.stream_owners(0, Recorder.name)) == 0
+    assert await redis.hlen(store.keyspace.in_flight(0, Recorder.name)) == 0
+
+
+class Picky(EventHandler):
+    name = "picky"
+    events = (Ping,)
+    seen: list[str] = []
+
+    async def handle(self, event, ctx: HandlerContext) -> None:  # type: ignore[no-untyped-def]
+        type(self).seen.append(event.type)
+
+
+async def test_unwanted_types_are_acknowledged_without_reaching_the_handler(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    Picky.seen = []
+    await store.append("a", [Other(), Other(), Ping(), Other()])
+    worker = Worker(Executor(store), [Picky()], settings=FAST)
+
+    async def done() -> bool:
+        info = await redis.xinfo_groups(store.keyspace.log(0))
+        return bool(info) and info[0]["pending"] == 0 and info[0]["last-delivered-id"] != b"0-0"
+
+    await run_workers([worker], done)
+    assert Picky.seen == ["Ping"]
+
+
+async def test_failing_handler_dead_letters_then_replay_succeeds(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    Flaky.calls = []
+    await store.append("acct", [Ping(n=1)])
+    dead = DeadLetters(redis, store.keyspace)
+    await run_workers(
+        [Worker(Executor(store), [Flaky()], settings=FAST)], lambda: _has(dead.count(), 1)
+    )
+    assert Flaky.calls == [1, 1, 1]  # first attempt + max_retries=2
+    [letter] = await dead.list()
+    assert letter.handler == "flaky"
+    assert letter.error_type == "ValueError"
+    assert "cannot handle acct@1 yet" in letter.error
+    assert "raise ValueError" in letter.traceback
+    assert letter.attempts == 3
+    assert (letter.stream_id, letter.version) == ("acct", 1)
+    groups = await redis.xinfo_groups(store.keyspace.log(0))
+    assert groups[0]["pending"] == 0
+
+    await redis.set(f"{prefix}:fixed", 1)
+    assert await dead.replay(letter.id) is not None
+    assert await dead.count() == 0
+    await run_workers(
+        [Worker(Executor(store), [Flaky()], settings=FAST)],
+        lambda: _has(redis.get(f"{prefix}:flaky-done"), b"1"),
+    )
+    assert await dead.count() == 0
+
+
+async def _has(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected
+
+
+async def test_replay_reaches_only_the_handler_that_failed(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    Flaky.calls = []
+    await store.append("acct", [Ping(n=1)])
+    dead = DeadLetters(redis, store.keyspace)
+    await run_workers(
+        [Worker(Executor(store), [Flaky(), Recorder()], settings=FAST)],
+        lambda: _has(dead.count(), 1),
+    )
+    assert await seen_versions(store, "acct") == [1]
+    await redis.set(f"{prefix}:fixed", 1)
+    await dead.replay_all()
+    await run_workers(
+        [Worker(Executor(store), [Flaky(), Recorder()], settings=FAST)],
+        lambda: _has(redis.get(f"{prefix}:flaky-done"), b"1"),
+    )
+    assert await seen_versions(store, "acct") == [1]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({b"v": b"1", b"d": b"x"}, "lacks a valid s/v/d field"),
+        ({b"s": b"junk", b"v": b"not-a-number", b"d": b"x"}, "lacks a valid s/v/d field"),
+        ({b"s": b"junk", b"v": b"1", b"d": b"\xc1\xff not msgpack"}, "envelope is not valid"),
+        ({b"s": b"junk", b"v": b"1", b"d": b"\x93\x01\x02\x03"}, "envelope is not valid"),
+    ],
+)
+async def test_garbage_in_the_log_goes_to_dead_letters(
+    redis: Redis, prefix: str, fields: dict[bytes, bytes], reason: str
+) -> None:
+    store = make_store(redis, prefix)
+    await redis.xadd(store.keyspace.log(0), fields)
+    await store.append("after", [Ping()])
+    dead = DeadLetters(redis, store.keyspace)
+    worker = Worker(Executor(store), [Recorder()], settings=FAST)
+
+    async def done() -> bool:
+        return await dead.count() == 1 and await seen_versions(store, "after") == [1]
+
+    await run_workers([worker], done)
+    [letter] = await dead.list()
+    assert letter.error_type == "EventDecodeError"
+    assert reason in letter.error
+
+
+async def test_unknown_event_type_for_a_wanted_name_goes_to_dead_letters(
+    redis: Redis, prefix: str
+) -> None:
+    writer = EventStore(redis, EventRegistry([Ping]), keyspace=Keyspace(prefix=prefix))
+    await writer.append("x", [Ping()])
+    # Corrupt the payload of a wanted type: the payload is not a Ping.
+    _, fields = (await redis.xrange(writer.keyspace.log(0)))[0]
+    envelope = fields[b"d"]
+    bad = envelope[: envelope.rindex(b"\x82")] + b"\x81\xa1n\xa3abc"
+    await redis.xadd(writer.keyspace.log(0), {b"s": b"y", b"v": b"1", b"d": bad})
+    dead = DeadLetters(redis, writer.keyspace)
+    store = make_store(redis, prefix)
+    await run_workers(
+        [Worker(Executor(store), [Recorder()], settings=FAST)],
+        lambda: _has(dead.count(), 1),
+    )
+    [letter] = await dead.list()
+    assert letter.error_type == "EventDecodeError"
+    assert "payload is not valid" in letter.error
+    assert await seen_versions(store, "x") == [1]
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed_with_their_streams(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    await store.append("a", [Ping(), Ping()])
+    dead_consumer = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "dead")
+    await dead_consumer.ensure_group()
+    got = await dead_consumer.read(1)
+    assert [e.stream_id for e in got.new] == ["a"]
+    # A later entry of the same stream read by someone else is handed to the owner.
+    other = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "other")
+    assert (await other.read(10)).new == []
+
+    class QuickRecorder(Recorder):
+        claim_timeout = 0.2
+
+    worker = Worker(Executor(store), [QuickRecorder()], settings=FAST)
+    await run_workers([worker], lambda: _has(seen_versions(store, "a"), [1, 2]))
+    pending = await redis.xpending(store.keyspace.log(0), Recorder.name)
+    assert pending["pending"] == 0
+
+
+async def test_poison_entry_redelivered_too_often_goes_to_dead_letters(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    await store.append("p", [Ping()])
+    consumer = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "crashy")
+    await consumer.ensure_group()
+    await consumer.read(1)
+    for n in range(FAST.max_deliveries):  # each reclaim counts one more delivery
+        await anyio.sleep(0.002)
+        _, entries = await GroupConsumer(
+            redis, store.keyspace, 0, Recorder.name, f"crashy{n}"
+        ).claim_stale(1)
+        assert len(entries) == 1
+
+    class QuickRecorder(Recorder):
+        claim_timeout = 0.05
+
+    dead = DeadLetters(redis, store.keyspace)
+    await run_workers(
+        [Worker(Executor(store), [QuickRecorder()], settings=FAST)], lambda: _has(dead.count(), 1)
+    )
+    [letter] = await dead.list()
+    assert "without acknowledgement" in letter.error
+    assert letter.deliveries > FAST.max_deliveries
+    assert await seen_versions(store, "p") == []
+
+
+class Slow(EventHandler):
+    name = "slow"
+    events = (Ping,)
+    retry = FixedDelay(interval=0, max_retries=0)
+    finished: list[int] = []
+
+    async def handle(self, event, ctx: HandlerContext) -> None:  # type: ignore[no-untyped-def]
+        await anyio.sleep(event.data.n / 1000)
+        type(self).finished.append(event.data.n)
+
+
+async def test_graceful_shutdown_finishes_in_flight_and_leaves_the_rest(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    Slow.finished = []
+    await store.append("quick", [Ping(n=50)])
+    await store.append("stuck", [Ping(n=60_000)])
+    settings = WorkerSettings(concurrency=4, block_ms=50, shutdown_timeout=0.5)
+    worker = Worker(Executor(store), [Slow()], settings=settings)
+    stop = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run, stop)
+            await anyio.sleep(0.02)
+            stop.set()
+    assert Slow.finished == [50]
+    pending = await redis.xpending_range(store.keyspace.log(0), Slow.name, "-", "+", 10)
+    assert len(pending) == 1  # "stuck" is left for others...
+    assert pending[0]["time_since_delivered"] > 10**9  # ...and may be reclaimed at once
+    assert not await redis.exists(store.keyspace.heartbeat(worker.name))
+
+
+async def test_heartbeat_describes_the_worker(redis: Redis, prefix: str) -> None:
+    import msgspec
+
+    from rsaga.worker import Heartbeat
+
+    store = make_store(redis, prefix)
+    worker = Worker(Executor(store), [Recorder()], settings=FAST, name="hb-test")
+
+    async def beating() -> bool:
+        return bool(await redis.exists(store.keyspace.heartbeat("hb-test")))
+
+    stop = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run, stop)
+            while not await beating():
+                await anyio.sleep(0.01)
+            raw = await redis.get(store.keyspace.heartbeat("hb-test"))
+            ttl = await redis.pttl(store.keyspace.heartbeat("hb-test"))
+            stop.set()
+    beat = msgspec.json.decode(raw, type=Heartbeat)
+    assert beat.consumer == "hb-test"
+    assert beat.handlers == ["recorder"]
+    assert 0 < ttl <= FAST.heartbeat_ttl * 1000
+
+
+async def test_trim_removes_only_what_every_group_acknowledged(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    await store.append("t", [Ping(), Ping(), Ping()])
+    log_key = store.keyspace.log(0)
+    fast = GroupConsumer(redis, store.keyspace, 0, "fast", "c")
+    slow = GroupConsumer(redis, store.keyspace, 0, "slow", "c")
+    await fast.ensure_group()
+    await slow.ensure_group()
+    got = await fast.read(10)
+    await fast.ack(got.new)
+    first = (await slow.read(1)).new  # slow holds entry 1 pending
+    assert len(first) == 1
+    await script("trim_log")(redis, [log_key], [0])
+    assert await redis.xlen(log_key) == 3  # nothing below slow's pending entry
+    await slow.ack(first)
+    rest = (await slow.read(10)).new
+    await slow.ack(rest)
+    await script("trim_log")(redis, [log_key], [0])
+    assert await redis.xlen(log_key) <= 1
+    await script("trim_log")(redis, [log_key], [3_600_000])
+
+
+def test_handler_names_are_validated() -> None:
+    class Bad(EventHandler):
+        name = "has space"
+        events = (Ping,)
+
+    with pytest.raises(ValidationError, match="name must be"):
+        Bad.validate()

@@ -1,0 +1,89 @@
+"""Handlers used by the worker tests, in-process and in real `rsaga worker` processes.
+
+`Recorder` makes its effect once: for event N of stream S it executes `Record`,
+which appends `Seen(N)` to ``seen-S`` only if the last one seen there is N-1.
+So ``seen-S`` ends as exactly 1..n if and only if every event was handled, in
+order, and no effect was applied twice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import anyio
+import msgspec
+from redis.asyncio import Redis
+
+from rsaga import Command, RecordedEvent, StreamId, Writes
+from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.retry import FixedDelay
+
+
+class Ping(msgspec.Struct, frozen=True):
+    """The event the tests append."""
+
+    n: int = 0
+    payload: str = ""
+
+
+class Other(msgspec.Struct, frozen=True):
+    """An event no test handler wants."""
+
+
+class Seen(msgspec.Struct, frozen=True):
+    """`Recorder` handled version `version` of the source stream."""
+
+    version: int
+
+
+class Record(Command[int], frozen=True):
+    """Append Seen(version) to `target` iff it is the next version expected there."""
+
+    target: StreamId
+    version: int
+
+    def initial_state(self) -> int:
+        return 0
+
+    def apply(self, state: int, event: RecordedEvent) -> int:
+        return int(event.data.version)
+
+    def handle(self, state: int) -> Writes:
+        if self.version <= state:
+            return {}
+        if self.version != state + 1:
+            raise RuntimeError(f"{self.target}: got version {self.version} after {state}")
+        return {self.target: [Seen(self.version)]}
+
+
+class Recorder(EventHandler):
+    """Records every Ping once, in per-stream order (see module docstring)."""
+
+    name = "recorder"
+    events = (Ping,)
+    decodes = (Seen,)
+    claim_timeout = float(os.environ.get("TEST_CLAIM_TIMEOUT", "30"))
+    retry = FixedDelay(interval=0.01, max_retries=3)
+
+    async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
+        jitter = float(os.environ.get("TEST_HANDLER_JITTER", "0"))
+        if jitter:
+            await anyio.sleep(random.random() * jitter)
+        await ctx.execute(Record(target=StreamId(f"seen-{event.stream_id}"), version=event.version))
+
+
+class Flaky(EventHandler):
+    """Fails unless the Redis key ``<prefix>:fixed`` exists (tests "fix" it by setting it)."""
+
+    name = "flaky"
+    events = (Ping,)
+    retry = FixedDelay(interval=0.0, max_retries=2)
+    calls: list[int] = []
+
+    async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
+        redis: Redis = ctx.store.redis
+        type(self).calls.append(event.version)
+        if not await redis.exists(f"{ctx.store.keyspace.prefix}:fixed"):
+            raise ValueError(f"cannot handle {event.stream_id}@{event.version} yet")
+        await redis.incr(f"{ctx.store.keyspace.prefix}:flaky-done")
