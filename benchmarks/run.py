@@ -32,6 +32,12 @@ a warm-up of ``--warmup`` seconds (0.5), then ``--duration`` seconds (3) timed.
 - ``command_cN``: `Executor.execute` of a `Transfer` between two random
   accounts of 10,000 pre-seeded ones: reads 2 streams, folds them, handles,
   commits one event to each.
+- ``command_len50_c32``: the same with account streams seeded to 50 events,
+  so a command reads and folds ~100 events: the cost of folding history.
+
+Each scenario that uses accounts seeds a set of its own (one deposit each,
+outside the timed part), so streams stay short (``events_read_per_op`` shows
+how short) whatever ran before.
 
 Metrics: ``ops_per_s``; ``p50_ms`` and ``p99_ms`` per-operation latency;
 ``round_trips_per_op`` counted at the client (each command sent and each
@@ -40,17 +46,25 @@ pipeline executed is one round trip); ``server_cmds_per_op`` from
 left out; on a shared server other clients add to it); ``ratio_to_raw`` =
 ops_per_s / raw_evalsha ops_per_s at the same concurrency (and for commands
 ``ratio_to_pipeline``, for appends ``ratio_to_commit``, against the raw scenario
-doing the same Redis work); ``retries_per_op`` for commands (version conflicts).
+doing the same Redis work); for commands ``retries_per_op`` (version conflicts)
+and ``events_read_per_op`` (events folded by the attempt that succeeded).
+
+The client is one Python process (one core), so on a small machine the figures
+are mostly its CPU cost per operation: compare ratios within a run, not
+absolute figures across machines or runs.
 
 - ``event_bytes``: appends 10,000 ``Deposited`` events, one per new stream id,
   then reports ``MEMORY USAGE`` (SAMPLES 0) of the per-stream keys
   (``stream_bytes_per_event``) and of the shard log
   (``log_bytes_per_event``), their sum (``bytes_per_event``), the delta of
-  INFO ``used_memory`` per event, and the mean envelope size.
+  INFO ``used_memory`` per event (only meaningful on a quiet server), and
+  the mean envelope size.
 
 To add a scenario, write ``async def my_scenario(bench: Bench, ...) -> Metrics``
-and decorate it with ``@scenario("name", ...)`` (once per parameter set); use
-`Bench.measure` for the timed loop and `Bench.store` for a store of its own.
+and register it with ``@scenario("name", **params)`` (stack one per parameter
+set) or `register_concurrencies`; use `Bench.measure` for the warm-up and timed
+loop, `Bench.store` for a store with keys of its own, `Bench.accounts` for
+seeded account streams, `run_batch` for untimed setup.
 """
 
 from __future__ import annotations
@@ -101,6 +115,8 @@ EVENT_BYTES_EVENTS = 10_000
 SETUP_CONCURRENCY = 32
 PAGE_SIZE = 512
 CONCURRENCIES = (1, 32)
+LONG_HISTORY = 50
+"""Events per account stream for command_len50_c32."""
 
 
 # --- the domain the benchmarks run ----------------------------------------------------
@@ -279,7 +295,7 @@ class Bench:
     duration: float
     warmup: float
     registry: EventRegistry = field(default_factory=lambda: EventRegistry(REGISTRY_TYPES))
-    _accounts: Accounts | None = None
+    _accounts: dict[str, Accounts] = field(default_factory=dict)
 
     def keyspace(self, name: str) -> Keyspace:
         """A keyspace of the scenario's own, under the run's prefix."""
@@ -328,22 +344,28 @@ class Bench:
             "server_cmds_per_op": round(server_cmds / ops, 3) if ops else None,
         }
 
-    async def accounts(self) -> Accounts:
-        """10,000 accounts with one big deposit each (seeded once per run)."""
-        if self._accounts is None:
-            store = self.store("accounts")
-            ids = [account_id(n) for n in range(ACCOUNTS)]
+    async def accounts(self, name: str, count: int = ACCOUNTS, history: int = 1) -> Accounts:
+        """`count` accounts of keyspace `name`, each a stream of `history` deposits.
+
+        Seeded once per run and name; give each scenario a name of its own, so
+        that what earlier scenarios wrote does not lengthen its streams.
+        """
+        if name not in self._accounts:
+            store = self.store(name)
+            ids = [account_id(n) for n in range(count)]
+            events = [Deposited(INITIAL_BALANCE)] + [Deposited(1)] * (history - 1)
 
             async def seed(i: int) -> None:
-                await store.append(
-                    ids[i], [Deposited(INITIAL_BALANCE)], expected=ExpectedVersion.NO_STREAM
-                )
+                await store.append(ids[i], events, expected=ExpectedVersion.NO_STREAM)
 
             started = perf_counter()
             await run_batch(seed, len(ids))
-            progress(f"  seeded {len(ids):,} accounts in {perf_counter() - started:.1f}s")
-            self._accounts = Accounts(store, ids)
-        return self._accounts
+            progress(
+                f"  seeded {count:,} accounts of {history} events"
+                f" in {perf_counter() - started:.1f}s"
+            )
+            self._accounts[name] = Accounts(store, ids)
+        return self._accounts[name]
 
 
 # --- the scenario registry ------------------------------------------------------------
@@ -364,9 +386,11 @@ SCENARIOS: dict[str, Scenario] = {}
 
 
 def scenario(
-    name: str, *, ratios: dict[str, str] | None = None, **params: Any
+    name: str, *, ratios: dict[str, str] | None = None, doc: str | None = None, **params: Any
 ) -> Callable[[Callable[..., Awaitable[Metrics]]], Callable[..., Awaitable[Metrics]]]:
     """Register the decorated function as scenario `name`, called with `params`.
+
+    `doc` (default: the first line of the function's docstring) is what --list shows.
 
     Stack several decorators to register one function with several parameter sets.
     """
@@ -374,8 +398,8 @@ def scenario(
     def register(fn: Callable[..., Awaitable[Metrics]]) -> Callable[..., Awaitable[Metrics]]:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} is registered twice")
-        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        SCENARIOS[name] = Scenario(name, functools.partial(fn, **params), doc, ratios or {})
+        summary = doc or (fn.__doc__ or "").strip().partition("\n")[0]
+        SCENARIOS[name] = Scenario(name, functools.partial(fn, **params), summary, ratios or {})
         return fn
 
     return register
@@ -437,7 +461,7 @@ async def raw_commit(bench: Bench, *, concurrency: int) -> Metrics:
 async def raw_pipeline(bench: Bench, *, concurrency: int) -> Metrics:
     """Pipeline of 2 XRANGE, then EVALSHA commit.lua with 2 events: a command at the floor."""
     redis = bench.redis
-    accounts = await bench.accounts()
+    accounts = await bench.accounts(f"pipeline{concurrency}")
     keyspace = accounts.store.keyspace
     commit = script("commit")
     await commit.load(redis)
@@ -485,28 +509,29 @@ async def append(bench: Bench, *, concurrency: int) -> Metrics:
     return await bench.measure(op, concurrency)
 
 
-async def command(bench: Bench, *, concurrency: int) -> Metrics:
+async def command(bench: Bench, *, concurrency: int, history: int = 1) -> Metrics:
     """Executor.execute of a Transfer between 2 of 10,000 accounts: read 2, fold, write 2."""
-    accounts = await bench.accounts()
+    accounts = await bench.accounts(f"command{concurrency}h{history}", history=history)
     executor = Executor(accounts.store)
     await script("commit").load(bench.redis)
     rng = random.Random(4)
     ids = accounts.ids
-    attempts = [0, 0]  # [operations, attempts]
+    counts = [0, 0, 0]  # operations, attempts, events read by the last attempt
 
     async def op() -> None:
-        a, b = random_pair(rng, ACCOUNTS)
+        a, b = random_pair(rng, len(ids))
         result = await executor.execute(Transfer(source=StreamId(ids[a]), target=StreamId(ids[b])))
-        attempts[0] += 1
-        attempts[1] += result.attempts
+        counts[0] += 1
+        counts[1] += result.attempts
+        counts[2] += sum(result.versions.values()) - len(result.events)
 
     def reset() -> None:
-        attempts[:] = [0, 0]
+        counts[:] = [0, 0, 0]
 
     metrics = await bench.measure(op, concurrency, before_timed=reset)
-    metrics["retries_per_op"] = (
-        round((attempts[1] - attempts[0]) / attempts[0], 4) if attempts[0] else None
-    )
+    ops, attempts, events_read = counts
+    metrics["retries_per_op"] = round((attempts - ops) / ops, 4) if ops else None
+    metrics["events_read_per_op"] = round(events_read / ops, 2) if ops else None
     return metrics
 
 
@@ -558,6 +583,13 @@ register_concurrencies(
 register_concurrencies(
     "command", command, {"ratio_to_raw": "raw_evalsha", "ratio_to_pipeline": "raw_pipeline"}
 )
+scenario(
+    "command_len50_c32",
+    ratios={"ratio_to_raw": "raw_evalsha_c32", "ratio_to_command": "command_c32"},
+    concurrency=32,
+    history=LONG_HISTORY,
+    doc=f"command_c32 with account streams of {LONG_HISTORY} events: the cost of folding",
+)(command)
 scenario("event_bytes", events=EVENT_BYTES_EVENTS)(event_bytes)
 
 

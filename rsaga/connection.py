@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -23,9 +23,12 @@ def connect(settings: RedisSettings) -> Redis:
     if not settings.url:
         raise ConfigError("redis.url: no Redis configured (set RSAGA_REDIS_URL)")
     try:
-        return Redis.from_url(
+        # A blocking pool waits for a free connection instead of failing when
+        # more tasks than max_connections talk to Redis at once.
+        pool = BlockingConnectionPool.from_url(
             settings.url,
             decode_responses=False,
+            timeout=settings.socket_timeout,
             socket_timeout=settings.socket_timeout,
             socket_connect_timeout=settings.socket_timeout,
             max_connections=settings.max_connections,
@@ -35,6 +38,7 @@ def connect(settings: RedisSettings) -> Redis:
         )
     except ValueError as exc:
         raise ConfigError(f"redis.url: {exc} ({redact_url(settings.url)})") from None
+    return Redis(connection_pool=pool)
 
 
 def embedded() -> Redis:

@@ -49,11 +49,17 @@ def _entries(reply: Sequence[Any]) -> list[RawEntry]:
     return out
 
 
-class ReadResult(msgspec.Struct, frozen=True):
-    """Entries handed over by other consumers, new entries, and where the log ends."""
+def _with_deliveries(found: Sequence[Any], deliveries: Sequence[Any]) -> list[RawEntry]:
+    return [
+        msgspec.structs.replace(entry, deliveries=int(count))
+        for entry, count in zip(_entries(found), deliveries, strict=True)
+    ]
 
-    handed: list[RawEntry]
-    new: list[RawEntry]
+
+class ReadResult(msgspec.Struct, frozen=True):
+    """Entries to run, in order, or where the log ends if there are none."""
+
+    entries: list[RawEntry]
     last_id: str
 
 
@@ -61,18 +67,28 @@ class GroupConsumer:
     """The scripts of one consumer (`name`) of group `group` on shard `shard`."""
 
     def __init__(
-        self, redis: Redis, keyspace: Keyspace, shard: int, group: str, name: str
+        self,
+        redis: Redis,
+        keyspace: Keyspace,
+        shard: int,
+        group: str,
+        name: str,
+        *,
+        claim_timeout_ms: int = 30_000,
     ) -> None:
         self.redis = redis
         self.shard = shard
         self.group = group
         self.name = name
+        self.claim_timeout_ms = claim_timeout_ms
+        """A consumer silent for longer than this is dead; others take over its entries."""
         self.log = keyspace.log(shard)
         self.owners = keyspace.stream_owners(shard, group)
         self.counts = keyspace.in_flight(shard, group)
         self.handoffs = keyspace.handoffs(shard, group)
+        self.alive = keyspace.consumers_alive(shard, group)
         self.dead_letters = keyspace.dead_letters(shard)
-        self._state_keys = [self.log, self.owners, self.counts, self.handoffs]
+        self._state_keys = [self.log, self.owners, self.counts, self.handoffs, self.alive]
 
     async def ensure_group(self, start: str = START_FROM_BEGINNING) -> bool:
         """Create the group if it does not exist; True if this call created it."""
@@ -85,11 +101,11 @@ class GroupConsumer:
         return True
 
     async def read(self, count: int) -> ReadResult:
-        """Handed-over entries and up to `count` new ones (see read_batch.lua)."""
-        last_id, handed, new = await script("read_batch")(
-            self.redis, self._state_keys, [self.group, self.name, count]
+        """Entries to run next: handed over, taken over, and up to `count` new ones."""
+        last_id, found, deliveries = await script("read_batch")(
+            self.redis, self._state_keys, [self.group, self.name, count, self.claim_timeout_ms]
         )
-        return ReadResult(_entries(handed), _entries(new), last_id.decode())
+        return ReadResult(_with_deliveries(found, deliveries), last_id.decode())
 
     async def wait_for_entries(self, after: str, block_ms: int) -> None:
         """Block until the log has an entry after `after`, or `block_ms` passes."""
@@ -100,7 +116,7 @@ class GroupConsumer:
         args: list[EncodableArg] = [self.group, self.name]
         for entry in entries:
             args += [entry.log_id, entry.stream_id]
-        acked, handed = await script("ack_batch")(self.redis, self._state_keys, args)
+        acked, handed = await script("ack_batch")(self.redis, self._state_keys[:4], args)
         return int(acked), _entries(handed)
 
     async def dead_letter(
@@ -114,36 +130,28 @@ class GroupConsumer:
         dead_id: bytes = await script("dead_letter")(self.redis, keys, args)
         return dead_id.decode()
 
-    async def claim_stale(
-        self, min_idle_ms: int, start: str = "0-0", count: int = 100
-    ) -> tuple[str, list[RawEntry]]:
-        """Reclaim entries idle longer than `min_idle_ms`; returns (cursor, entries)."""
-        cursor, found, deliveries = await script("claim_stale")(
+    async def take_over_dead(self) -> tuple[list[RawEntry], list[str]]:
+        """Take over consumers silent for longer than the claim timeout.
+
+        Returns the entries taken over (in log order) and the dead consumers.
+        """
+        found, deliveries, dead = await script("take_over_dead")(
             self.redis,
-            [self.log, self.owners],
-            [self.group, self.name, min_idle_ms, start, count],
+            [self.log, self.owners, self.alive, self.handoffs],
+            [self.group, self.name, self.claim_timeout_ms],
         )
-        entries = [
-            msgspec.structs.replace(e, deliveries=int(d))
-            for e, d in zip(_entries(found), deliveries, strict=True)
-        ]
-        return cursor.decode(), entries
+        return _with_deliveries(found, deliveries), [d.decode() for d in dead]
 
-    async def touch(self, log_ids: Sequence[str], idle_ms: int = 0) -> list[str]:
-        """Set the idle time of entries still held; returns the ids no longer held."""
-        if not log_ids:
-            return []
-        lost = await script("touch_claims")(
-            self.redis, [self.log], [self.group, self.name, idle_ms, *log_ids]
+    async def mark_running_alone(self, log_id: str | None) -> None:
+        """Name the one entry this consumer now runs alone (None: none), for fair blame."""
+        field = f"running:{self.name}"
+        if log_id is None:
+            await self.redis.hdel(self.alive, field)
+        else:
+            await self.redis.hset(self.alive, field, log_id)
+
+    async def keep_alive(self, *, leaving: bool = False) -> None:
+        """Renew this consumer's claim on what it holds; `leaving` gives it up at once."""
+        await script("keep_alive")(
+            self.redis, [self.alive], [self.name, "gone" if leaving else "alive"]
         )
-        return [x.decode() for x in lost]
-
-    async def remove_idle_consumers(self, idle_ms: int) -> list[str]:
-        """Delete consumers of the group with nothing pending, idle over `idle_ms`."""
-        removed = []
-        for info in await self.redis.xinfo_consumers(self.log, self.group):
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name != self.name and info["pending"] == 0 and info["idle"] > idle_ms:
-                await self.redis.xgroup_delconsumer(self.log, self.group, name)
-                removed.append(name)
-        return removed

@@ -93,6 +93,10 @@ class Keyspace:
         """Hash: stream id -> number of its entries pending for `group`."""
         return f"{self._tag(shard)}:inflight:{group}"
 
+    def consumers_alive(self, shard: int, group: str) -> str:
+        """Hash: consumer -> when it last said it was alive (server ms; 0 when it left)."""
+        return f"{self._tag(shard)}:alive:{group}"
+
     def handoffs(self, shard: int, group: str) -> str:
         """Hash: consumer -> count of entries handed to it by other consumers of `group`."""
         return f"{self._tag(shard)}:handoff:{group}"

@@ -70,7 +70,9 @@ class RedisServer:
     `kill` a crash.
     """
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, binary: str | None = None, *, persist: bool = False
+    ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
             raise FileNotFoundError("redis-server is not on PATH")
@@ -79,6 +81,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="rsaga-redis-")
         self._process: subprocess.Popen[bytes] | None = None
+        self.persist = persist
+        """Save to disk on `stop` and load on `start`, so data outlives a restart."""
 
     @staticmethod
     def available() -> bool:
@@ -93,7 +97,7 @@ class RedisServer:
                 self.binary,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
-                "--save", "",
+                "--save", "3600 1" if self.persist else "",
                 "--appendonly", "no",
                 "--dir", self._dir,
                 "--logfile", str(log),

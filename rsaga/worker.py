@@ -19,7 +19,7 @@ import socket
 import time
 import traceback
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -41,10 +41,6 @@ log = logging.getLogger("rsaga.worker")
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
 """Errors that mean Redis is unreachable right now: wait and try again, never give up."""
-
-_RELEASE_IDLE_MS = 10 * 365 * 24 * 3600 * 1000
-"""Idle time given to entries a stopping worker leaves: others reclaim them at once."""
-
 
 class Heartbeat(msgspec.Struct, frozen=True):
     """What a live worker tells about itself in Redis."""
@@ -77,6 +73,48 @@ class _Backoff:
         self.delay = 0.1
 
 
+class _Gate:
+    """Entries normally run side by side (shared); a suspect entry runs alone (exclusive)."""
+
+    def __init__(self) -> None:
+        self._condition = anyio.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._condition:
+            while self._exclusive or self._waiting:
+                await self._condition.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._condition:
+                    self._shared -= 1
+                    self._condition.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._condition:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    await self._condition.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._condition:
+                    self._exclusive = False
+                    self._condition.notify_all()
+
+
 class _Subscription:
     """One handler on one shard: the consumer-group loop of a worker."""
 
@@ -94,7 +132,6 @@ class _Subscription:
         self.settings = settings
         self.limiter = limiter
         self.wanted = {executor.store.registry.name_of_type(t) for t in handler.events}
-        self.claim_timeout_ms = max(1, int(type(handler).claim_timeout * 1000))
         self._delivery_lock = anyio.Lock()
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
@@ -102,6 +139,7 @@ class _Subscription:
         self._ack_wanted = anyio.Event()
         self._space = anyio.Event()
         self._stopping = False
+        self._gate = _Gate()
         self._work: TaskGroup | None = None
 
     @property
@@ -119,7 +157,7 @@ class _Subscription:
                 io.start_soon(self._read_loop)
                 io.start_soon(self._ack_loop)
                 io.start_soon(self._claim_loop)
-                io.start_soon(self._touch_loop)
+                io.start_soon(self._keep_alive_loop)
                 await stop.wait()
                 self._stopping = True
                 io.cancel_scope.cancel()
@@ -128,10 +166,9 @@ class _Subscription:
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self._flush_acks(dispatch=False)
-            unfinished = sorted(self._known)
-            if unfinished:
-                await self.consumer.touch(unfinished, idle_ms=_RELEASE_IDLE_MS)
-                log.info("%s: left %d unfinished entries for others", self.name, len(unfinished))
+            await self.consumer.keep_alive(leaving=True)
+            if self._known:
+                log.info("%s: left %d unfinished entries for others", self.name, len(self._known))
 
     async def _ensure_group(self) -> None:
         start = START_FROM_BEGINNING if self.settings.start == "beginning" else START_FROM_NEW
@@ -173,8 +210,7 @@ class _Subscription:
             async def read_and_dispatch(count: int = count) -> str:
                 async with self._delivery_lock:
                     result = await self.consumer.read(count)
-                    self._dispatch(result.handed)
-                    self._dispatch(result.new)
+                    self._dispatch(result.entries)
                 return result.last_id
 
             last_id = await self._retrying("reading", read_and_dispatch)
@@ -200,16 +236,34 @@ class _Subscription:
     async def _drain(self, key: str, queue: deque[RawEntry]) -> None:
         try:
             while queue and not self._stopping:
-                entry = queue[0]
                 async with self.limiter:
-                    done = await self._process(entry)
+                    await self._run(queue[0])
                 queue.popleft()
-                if done:
-                    self._to_ack.append(entry)
-                    self._ack_wanted.set()
         finally:
             if self._queues.get(key) is queue:
                 del self._queues[key]
+
+    async def _run(self, entry: RawEntry) -> None:
+        """Run one entry: with others normally, alone if it was held by a consumer that died.
+
+        Running a suspect alone, with everything before it acknowledged and its id
+        recorded, lets the next take-over blame only the entry that crashed the
+        worker, so a poison entry reaches dead letters without taking innocent
+        entries with it.
+        """
+        if entry.deliveries <= 1:
+            async with self._gate.shared():
+                if await self._process(entry):
+                    self._to_ack.append(entry)
+                    self._ack_wanted.set()
+            return
+        async with self._gate.exclusive():
+            await self._retrying("acknowledging", self._flush_acks)
+            await self._retrying("marking", self.consumer.mark_running_alone, entry.log_id)
+            if await self._process(entry):
+                self._to_ack.append(entry)
+                await self._retrying("acknowledging", self._flush_acks)
+            await self._retrying("marking", self.consumer.mark_running_alone, None)
 
     def _finished(self, entries: Sequence[RawEntry]) -> None:
         for entry in entries:
@@ -322,45 +376,26 @@ class _Subscription:
                 self._known.update(e.log_id for e in handed)
 
     async def _claim_loop(self) -> None:
-        interval = max(0.05, self.claim_timeout_ms / 2000)
-        sweeps = 0
+        interval = max(0.05, self.consumer.claim_timeout_ms / 2000)
         while True:
             await anyio.sleep(interval)
-            cursor = "0-0"
-            while True:
+            await self._retrying("taking over dead consumers", self._take_over_dead)
 
-                async def claim(start: str = cursor) -> str:
-                    async with self._delivery_lock:
-                        next_cursor, entries = await self.consumer.claim_stale(
-                            self.claim_timeout_ms, start
-                        )
-                        if entries:
-                            log.warning(
-                                "%s: reclaimed %d stale entries", self.name, len(entries)
-                            )
-                        self._dispatch(entries)
-                    return next_cursor
-
-                cursor = await self._retrying("reclaiming", claim)
-                if cursor == "0-0":
-                    break
-            sweeps += 1
-            if sweeps % 20 == 0:
-                idle_ms = max(60_000, 4 * self.claim_timeout_ms)
-                removed = await self._retrying(
-                    "removing idle consumers", self.consumer.remove_idle_consumers, idle_ms
+    async def _take_over_dead(self) -> None:
+        async with self._delivery_lock:
+            entries, dead = await self.consumer.take_over_dead()
+            if dead:
+                log.warning(
+                    "%s: took over %d entries of dead consumers %s",
+                    self.name, len(entries), ", ".join(dead),
                 )
-                if removed:
-                    log.info("%s: removed idle consumers %s", self.name, removed)
+            self._dispatch(entries)
 
-    async def _touch_loop(self) -> None:
-        interval = max(0.05, self.claim_timeout_ms / 3000)
+    async def _keep_alive_loop(self) -> None:
+        interval = max(0.05, self.consumer.claim_timeout_ms / 3000)
         while True:
+            await self._retrying("keeping alive", self.consumer.keep_alive)
             await anyio.sleep(interval)
-            held = sorted(self._known)
-            lost = await self._retrying("refreshing claims", self.consumer.touch, held)
-            if lost:
-                log.warning("%s: %d entries were taken over by others", self.name, len(lost))
 
 
 class Worker:
@@ -392,7 +427,14 @@ class Worker:
         self.subscriptions = [
             _Subscription(
                 handler,
-                GroupConsumer(store.redis, store.keyspace, shard, handler.name, self.name),
+                GroupConsumer(
+                    store.redis,
+                    store.keyspace,
+                    shard,
+                    handler.name,
+                    self.name,
+                    claim_timeout_ms=max(1, int(type(handler).claim_timeout * 1000)),
+                ),
                 executor,
                 self.settings,
                 limiter,

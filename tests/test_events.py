@@ -126,7 +126,8 @@ def test_size_limit_is_inclusive_and_configurable() -> None:
     assert size > 100
     at_limit = EventCodec(registry, max_event_bytes=size)
     assert len(encode(at_limit, Note("x" * 100))) == size
-    with pytest.raises(EventTooLarge, match=rf"Note encodes to {size} bytes; the limit is {size - 1}"):
+    message = rf"Note encodes to {size} bytes; the limit is {size - 1}"
+    with pytest.raises(EventTooLarge, match=message):
         encode(EventCodec(registry, max_event_bytes=size - 1), Note("x" * 100))
 
 
@@ -181,7 +182,7 @@ def test_garbage_envelopes_raise_event_decode_error(blob: bytes) -> None:
 def test_a_payload_of_the_wrong_shape_raises_event_decode_error(payload: object) -> None:
     codec = EventCodec(EventRegistry(BANK_EVENTS))
     blob = envelope(b"\x00" * 16, "bank.deposited", T0, "c", None, payload)
-    with pytest.raises(EventDecodeError, match="s@2: bank.deposited payload is not valid"):
+    with pytest.raises(EventDecodeError, match=r"s@2: bank\.deposited payload is not valid"):
         codec.decode("s", 2, blob)
 
 

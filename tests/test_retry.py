@@ -91,8 +91,8 @@ def test_retry_numbers_start_at_one() -> None:
 def test_jitter_shaves_within_bounds_and_is_reproducible(policy: RetryPolicy) -> None:
     rng = random.Random(1234)
     jittered = [policy.delay(r, rng) for r in range(1, 51)]
-    again = [policy.delay(r, random.Random(1234)) for r in range(1, 2)]
-    assert again[0] == jittered[0]
+    rng = random.Random(1234)
+    assert [policy.delay(r, rng) for r in range(1, 51)] == jittered, "seeded: reproducible"
     replay = random.Random(1234)
     for retry, value in enumerate(jittered, start=1):
         base = policy.base_delay(retry)
@@ -103,13 +103,26 @@ def test_jitter_shaves_within_bounds_and_is_reproducible(policy: RetryPolicy) ->
     assert len({round(v / policy.base_delay(r), 9) for r, v in enumerate(jittered, 1)}) > 10
 
 
+def test_jitter_with_a_seeded_rng_gives_pinned_delays() -> None:
+    # random.Random(0).random() draws 0.8444..., 0.7579..., 0.4205...
+    assert FixedDelay(interval=1.0, jitter=0.5).delay(1, random.Random(0)) == pytest.approx(
+        1.0 - 0.5 * 0.8444218515250481
+    )
+    rng = random.Random(0)
+    policy = ExponentialBackoff(base=0.1, cap=1.0, jitter=1.0)
+    assert [policy.delay(n, rng) for n in (1, 2, 3)] == pytest.approx(
+        [0.015557814847495188, 0.04840911941193951, 0.23177136766766201]
+    )
+
+
 def test_jitter_without_rng_uses_the_module_random() -> None:
     policy = FixedDelay(interval=1.0, jitter=1.0)
     random.seed(7)
     first = policy.delay(1)
     random.seed(7)
     assert policy.delay(1) == first
-    assert first is not None and 0.0 <= first <= 1.0
+    assert first is not None
+    assert 0.0 <= first <= 1.0
 
 
 def test_no_jitter_ignores_rng() -> None:

@@ -11,10 +11,6 @@ from redis.asyncio import Redis
 from rsaga.scripts import Script, ScriptLoadError, all_scripts, expand_includes, script
 from rsaga.testing import RedisServer, fake_redis
 
-# Mark at collection time: conftest's late auto-mark makes the anyio plugin rebuild
-# each async item and drop the params of parametrized fixtures (see test_store.py).
-pytestmark = pytest.mark.anyio
-
 
 def reader(files: dict[str, str], calls: list[str] | None = None) -> Callable[[str], str]:
     def read(name: str) -> str:

@@ -87,3 +87,17 @@ class Flaky(EventHandler):
         if not await redis.exists(f"{ctx.store.keyspace.prefix}:fixed"):
             raise ValueError(f"cannot handle {event.stream_id}@{event.version} yet")
         await redis.incr(f"{ctx.store.keyspace.prefix}:flaky-done")
+
+
+class Killer(EventHandler):
+    """Kills its own process on a Ping whose payload is "poison" (a crash every delivery)."""
+
+    name = "killer"
+    events = (Ping,)
+    decodes = (Seen,)
+    claim_timeout = float(os.environ.get("TEST_CLAIM_TIMEOUT", "30"))
+
+    async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
+        if event.data.payload == "poison":
+            os._exit(3)
+        await ctx.execute(Record(target=StreamId(f"seen-{event.stream_id}"), version=event.version))

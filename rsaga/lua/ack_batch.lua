@@ -21,4 +21,4 @@ local acknowledged = 0
 for i = 3, #ARGV, 2 do
   acknowledged = acknowledged + release_entry(log, owners, counts, group, ARGV[i], ARGV[i + 1])
 end
-return {acknowledged, pop_handoffs(log, handoffs, ARGV[2])}
+return {acknowledged, pop_handoffs(log, handoffs, group, ARGV[2])}

@@ -10,6 +10,8 @@
   Output:
     the number of entries removed
 ]]
+-- @include "now_ms"
+
 local log = KEYS[1]
 if redis.call('EXISTS', log) == 0 then
   return 0
@@ -29,9 +31,7 @@ local function id_less(a, b)
   return tonumber(a_seq) < tonumber(b_seq)
 end
 
-local now = redis.call('TIME')
-local keep_from = string.format('%d-0', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  - tonumber(ARGV[1]))
+local keep_from = string.format('%d-0', now_ms() - tonumber(ARGV[1]))
 for _, info in ipairs(groups) do
   local name, last_delivered, pending
   for i = 1, #info, 2 do
