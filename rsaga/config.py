@@ -39,12 +39,13 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             parts = urlsplit(self.url)
             if parts.scheme not in ("redis", "rediss", "unix"):
                 raise ValueError(
-                    f"scheme must be redis://, rediss:// or unix://, got {redact_url(self.url)!r}"
+                    f"url: scheme must be redis://, rediss:// or unix://, "
+                    f"got {redact_url(self.url)!r}"
                 )
         if self.socket_timeout <= 0:
-            raise ValueError("socket_timeout must be > 0")
+            raise ValueError(f"socket_timeout: must be > 0, got {self.socket_timeout}")
         if self.max_connections < 1:
-            raise ValueError("max_connections must be >= 1")
+            raise ValueError(f"max_connections: must be >= 1, got {self.max_connections}")
 
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,10 +62,10 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,50}", self.prefix):
-            raise ValueError(f"prefix must be 1-50 of [A-Za-z0-9._-], got {self.prefix!r}")
+            raise ValueError(f"prefix: must be 1-50 of [A-Za-z0-9._-], got {self.prefix!r}")
         for name in ("shards", "max_event_bytes", "read_page_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
 class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -102,14 +103,14 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         if self.start not in ("beginning", "new"):
-            raise ValueError(f"start must be 'beginning' or 'new', got {self.start!r}")
+            raise ValueError(f"start: must be 'beginning' or 'new', got {self.start!r}")
         for name in ("concurrency", "batch_size", "block_ms", "max_deliveries",
                      "dead_letter_max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("shutdown_timeout", "heartbeat_ttl", "log_retention", "trim_interval"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -136,13 +137,14 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by ``***``."""
+    """`url` with its password (in the user part or the query) replaced by ``***``."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    return urlunsplit(parts)
 
 
 _AT_PATH = re.compile(r"^(.*) - at `\$\.?(.*)`$")
@@ -154,6 +156,10 @@ def _one_line(exc: msgspec.ValidationError, source: str, from_env: dict[str, str
     if not match:
         return f"{source}: {text}"
     problem, path = match.groups()
+    # __post_init__ checks say "field: problem"; make that the dotted key.
+    field = re.match(r"^([a-z_]+): (.*)$", problem)
+    if field and path:
+        path, problem = f"{path}.{field.group(1)}", field.group(2)
     var = from_env.get(path)
     where = f"{path} (from {var})" if var else path or "(top level)"
     return f"{source}: {where}: {problem}"
@@ -184,7 +190,6 @@ def load_settings(
                 raise ConfigError(f"{source}: {section}: expected a table")
             table[key] = env[var].split(",") if key == "handlers" else env[var]
             from_env[f"{section}.{key}"] = var
-            from_env.setdefault(section, var)
     if from_env:
         source += " + environment"
     try:

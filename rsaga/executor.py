@@ -80,22 +80,22 @@ class Executor:
     ) -> ExecutionResult:
         state = command.initial_state()
         slices: dict[str, StreamSlice] = {}
-        to_read = [validate_stream_id(s) for s in command.read_streams()]
-        for _ in range(MAX_RESOLVE_ROUNDS):
-            new = [s for s in dict.fromkeys(to_read) if s not in slices]
-            if not new:
-                break
+        new = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
+        rounds = 0
+        while new:
+            rounds += 1
+            if rounds > MAX_RESOLVE_ROUNDS:
+                raise ValidationError(
+                    f"{type(command).__name__}.more_streams kept asking for new streams "
+                    f"after {MAX_RESOLVE_ROUNDS} rounds"
+                )
             read = await self.store.read_streams(new)
             for stream_id in new:
                 for event in read[stream_id].events:
                     state = command.apply(state, event)
             slices.update(read)
-            to_read = [validate_stream_id(s) for s in command.more_streams(state)]
-        else:
-            raise ValidationError(
-                f"{type(command).__name__}.more_streams kept asking for new streams "
-                f"after {MAX_RESOLVE_ROUNDS} rounds"
-            )
+            more = (validate_stream_id(s) for s in command.more_streams(state))
+            new = [s for s in dict.fromkeys(more) if s not in slices]
 
         writes = command.handle(state)
         undeclared = [s for s in writes if s not in slices]

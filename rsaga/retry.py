@@ -22,9 +22,9 @@ class _Policy(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
-            raise ValidationError(f"max_retries must be >= 0, got {self.max_retries}")
+            raise ValidationError(f"max_retries: must be >= 0, got {self.max_retries}")
         if not 0.0 <= self.jitter <= 1.0:
-            raise ValidationError(f"jitter must be within [0, 1], got {self.jitter}")
+            raise ValidationError(f"jitter: must be within [0, 1], got {self.jitter}")
 
     def base_delay(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1-based), without jitter."""
@@ -45,7 +45,7 @@ class _Policy(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
 def _non_negative(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
-            raise ValidationError(f"{name} must be >= 0, got {value}")
+            raise ValidationError(f"{name}: must be >= 0, got {value}")
 
 
 class FixedDelay(_Policy, frozen=True, tag="fixed"):
@@ -77,12 +77,15 @@ class ExponentialBackoff(_Policy, frozen=True, tag="exponential"):
         super().__post_init__()
         _non_negative(base=self.base, cap=self.cap)
         if self.multiplier < 1:
-            raise ValidationError(f"multiplier must be >= 1, got {self.multiplier}")
+            raise ValidationError(f"multiplier: must be >= 1, got {self.multiplier}")
 
     def base_delay(self, retry: int) -> float:
         """The exponential delay for `retry`, capped."""
-        exponent = min(retry - 1, 64)
-        return float(min(self.cap, self.base * self.multiplier**exponent))
+        try:
+            delay = self.base * self.multiplier ** (retry - 1)
+        except OverflowError:
+            return self.cap
+        return float(min(self.cap, delay))
 
 
 class LinearBackoff(_Policy, frozen=True, tag="linear"):

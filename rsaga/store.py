@@ -160,6 +160,7 @@ class EventStore:
         events: dict[str, list[RecordedEvent]] = {s: [] for s in ids}
         next_version = dict.fromkeys(ids, from_version)
         pending = ids
+        lengths: list[int] = []
         with self._talking_to_redis():
             while pending:
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -170,7 +171,14 @@ class EventStore:
                             "+",
                             count=self.page_size,
                         )
-                    pages: list[list[tuple[bytes, dict[bytes, bytes]]]] = await pipe.execute()
+                    if from_version > 1 and not lengths:
+                        # Reading from the middle: the version is not the last event read.
+                        for stream_id in ids:
+                            pipe.xlen(self.keyspace.stream(stream_id))
+                    replies: list[Any] = await pipe.execute()
+                pages: list[list[tuple[bytes, dict[bytes, bytes]]]] = replies[: len(pending)]
+                if len(replies) > len(pending):
+                    lengths = [int(n) for n in replies[len(pending) :]]
                 full = []
                 for stream_id, page in zip(pending, pages, strict=True):
                     decoded = self._decode_page(stream_id, page)
@@ -179,19 +187,23 @@ class EventStore:
                         next_version[stream_id] = decoded[-1].version + 1
                         full.append(stream_id)
                 pending = full
-        return {
-            s: StreamSlice(s, evs[-1].version if evs else from_version - 1, evs)
-            for s, evs in events.items()
-        }
+        if lengths:
+            return {
+                s: StreamSlice(s, length, events[s]) for s, length in zip(ids, lengths, strict=True)
+            }
+        return {s: StreamSlice(s, evs[-1].version if evs else 0, evs) for s, evs in events.items()}
 
     def _decode_page(
         self, stream_id: str, page: list[tuple[bytes, dict[bytes, bytes]]]
     ) -> list[RecordedEvent]:
         decode = self.codec.decode
-        return [
-            decode(stream_id, int(entry_id.partition(b"-")[0]), fields[b"d"])
-            for entry_id, fields in page
-        ]
+        try:
+            return [
+                decode(stream_id, int(entry_id.partition(b"-")[0]), fields[b"d"])
+                for entry_id, fields in page
+            ]
+        except KeyError:
+            raise EventDecodeError(f"an entry of stream {stream_id!r} has no 'd' field") from None
 
     async def version(self, stream_id: str) -> int:
         """The current version of `stream_id` (0 if it has no events)."""
@@ -297,7 +309,7 @@ class EventStore:
         recorded: list[list[RecordedEvent]] = []
         for w in writes:
             keys.append(self.keyspace.stream(w.stream_id))
-            header += [w.stream_id, w.expected, len(w.events)]
+            header += [w.stream_id, int(w.expected), len(w.events)]
             mine = []
             for event in w.events:
                 event_id = new_id()

@@ -481,12 +481,6 @@ async def test_a_discovery_chain_resolves(redis: Redis, prefix: str, links: int)
     assert [e.data for e in result.events] == [Deposited(links + 1)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Executor._attempt never looks at the last more_streams() answer: a command "
-    f"that discovers {MAX_RESOLVE_ROUNDS - 1} streams one round at a time and then stops "
-    f"is refused as 'kept asking for new streams after {MAX_RESOLVE_ROUNDS} rounds'",
-)
 async def test_discovery_chain_at_the_round_limit_resolves(redis: Redis, prefix: str) -> None:
     store = plain_store(redis, prefix)
     links = MAX_RESOLVE_ROUNDS - 1

@@ -44,12 +44,6 @@ def test_exponential_backoff_late_retries_stay_capped() -> None:
     assert policy.delay(10_000) == 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ExponentialBackoff.base_delay computes multiplier**exponent before "
-    "applying the cap, so a large (accepted) multiplier raises OverflowError instead of "
-    "returning `cap`",
-)
 def test_exponential_backoff_cap_bounds_any_multiplier() -> None:
     policy = ExponentialBackoff(base=0.01, cap=2.0, multiplier=1e6, max_retries=100)
     assert policy.delay(100) == 2.0
@@ -174,7 +168,7 @@ def test_policies_round_trip_through_their_encoding() -> None:
     [
         ({"kind": "nope"}, "Invalid value 'nope'"),
         ({"interval": 1}, "kind"),
-        ({"kind": "fixed", "interval": -1}, "interval must be >= 0"),
+        ({"kind": "fixed", "interval": -1}, "interval: must be >= 0"),
         ({"kind": "linear", "jitter": 2}, "jitter"),
         ({"kind": "fixed", "interval": "soon"}, "Expected `float"),
     ],

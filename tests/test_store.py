@@ -43,8 +43,8 @@ from rsaga import (
 )
 from rsaga.testing import RedisServer, free_port
 
-# Plain ints: an ExpectedVersion member inside a StreamWrite breaks commit() (see the
-# xfail test_commit_accepts_expected_version_members); append() converts it itself.
+# Plain ints, as most callers pass (members are checked in
+# test_commit_accepts_expected_version_members).
 ANY = int(ExpectedVersion.ANY)
 NO_STREAM = int(ExpectedVersion.NO_STREAM)
 
@@ -217,13 +217,6 @@ async def test_expected_any_always_appends(redis: Redis, prefix: str) -> None:
     assert await redis.xlen(store.keyspace.stream("a")) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: StreamWrite keeps an ExpectedVersion member as is; redis-py encodes an "
-    "IntEnum with repr() ('<ExpectedVersion.NO_STREAM: 0>'), commit.lua's tonumber() "
-    "yields nil and the script fails with a raw redis ResponseError (append() hides it "
-    "with int(expected); commit() does not)",
-)
 @pytest.mark.parametrize("expected", [ExpectedVersion.NO_STREAM, ExpectedVersion.ANY])
 async def test_commit_accepts_expected_version_members(
     redis: Redis, prefix: str, expected: ExpectedVersion
@@ -590,11 +583,6 @@ async def test_read_from_version(redis: Redis, prefix: str, from_version: int) -
     assert several["b"].events == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: StreamSlice.version is from_version - 1 when nothing is read, so reading "
-    "past the end reports a version the stream never had (10 events, from_version=20 -> 19)",
-)
 async def test_read_past_the_end_reports_the_real_version(redis: Redis, prefix: str) -> None:
     store = make_store(redis, prefix)
     await store.append("a", [Deposited(i) for i in range(10)])
@@ -653,11 +641,6 @@ async def test_garbage_bytes_raise_event_decode_error(
         await store.read_log(0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a stream entry without the `d` field makes read() raise a bare KeyError "
-    "(EventStore._decode_page indexes fields[b'd']) instead of EventDecodeError",
-)
 async def test_stream_entry_without_envelope_field_raises_event_decode_error(
     redis: Redis, prefix: str
 ) -> None:

@@ -42,6 +42,17 @@ async def run_workers(
             stop.set()
 
 
+async def settled(redis: Redis, store: EventStore) -> bool:
+    """Every group has read the whole log and acknowledged everything.
+
+    (Seen events land on the log too; the worker acknowledges them unhandled.)
+    """
+    log_key = store.keyspace.log(0)
+    last = (await redis.xrevrange(log_key, count=1))[0][0]
+    groups = await redis.xinfo_groups(log_key)
+    return all(g["pending"] == 0 and g["last-delivered-id"] == last for g in groups)
+
+
 async def seen_versions(store: EventStore, stream_id: str) -> list[int]:
     return [e.data.version for e in (await store.read(f"seen-{stream_id}")).events]
 
@@ -69,10 +80,7 @@ async def test_every_event_handled_once_in_stream_order(redis: Redis, prefix: st
     async def done() -> bool:
         if not all([len(await seen_versions(store, s)) == 15 for s in ids]):
             return False
-        # The Seen events land on the log too; the worker acknowledges them unhandled.
-        groups = await redis.xinfo_groups(store.keyspace.log(0))
-        last = (await redis.xrevrange(store.keyspace.log(0), count=1))[0][0]
-        return groups[0]["pending"] == 0 and groups[0]["last-delivered-id"] == last
+        return await settled(redis, store)
 
     await run_workers([worker], done)
     for stream_id in ids:
@@ -260,9 +268,11 @@ async def test_a_dead_consumer_is_taken_over_with_its_streams(redis: Redis, pref
         claim_timeout = 0.2
 
     worker = Worker(Executor(store), [QuickRecorder()], settings=FAST)
-    await run_workers([worker], lambda: _has(seen_versions(store, "a"), [1, 2]))
-    pending = await redis.xpending(store.keyspace.log(0), Recorder.name)
-    assert pending["pending"] == 0
+
+    async def done() -> bool:
+        return await seen_versions(store, "a") == [1, 2] and await settled(redis, store)
+
+    await run_workers([worker], done)
     names = {c["name"] for c in await redis.xinfo_consumers(store.keyspace.log(0), Recorder.name)}
     assert b"dead" not in names
 

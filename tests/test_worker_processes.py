@@ -172,7 +172,7 @@ async def test_workers_ride_out_a_redis_outage(
 
         server.stop()
         cpu_before = [w.cpu_seconds() for w in workers]
-        time.sleep(3)
+        await anyio.sleep(3)
         cpu_used = [w.cpu_seconds() - c for w, c in zip(workers, cpu_before, strict=True)]
         server.start()
 
@@ -207,7 +207,9 @@ async def test_a_poison_event_that_kills_every_worker_ends_in_dead_letters(
                 assert workers[-1].process.returncode == 3, workers[-1].output
                 deaths += 1
             workers.append(
-                WorkerProcess(redis_server.url, prefix, tmp_path, "Killer", TEST_CLAIM_TIMEOUT="0.3")
+                WorkerProcess(
+                    redis_server.url, prefix, tmp_path, "Killer", TEST_CLAIM_TIMEOUT="0.3"
+                )
             )
         await anyio.sleep(0.1)
     [letter] = await dead.list()
