@@ -5,8 +5,9 @@ family. An event's type name is its msgspec tag when it has one, else its class
 name; the name is what is stored, so it must stay stable.
 
 A stored event is one msgpack array, the *envelope*:
-``[event_id(16 bytes), type, occurred_at_ms, correlation_id, causation_id, payload]``
-where ``payload`` is the msgpack encoding of the user's struct. Stream id and
+``[event_id(16 bytes), type, occurred_at_ms, correlation_id, causation_id, payload,
+command_id]`` where ``payload`` is the msgpack encoding of the user's struct and
+``command_id`` (optional) is the idempotency key of the command that wrote it. Stream id and
 version are not in the envelope: they come from the key and the entry id.
 """
 
@@ -51,6 +52,8 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     """Id shared by everything one business request caused."""
     causation_id: str | None
     """Id of the event or command that directly caused this one."""
+    command_id: str | None = None
+    """Idempotency key of the command execution that wrote the event, if it had one."""
 
 
 class _Envelope(msgspec.Struct, array_like=True, frozen=True):
@@ -60,6 +63,7 @@ class _Envelope(msgspec.Struct, array_like=True, frozen=True):
     correlation_id: str
     causation_id: str | None
     payload: msgspec.Raw
+    command_id: str | None = None
 
 
 def _type_name(cls: type[msgspec.Struct]) -> str:
@@ -154,6 +158,7 @@ class EventCodec:
         occurred_at_ms: int,
         correlation_id: str,
         causation_id: str | None,
+        command_id: str | None = None,
     ) -> bytes:
         """Envelope bytes for a new event; raises before anything is written if invalid."""
         name = self.registry.name_of(event)
@@ -165,6 +170,7 @@ class EventCodec:
             correlation_id,
             causation_id,
             msgspec.Raw(payload),
+            command_id,
         )
         blob = self._encoder.encode(envelope)
         if len(blob) > self.max_event_bytes:
@@ -207,4 +213,5 @@ class EventCodec:
             data=data,
             correlation_id=env.correlation_id,
             causation_id=env.causation_id,
+            command_id=env.command_id,
         )

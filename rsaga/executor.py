@@ -32,6 +32,8 @@ class ExecutionResult(msgspec.Struct, frozen=True):
     """The events written, with their versions."""
     attempts: int
     """1 if the first attempt succeeded; more after version conflicts."""
+    duplicate: bool = False
+    """True if an earlier execution with the same idempotency key had written already."""
 
 
 class Executor:
@@ -54,12 +56,18 @@ class Executor:
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> ExecutionResult:
         """Execute `command` and return what it wrote.
 
         Domain errors raised by `handle` propagate at once. A version conflict
         re-reads every stream and decides again, until the retry policy gives up
         with `RetriesExhausted`.
+
+        With an `idempotency_key`, the events written carry it, and an execution
+        that finds an event with the same key in the streams it read writes
+        nothing and returns ``duplicate=True``: re-running a command after a crash
+        or a redelivery applies its effect once.
         """
         if not isinstance(command, Command):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
@@ -68,7 +76,9 @@ class Executor:
         while True:
             attempt += 1
             try:
-                return await self._attempt(command, correlation, causation_id, attempt)
+                return await self._attempt(
+                    command, correlation, causation_id, idempotency_key, attempt
+                )
             except ConcurrencyConflict as conflict:
                 delay = self.retry.delay(attempt, self._rng)
                 if delay is None:
@@ -76,7 +86,12 @@ class Executor:
                 await anyio.sleep(delay)
 
     async def _attempt(
-        self, command: Command[Any], correlation: str, causation: str | None, attempt: int
+        self,
+        command: Command[Any],
+        correlation: str,
+        causation: str | None,
+        key: str | None,
+        attempt: int,
     ) -> ExecutionResult:
         state = command.initial_state()
         slices: dict[str, StreamSlice] = {}
@@ -92,6 +107,10 @@ class Executor:
             read = await self.store.read_streams(new)
             for stream_id in new:
                 for event in read[stream_id].events:
+                    if key is not None and event.command_id == key:
+                        slices.update(read)
+                        versions = {s: sl.version for s, sl in slices.items()}
+                        return ExecutionResult(versions, [], attempt, duplicate=True)
                     state = command.apply(state, event)
             slices.update(read)
             more = (validate_stream_id(s) for s in command.more_streams(state))
@@ -110,5 +129,6 @@ class Executor:
             [StreamWrite(s, sl.version, writes.get(s, ())) for s, sl in slices.items()],
             correlation_id=correlation,
             causation_id=causation,
+            command_id=key,
         )
         return ExecutionResult(result.versions, result.events, attempt)

@@ -52,6 +52,7 @@ class HandlerContext:
         self.attempt = attempt
         """1 on the first attempt, more on retries (in-process and after redelivery)."""
         self._executor = executor
+        self._commands = 0
 
     @property
     def store(self) -> EventStore:
@@ -59,11 +60,20 @@ class HandlerContext:
         return self._executor.store
 
     async def execute(self, command: Command[Any]) -> ExecutionResult:
-        """Execute `command`, caused by this event and in its correlation."""
+        """Execute `command`, caused by this event and in its correlation, effect once.
+
+        The n-th command a handler executes for an event gets the idempotency key
+        ``<handler>:<event id>:<n>``, so when the event is delivered again (after a
+        crash, a claim or a retry) a command that already wrote writes nothing.
+        This holds as long as the handler issues the same commands in the same
+        order for the same event.
+        """
+        self._commands += 1
         return await self._executor.execute(
             command,
             correlation_id=self.event.correlation_id,
             causation_id=self.event.event_id,
+            idempotency_key=f"{self.handler}:{self.event.event_id}:{self._commands}",
         )
 
     async def read(self, stream_id: str, *, from_version: int = 1) -> StreamSlice:

@@ -271,13 +271,16 @@ class EventStore:
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        command_id: str | None = None,
     ) -> CommitResult:
         """Check every write's expected version, then append all events, atomically.
 
         Raises `ConcurrencyConflict` (nothing written) if any stream is not at its
         expected version; validation errors are raised before Redis is touched.
         """
-        keys, args, recorded = self._encode_commit(writes, correlation_id, causation_id)
+        keys, args, recorded = self._encode_commit(
+            writes, correlation_id, causation_id, command_id
+        )
         with self._talking_to_redis():
             reply = await self._commit(self.redis, keys, args)
         return self._commit_result(writes, reply, recorded)
@@ -287,6 +290,7 @@ class EventStore:
         writes: Sequence[StreamWrite],
         correlation_id: str | None,
         causation_id: str | None,
+        command_id: str | None,
     ) -> tuple[list[str], list[EncodableArg], list[list[RecordedEvent]]]:
         if not writes:
             raise ValidationError("a commit needs at least one stream")
@@ -320,6 +324,7 @@ class EventStore:
                         occurred_at_ms=now_ms,
                         correlation_id=correlation,
                         causation_id=causation_id,
+                        command_id=command_id,
                     )
                 )
                 mine.append(
@@ -332,6 +337,7 @@ class EventStore:
                         data=event,
                         correlation_id=correlation,
                         causation_id=causation_id,
+                        command_id=command_id,
                     )
                 )
             recorded.append(mine)

@@ -687,3 +687,17 @@ async def test_default_correlation_is_fresh_per_command_and_shared_by_its_events
     assert first.events[0].correlation_id != second.events[0].correlation_id
     read = await plain.read("bob")
     assert read.events[-2:] == [first.events[1], second.events[1]]
+
+
+async def test_an_idempotency_key_applies_a_command_once(redis: Redis, prefix: str) -> None:
+    store = EventStore(redis, EventRegistry(BANK_EVENTS), keyspace=Keyspace(prefix=prefix))
+    executor = Executor(store)
+    await executor.execute(OpenAccount(account=StreamId("k-1"), owner="k"))
+    deposit = Deposit(account=StreamId("k-1"), amount=5)
+    first = await executor.execute(deposit, idempotency_key="op-1")
+    again = await executor.execute(deposit, idempotency_key="op-1")
+    other = await executor.execute(deposit, idempotency_key="op-2")
+    assert (first.duplicate, again.duplicate, other.duplicate) == (False, True, False)
+    assert again.events == []
+    events = (await store.read("k-1")).events
+    assert [e.command_id for e in events] == [None, "op-1", "op-2"]

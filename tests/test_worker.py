@@ -6,11 +6,21 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+import msgspec
 import pytest
 from redis.asyncio import Redis
 from worker_plugins import Flaky, Other, Ping, Recorder, Seen
 
-from rsaga import EventRegistry, EventStore, Executor, Keyspace, ValidationError
+from rsaga import (
+    Command,
+    EventRegistry,
+    EventStore,
+    Executor,
+    Keyspace,
+    RecordedEvent,
+    StreamId,
+    ValidationError,
+)
 from rsaga.config import WorkerSettings
 from rsaga.consumer import GroupConsumer
 from rsaga.deadletters import DeadLetters
@@ -235,8 +245,9 @@ async def test_unknown_event_type_for_a_wanted_name_goes_to_dead_letters(
     await writer.append("x", [Ping()])
     # Corrupt the payload of a wanted type: the payload is not a Ping.
     _, fields = (await redis.xrange(writer.keyspace.log(0)))[0]
-    envelope = fields[b"d"]
-    bad = envelope[: envelope.rindex(b"\x82")] + b"\x81\xa1n\xa3abc"
+    items = msgspec.msgpack.decode(fields[b"d"])
+    items[5] = {"n": "abc"}  # the payload of a Ping, with a str where an int belongs
+    bad = msgspec.msgpack.encode(items)
     await redis.xadd(writer.keyspace.log(0), {b"s": b"y", b"v": b"1", b"d": bad})
     dead = DeadLetters(redis, writer.keyspace)
     store = make_store(redis, prefix)
@@ -364,8 +375,6 @@ async def test_graceful_shutdown_finishes_in_flight_and_leaves_the_rest(
 
 
 async def test_heartbeat_describes_the_worker(redis: Redis, prefix: str) -> None:
-    import msgspec
-
     from rsaga.worker import Heartbeat
 
     store = make_store(redis, prefix)
@@ -418,3 +427,49 @@ def test_handler_names_are_validated() -> None:
 
     with pytest.raises(ValidationError, match="name must be"):
         Bad.validate()
+
+
+class Note(Command[None], frozen=True):
+    """Always appends: applying it twice would show as two events."""
+
+    target: StreamId
+
+    def initial_state(self) -> None:
+        return None
+
+    def apply(self, state: None, event: RecordedEvent) -> None:
+        return None
+
+    def handle(self, state: None) -> dict[str, list[msgspec.Struct]]:
+        return {self.target: [Seen(version=0)]}
+
+
+class CrashAfterEffect(EventHandler):
+    """Executes two commands, then fails the first time: the retry must not repeat them."""
+
+    name = "crash-after-effect"
+    events = (Ping,)
+    retry = FixedDelay(interval=0, max_retries=2)
+    attempts: list[int] = []
+
+    async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
+        first = await ctx.execute(Note(target=StreamId(f"notes-{event.stream_id}")))
+        second = await ctx.execute(Note(target=StreamId(f"notes-{event.stream_id}")))
+        type(self).attempts.append(ctx.attempt)
+        assert first.duplicate == second.duplicate == (ctx.attempt > 1)
+        if ctx.attempt == 1:
+            raise RuntimeError("crash after the effect")
+
+
+async def test_commands_of_a_retried_handler_apply_once(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    CrashAfterEffect.attempts = []
+    await store.append("x", [Ping()])
+
+    async def done() -> bool:
+        return CrashAfterEffect.attempts == [1, 2] and await settled(redis, store)
+
+    await run_workers([Worker(Executor(store), [CrashAfterEffect()], settings=FAST)], done)
+    notes = (await store.read("notes-x")).events
+    assert len(notes) == 2  # two distinct commands, each applied once
+    assert len({e.command_id for e in notes}) == 2
