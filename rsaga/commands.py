@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, NewType, TypeVar
 import msgspec
 
 from rsaga.events import RecordedEvent
+from rsaga.store import Effects
 
 StreamId = NewType("StreamId", str)
 """Type a command field with this to declare it as a stream the command reads."""
@@ -23,6 +24,14 @@ S = TypeVar("S")
 
 Writes = Mapping[str, Sequence[msgspec.Struct]]
 """What `Command.handle` returns: new events per stream id."""
+
+
+class WritePlan(msgspec.Struct, frozen=True):
+    """What `handle` may return instead of `Writes`: events plus effects in the same commit
+    (timeouts, process-index transitions). Process managers use this."""
+
+    writes: Writes
+    effects: Effects
 
 
 def _stream_fields(cls: type) -> tuple[tuple[str, bool], ...]:
@@ -81,6 +90,6 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
         """
         return ()
 
-    def handle(self, state: S) -> Writes:
+    def handle(self, state: S) -> Writes | WritePlan:
         """Decide: return the new events per stream, or raise a `DomainError`."""
         raise NotImplementedError(f"{type(self).__name__} must define handle()")

@@ -75,6 +75,7 @@ class GroupConsumer:
         name: str,
         *,
         claim_timeout_ms: int = 30_000,
+        stream: str | None = None,
     ) -> None:
         self.redis = redis
         self.shard = shard
@@ -82,7 +83,8 @@ class GroupConsumer:
         self.name = name
         self.claim_timeout_ms = claim_timeout_ms
         """A consumer silent for longer than this is dead; others take over its entries."""
-        self.log = keyspace.log(shard)
+        self.log = stream or keyspace.log(shard)
+        """The stream this group reads: the shard log, or the shard's due timeouts."""
         self.owners = keyspace.stream_owners(shard, group)
         self.counts = keyspace.in_flight(shard, group)
         self.handoffs = keyspace.handoffs(shard, group)

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from rsaga.commands import Command
+from rsaga.commands import Command, WritePlan
 from rsaga.errors import ConcurrencyConflict, RetriesExhausted, UndeclaredStream, ValidationError
 from rsaga.events import RecordedEvent, new_id
 from rsaga.keyspace import validate_stream_id
@@ -116,19 +116,25 @@ class Executor:
             more = (validate_stream_id(s) for s in command.more_streams(state))
             new = [s for s in dict.fromkeys(more) if s not in slices]
 
-        writes = command.handle(state)
+        decided = command.handle(state)
+        effects = None
+        if isinstance(decided, WritePlan):
+            writes, effects = decided.writes, decided.effects
+        else:
+            writes = decided
         undeclared = [s for s in writes if s not in slices]
         if undeclared:
             raise UndeclaredStream(
                 f"{type(command).__name__} wrote to {', '.join(map(repr, undeclared))}, "
                 "which it did not declare as read"
             )
-        if not any(writes.values()):
+        if not any(writes.values()) and effects is None:
             return ExecutionResult({s: sl.version for s, sl in slices.items()}, [], attempt)
         result = await self.store.commit(
             [StreamWrite(s, sl.version, writes.get(s, ())) for s, sl in slices.items()],
             correlation_id=correlation,
             causation_id=causation,
             command_id=key,
+            effects=effects,
         )
         return ExecutionResult(result.versions, result.events, attempt)

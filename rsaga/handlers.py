@@ -106,11 +106,7 @@ class EventHandler:
     @classmethod
     def validate(cls) -> None:
         """Raise `ValidationError` if the class is not a usable handler."""
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-            raise ValidationError(
-                f"{cls.__qualname__}.name must be 1-100 of [A-Za-z0-9._-], got {name!r}"
-            )
+        name = check_name(cls)
         if not cls.events:
             raise ValidationError(f"handler {name} lists no event types in `events`")
         for event_type in (*cls.events, *cls.decodes):
@@ -118,6 +114,16 @@ class EventHandler:
                 raise ValidationError(f"handler {name}: {event_type!r} is not a msgspec.Struct")
         if cls.claim_timeout <= 0:
             raise ValidationError(f"handler {name}: claim_timeout must be > 0")
+
+
+def check_name(cls: type) -> str:
+    """The class's `name`, if usable as a consumer-group name; else `ValidationError`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise ValidationError(
+            f"{cls.__qualname__}.name must be 1-100 of [A-Za-z0-9._-], got {name!r}"
+        )
+    return name
 
 
 @dataclass(frozen=True)

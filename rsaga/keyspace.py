@@ -101,6 +101,30 @@ class Keyspace:
         """Hash: consumer -> count of entries handed to it by other consumers of `group`."""
         return f"{self._tag(shard)}:handoff:{group}"
 
+    def timeouts(self, shard: int) -> str:
+        """Sorted set: timeout id -> due time (ms since the epoch)."""
+        return f"{self._tag(shard)}:timeouts"
+
+    def timeout_data(self, shard: int) -> str:
+        """Hash: timeout id -> timeout payload."""
+        return f"{self._tag(shard)}:timeout-data"
+
+    def timeouts_wake(self, shard: int) -> str:
+        """Stream the scheduler blocks on; written when an earlier timeout is scheduled."""
+        return f"{self._tag(shard)}:timeouts-wake"
+
+    def due_timeouts(self, shard: int) -> str:
+        """Stream of timeouts that are due, which workers consume with a consumer group."""
+        return f"{self._tag(shard)}:due"
+
+    def active_processes(self, shard: int, process_type: str) -> str:
+        """Sorted set: process stream id -> last progress (server ms), while active."""
+        return f"{self._tag(shard)}:active:{process_type}"
+
+    def process_stats(self, shard: int, process_type: str) -> str:
+        """Hash: started, completed, failed, duration_ms_total of a process type."""
+        return f"{self._tag(shard)}:stats:{process_type}"
+
     # --- keys outside any shard -------------------------------------------------
 
     def heartbeat(self, consumer: str) -> str:

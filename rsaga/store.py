@@ -67,6 +67,32 @@ class StreamWrite(msgspec.Struct, frozen=True):
     events: Sequence[msgspec.Struct] = ()
 
 
+class TimeoutWrite(msgspec.Struct, frozen=True):
+    """A timeout to schedule in the same atomic write (replaces one with the same id)."""
+
+    timeout_id: str
+    due_ms: int
+    payload: bytes
+
+
+class IndexUpdate(msgspec.Struct, frozen=True):
+    """A process lifecycle transition to record in the same atomic write."""
+
+    process_type: str
+    stream_id: str
+    transition: str
+    """'start', 'progress', 'complete' or 'fail'."""
+    duration_ms: int = 0
+
+
+class Effects(msgspec.Struct, frozen=True):
+    """What an atomic write does besides appending events."""
+
+    schedule: Sequence[TimeoutWrite] = ()
+    cancel: Sequence[str] = ()
+    index: Sequence[IndexUpdate] = ()
+
+
 class CommitResult(msgspec.Struct, frozen=True):
     """What one atomic write did: each stream's version afterwards and the new events."""
 
@@ -272,8 +298,12 @@ class EventStore:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         command_id: str | None = None,
+        effects: Effects | None = None,
     ) -> CommitResult:
         """Check every write's expected version, then append all events, atomically.
+
+        `effects` (timeouts to schedule or cancel, process-index transitions) are
+        applied in the same atomic step, in the shard of the streams.
 
         Raises `ConcurrencyConflict` (nothing written) if any stream is not at its
         expected version; validation errors are raised before Redis is touched.
@@ -281,6 +311,8 @@ class EventStore:
         keys, args, recorded = self._encode_commit(
             writes, correlation_id, causation_id, command_id
         )
+        if effects is not None:
+            self._encode_effects(effects, self.keyspace.shard_of(writes[0].stream_id), keys, args)
         with self._talking_to_redis():
             reply = await self._commit(self.redis, keys, args)
         return self._commit_result(writes, reply, recorded)
@@ -342,6 +374,27 @@ class EventStore:
                 )
             recorded.append(mine)
         return keys, header + envelopes, recorded
+
+    def _encode_effects(
+        self, effects: Effects, shard: int, keys: list[str], args: list[EncodableArg]
+    ) -> None:
+        ks = self.keyspace
+        args.append(len(effects.schedule))
+        for timeout in effects.schedule:
+            args += [timeout.timeout_id, timeout.due_ms, timeout.payload]
+        args.append(len(effects.cancel))
+        args.extend(effects.cancel)
+        if effects.schedule or effects.cancel:
+            keys += [ks.timeouts(shard), ks.timeout_data(shard), ks.timeouts_wake(shard)]
+        args.append(len(effects.index))
+        for update in effects.index:
+            if update.transition not in ("start", "progress", "complete", "fail"):
+                raise ValidationError(f"unknown process transition {update.transition!r}")
+            keys += [
+                ks.active_processes(shard, update.process_type),
+                ks.process_stats(shard, update.process_type),
+            ]
+            args += [update.transition, update.stream_id, update.duration_ms]
 
     def _commit_result(
         self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]

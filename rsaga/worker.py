@@ -20,7 +20,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -29,15 +29,28 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from rsaga.clock import Clock
 from rsaga.config import WorkerSettings
 from rsaga.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
 from rsaga.errors import EventDecodeError, RedisUnavailable, UnknownEventType
 from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.processes import (
+    ProcessManager,
+    ProcessRunner,
+    TimeoutPayload,
+    UnknownProcessType,
+    decode_timeout,
+)
+from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.scripts import EncodableArg, script
+from rsaga.store import LogEntry
 
 log = logging.getLogger("rsaga.worker")
+
+TIMEOUTS_GROUP = "rsaga-timeouts"
+"""Consumer group of the due-timeouts streams."""
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
 """Errors that mean Redis is unreachable right now: wait and try again, never give up."""
@@ -115,23 +128,117 @@ class _Gate:
                     self._condition.notify_all()
 
 
+class _Source(Protocol):
+    """What a subscription runs: decoding and handling entries of one consumer group."""
+
+    name: str
+    retry: RetryPolicy
+
+    def decode(self, entry: RawEntry) -> Any | None:
+        """The item to handle, or None if the entry is not for this group (acknowledged).
+
+        Raises one of `UNDELIVERABLE` for entries that can never be handled.
+        """
+        ...
+
+    async def handle(self, item: Any, entry: RawEntry, attempt: int) -> None:
+        """Handle one decoded item; raising means retry, then dead letters."""
+        ...
+
+
+def _addressed_elsewhere(entry: RawEntry, group: str) -> bool:
+    """A replayed dead letter names the one group it is for."""
+    target = entry.fields.get(b"g")
+    return target is not None and target.decode(errors="replace") != group
+
+
+class _HandlerSource:
+    """An `EventHandler` over a shard log."""
+
+    def __init__(self, handler: EventHandler, executor: Executor) -> None:
+        self.handler = handler
+        self.executor = executor
+        self.name = handler.name
+        self.retry = type(handler).retry
+        self.wanted = {executor.store.registry.name_of_type(t) for t in handler.events}
+
+    def decode(self, entry: RawEntry) -> LogEntry | None:
+        if _addressed_elsewhere(entry, self.name):
+            return None
+        return self.executor.store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
+
+    async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
+        ctx = HandlerContext(
+            item.event,
+            executor=self.executor,
+            handler=self.name,
+            log_id=entry.log_id,
+            attempt=attempt,
+        )
+        await self.handler.handle(item.event, ctx)
+
+
+class _ProcessSource:
+    """A process manager's event triggers over a shard log."""
+
+    def __init__(self, manager: ProcessManager[Any], runner: ProcessRunner) -> None:
+        self.manager = manager
+        self.runner = runner
+        self.name = manager.name
+        self.retry = type(manager).handler_retry
+        registry = runner.executor.store.registry
+        self.wanted = {registry.name_of_type(t) for t in manager.events}
+
+    def decode(self, entry: RawEntry) -> LogEntry | None:
+        if _addressed_elsewhere(entry, self.name):
+            return None
+        store = self.runner.executor.store
+        return store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
+
+    async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
+        await self.runner.on_event(self.manager, item.event)
+
+
+class _TimeoutSource:
+    """Due timeouts of every installed process type, over a shard's due stream."""
+
+    def __init__(self, runner: ProcessRunner) -> None:
+        self.name = TIMEOUTS_GROUP
+        self.runner = runner
+        self.retry: RetryPolicy = ExponentialBackoff(base=0.1, cap=5.0, max_retries=4)
+
+    def decode(self, entry: RawEntry) -> TimeoutPayload:
+        try:
+            payload = decode_timeout(entry.fields[b"p"])
+        except (KeyError, msgspec.DecodeError) as exc:
+            raise EventDecodeError(
+                f"due timeout {entry.log_id} has no valid payload: {exc!r}"
+            ) from None
+        self.runner.manager(payload.process_type)
+        return payload
+
+    async def handle(self, item: TimeoutPayload, entry: RawEntry, attempt: int) -> None:
+        await self.runner.on_timeout(item)
+
+
+UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType)
+"""Errors that mean an entry can never be handled: it goes to dead letters at once."""
+
+
 class _Subscription:
-    """One handler on one shard: the consumer-group loop of a worker."""
+    """One source (handler, process type, or timeouts) on one shard: a consumer-group loop."""
 
     def __init__(
         self,
-        handler: EventHandler,
+        source: _Source,
         consumer: GroupConsumer,
-        executor: Executor,
         settings: WorkerSettings,
         limiter: anyio.CapacityLimiter,
     ) -> None:
-        self.handler = handler
+        self.source = source
         self.consumer = consumer
-        self.executor = executor
         self.settings = settings
         self.limiter = limiter
-        self.wanted = {executor.store.registry.name_of_type(t) for t in handler.events}
         self._delivery_lock = anyio.Lock()
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
@@ -144,7 +251,7 @@ class _Subscription:
 
     @property
     def name(self) -> str:
-        return f"{self.handler.name}@{self.consumer.shard}"
+        return f"{self.source.name}@{self.consumer.shard}"
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -274,15 +381,12 @@ class _Subscription:
 
     async def _process(self, entry: RawEntry) -> bool:
         """Handle, retry or dead-letter one entry; True when it is to be acknowledged."""
-        target = entry.fields.get(b"g")
-        if target is not None and target.decode(errors="replace") != self.handler.name:
-            return True
         try:
-            decoded = self.executor.store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
-        except (EventDecodeError, UnknownEventType) as exc:
+            item = self.source.decode(entry)
+        except UNDELIVERABLE as exc:
             await self._dead_letter(entry, exc, attempts=0, tb="")
             return False
-        if decoded is None:
+        if item is None:
             return True
         if entry.deliveries > self.settings.max_deliveries:
             reason = RuntimeError(
@@ -291,26 +395,21 @@ class _Subscription:
             )
             await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
             return False
-        retry = type(self.handler).retry
         attempt = 0
         backoff = _Backoff()
         while True:
             attempt += 1
-            ctx = HandlerContext(
-                decoded.event,
-                executor=self.executor,
-                handler=self.handler.name,
-                log_id=entry.log_id,
-                attempt=attempt,
-            )
             try:
-                await self.handler.handle(decoded.event, ctx)
+                await self.source.handle(item, entry, attempt)
             except REDIS_DOWN as exc:
                 attempt -= 1
                 await backoff.wait(f"{self.name} handling {entry.log_id}", exc)
                 continue
+            except UNDELIVERABLE as exc:
+                await self._dead_letter(entry, exc, attempt, traceback.format_exc(limit=8))
+                return False
             except Exception as exc:
-                delay = retry.delay(attempt)
+                delay = self.source.retry.delay(attempt)
                 if self._stopping:
                     return False
                 if delay is None:
@@ -328,7 +427,7 @@ class _Subscription:
         self, entry: RawEntry, exc: BaseException, attempts: int, tb: str
     ) -> None:
         fields: dict[str, EncodableArg] = {
-            "handler": self.handler.name,
+            "handler": self.source.name,
             "log_id": entry.log_id,
             "error_type": type(exc).__name__,
             "error": str(exc)[:2000],
@@ -399,20 +498,21 @@ class _Subscription:
 
 
 class Worker:
-    """Runs handlers over every shard log until stopped.
+    """Runs handlers and process managers over every shard until stopped.
 
     `run` returns after a graceful shutdown: reading stops, in-flight handlers get
     `settings.shutdown_timeout` seconds, finished entries are acknowledged, and
-    unfinished ones are left for other workers to reclaim at once.
+    unfinished ones are left for other workers to take over at once.
     """
 
     def __init__(
         self,
         executor: Executor,
-        handlers: Sequence[EventHandler],
+        handlers: Sequence[EventHandler | ProcessManager[Any]],
         *,
         settings: WorkerSettings | None = None,
         name: str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.executor = executor
         self.handlers = list(handlers)
@@ -420,27 +520,40 @@ class Worker:
         self.name = name or consumer_name()
         self.started_at = time.time()
         store = executor.store
+        managers = [h for h in self.handlers if isinstance(h, ProcessManager)]
+        self.runner = ProcessRunner(executor, managers, clock=clock) if managers else None
+        sources: list[tuple[_Source, str, float]] = []
         for handler in self.handlers:
-            type(handler).validate()
-            store.registry.register(*handler.events, *handler.decodes)
+            if isinstance(handler, ProcessManager):
+                assert self.runner is not None
+                source: _Source = _ProcessSource(handler, self.runner)
+            else:
+                type(handler).validate()
+                store.registry.register(*handler.events, *handler.decodes)
+                source = _HandlerSource(handler, executor)
+            sources.append((source, "log", type(handler).claim_timeout))
+        if self.runner is not None:
+            timeout = min(type(m).claim_timeout for m in managers)
+            sources.append((_TimeoutSource(self.runner), "due", timeout))
         limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        ks = store.keyspace
         self.subscriptions = [
             _Subscription(
-                handler,
+                source,
                 GroupConsumer(
                     store.redis,
-                    store.keyspace,
+                    ks,
                     shard,
-                    handler.name,
+                    source.name,
                     self.name,
-                    claim_timeout_ms=max(1, int(type(handler).claim_timeout * 1000)),
+                    claim_timeout_ms=max(1, int(claim_timeout * 1000)),
+                    stream=ks.log(shard) if stream == "log" else ks.due_timeouts(shard),
                 ),
-                executor,
                 self.settings,
                 limiter,
             )
-            for handler in self.handlers
-            for shard in range(store.keyspace.shards)
+            for source, stream, claim_timeout in sources
+            for shard in range(ks.shards)
         ]
 
     async def run(self, stop: anyio.Event) -> None:
@@ -489,10 +602,8 @@ class Worker:
         retention_ms = int(self.settings.log_retention * 1000)
         while not stop.is_set():
             await anyio.sleep(self.settings.trim_interval)
-            for shard in range(store.keyspace.shards):
+            for key in {sub.consumer.log for sub in self.subscriptions}:
                 try:
-                    await script("trim_log")(
-                        store.redis, [store.keyspace.log(shard)], [retention_ms]
-                    )
+                    await script("trim_log")(store.redis, [key], [retention_ms])
                 except REDIS_DOWN as exc:
-                    log.warning("trimming shard %d failed: %s", shard, exc)
+                    log.warning("trimming %s failed: %s", key, exc)

@@ -1,5 +1,6 @@
 --[[
-  Commit one versioned multi-stream write, atomically.
+  Commit one versioned multi-stream write, atomically: events, and with them
+  the timeouts and process-index changes they imply.
 
   1. Check the expected version of every stream the command read, including
      streams it only read. On the first mismatch, return a conflict having
@@ -7,20 +8,31 @@
   2. Append each stream's new events with entry id <version>-0, and each event
      to the shard log in commit order (fields s = stream id, v = version,
      d = envelope).
+  3. Schedule and cancel timeouts (see includes/timeouts.lua).
+  4. Update process lifecycle indexes (see includes/process_index.lua).
 
   Input:
     KEYS[1]              shard log
     KEYS[2 .. n+1]       the n checked streams
+    then, if any timeout is scheduled or cancelled: the shard's timeouts
+                         sorted set, timeout data hash and wake stream
+    then, per index update: the process type's active set and stats hash
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
                          (-1 any, 0 no stream yet, N exact), count of new events
-    ARGV[3n+2 ..]        the envelopes of the new events, stream by stream
+    then                 the envelopes of the new events, stream by stream
+    then                 S, and S x (timeout id, due ms, payload) to schedule
+    then                 C, and C x timeout id to cancel
+    then                 I, and I x (transition, member, duration ms)
 
   Output:
     {0, v_1 .. v_n}      OK: the version of each checked stream after the write
     {-1, i, actual}      CONFLICT: checked stream i is at version `actual`
 ]]
 -- @include "stream_version"
+-- @include "now_ms"
+-- @include "timeouts"
+-- @include "process_index"
 
 local n = tonumber(ARGV[1])
 local versions = {}
@@ -34,7 +46,7 @@ for i = 1, n do
 end
 
 local log = KEYS[1]
-local next_arg = 3 * n + 2
+local arg = 3 * n + 2
 for i = 1, n do
   local stream_id = ARGV[3 * i - 1]
   local count = tonumber(ARGV[3 * i + 1])
@@ -42,12 +54,42 @@ for i = 1, n do
   local version = versions[i]
   for _ = 1, count do
     version = version + 1
-    local envelope = ARGV[next_arg]
-    next_arg = next_arg + 1
+    local envelope = ARGV[arg]
+    arg = arg + 1
     redis.call('XADD', key, version .. '-0', 'd', envelope)
     redis.call('XADD', log, '*', 's', stream_id, 'v', version, 'd', envelope)
   end
   versions[i] = version
+end
+
+local key = n + 2
+local schedules = tonumber(ARGV[arg] or 0)
+local cancels = tonumber(ARGV[arg + 1 + 3 * schedules] or 0)
+if schedules + cancels > 0 then
+  local zset, data, wake = KEYS[key], KEYS[key + 1], KEYS[key + 2]
+  key = key + 3
+  for _ = 1, schedules do
+    schedule_timeout(zset, data, wake, ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3])
+    arg = arg + 3
+  end
+  arg = arg + 1
+  for _ = 1, cancels do
+    cancel_timeout(zset, data, ARGV[arg + 1])
+    arg = arg + 1
+  end
+  arg = arg + 1
+else
+  arg = arg + 2
+end
+
+local updates = tonumber(ARGV[arg] or 0)
+if updates > 0 then
+  local now = now_ms()
+  for _ = 1, updates do
+    update_process_index(KEYS[key], KEYS[key + 1], ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], now)
+    key = key + 2
+    arg = arg + 3
+  end
 end
 
 return {0, unpack(versions)}

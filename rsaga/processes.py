@@ -1,0 +1,663 @@
+"""Process managers: stateful long-running processes that react to events and time.
+
+A process type names itself, maps incoming events to a process instance id
+(`correlate`), folds the events of its own stream into state (`apply`), and
+decides what to do on each trigger (`decide`): events on its own stream,
+commands to execute, timeouts to schedule or cancel, a retry, completion or
+failure. Process state lives only in its stream ``<type>-<id>``.
+
+One trigger is one *step*, run as a command through the executor:
+
+1. read the process stream and fold it (framework events into `ProcessInfo`,
+   the rest into the user's state);
+2. drop the trigger if the process is finished, or if it is a timeout whose
+   token is no longer the current one (the process moved on);
+3. decide, and commit atomically: the step's events (tagged with the step's
+   idempotency key), the timeouts it schedules or cancels, the lifecycle index,
+   and a `CommandsIssued` record of the commands it decided;
+4. execute those commands, each with its own idempotency key.
+
+A version conflict (an event and a timeout of one process at once) re-runs
+the step on fresh state, so a timeout that became stale is discarded. A
+redelivered trigger finds its key in the stream and only completes step 4,
+whose commands apply once. So every effect happens once over at-least-once
+delivery, whatever order triggers arrive in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import msgspec
+
+from rsaga.clock import Clock, SystemClock
+from rsaga.commands import Command, StreamId, WritePlan, Writes
+from rsaga.errors import DomainError, RsagaError, ValidationError
+from rsaga.events import EventRegistry, RecordedEvent, new_id
+from rsaga.executor import Executor
+from rsaga.keyspace import validate_stream_id
+from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.store import Effects, IndexUpdate, TimeoutWrite
+
+S = TypeVar("S")
+
+DEADLINE = "rsaga.deadline"
+"""Name of the timeout that enforces a process's `deadline`."""
+
+
+class UnknownProcessType(RsagaError):
+    """A timeout or command names a process type no installed manager has."""
+
+
+# --- events the framework writes on a process stream -------------------------------
+
+
+class ProcessStarted(msgspec.Struct, frozen=True, tag="rsaga.ProcessStarted"):
+    """The process exists."""
+
+    process_type: str
+    process_id: str
+    definition_version: int = 1
+    deadline_ms: int | None = None
+
+
+class TimeoutScheduled(msgspec.Struct, frozen=True, tag="rsaga.TimeoutScheduled"):
+    """A timeout named `name` is due at `due_ms`; only `token` may fire it."""
+
+    name: str
+    token: str
+    due_ms: int
+    attempt: int = 1
+
+
+class TimeoutCancelled(msgspec.Struct, frozen=True, tag="rsaga.TimeoutCancelled"):
+    """The pending timeout `name` will not fire."""
+
+    name: str
+    token: str
+
+
+class TimeoutFired(msgspec.Struct, frozen=True, tag="rsaga.TimeoutFired"):
+    """The timeout `name` fired and was applied."""
+
+    name: str
+    token: str
+    attempt: int
+    due_ms: int
+
+
+class IssuedCommand(msgspec.Struct, frozen=True, array_like=True):
+    """A command as recorded on the process stream: its type name and its msgpack."""
+
+    type: str
+    payload: msgspec.Raw
+
+
+class CommandsIssued(msgspec.Struct, frozen=True, tag="rsaga.CommandsIssued"):
+    """Commands the step decided; they are executed after the commit, once each."""
+
+    commands: list[IssuedCommand]
+
+
+class CommandRejected(msgspec.Struct, frozen=True, tag="rsaga.CommandRejected"):
+    """An issued command was refused with a domain error."""
+
+    command: str
+    reason: str
+
+
+class RetryScheduled(msgspec.Struct, frozen=True, tag="rsaga.RetryScheduled"):
+    """Step `step` will be retried at `retry_at_ms` (attempt `attempt`)."""
+
+    step: str
+    retry_at_ms: int
+    attempt: int
+
+
+class ProcessCompleted(msgspec.Struct, frozen=True, tag="rsaga.ProcessCompleted"):
+    """The process finished successfully."""
+
+
+class ProcessFailed(msgspec.Struct, frozen=True, tag="rsaga.ProcessFailed"):
+    """The process finished unsuccessfully."""
+
+    reason: str
+
+
+FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
+    ProcessStarted,
+    TimeoutScheduled,
+    TimeoutCancelled,
+    TimeoutFired,
+    CommandsIssued,
+    CommandRejected,
+    RetryScheduled,
+    ProcessCompleted,
+    ProcessFailed,
+)
+
+
+# --- triggers -------------------------------------------------------------------------
+
+
+class EventTrigger(msgspec.Struct, frozen=True):
+    """An event from another stream that correlated to this process."""
+
+    event: RecordedEvent
+
+
+class TimeoutTrigger(msgspec.Struct, frozen=True):
+    """A timeout of this process fell due (and is still current)."""
+
+    name: str
+    attempt: int
+    due_ms: int
+    token: str
+
+
+class StartTrigger(msgspec.Struct, frozen=True):
+    """An explicit start, with data from the caller."""
+
+    data: Any = None
+
+
+class AdvanceTrigger(msgspec.Struct, frozen=True):
+    """An explicit nudge from outside, with data from the caller."""
+
+    data: Any = None
+
+
+class RejectedTrigger(msgspec.Struct, frozen=True):
+    """A command this process issued was refused with a domain error."""
+
+    command: Command[Any]
+    reason: str
+
+
+Trigger = EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | RejectedTrigger
+
+
+# --- decisions --------------------------------------------------------------------------
+
+
+class Timeout(msgspec.Struct, frozen=True):
+    """A timeout to schedule `after` seconds from now (replacing one of the same name)."""
+
+    name: str
+    after: float
+    attempt: int = 1
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """What a process does about one trigger. Empty: nothing (the trigger is ignored)."""
+
+    events: Sequence[msgspec.Struct] = ()
+    """Events for the process's own stream."""
+    commands: Sequence[Command[Any]] = ()
+    """Commands to execute (after the step commits), each applied once."""
+    schedule: Sequence[Timeout] = ()
+    """Timeouts to schedule."""
+    cancel: Sequence[str] = ()
+    """Names of pending timeouts to cancel."""
+    retry: str | None = None
+    """A step to retry after the delay the process's retry policy gives; fails once spent."""
+    complete: bool = False
+    """Finish the process successfully (pending timeouts are cancelled)."""
+    fail: str | None = None
+    """Finish the process unsuccessfully with this reason."""
+
+    def is_empty(self) -> bool:
+        """True if the decision does nothing."""
+        return not (
+            self.events or self.commands or self.schedule or self.cancel or self.retry
+            or self.complete or self.fail
+        )
+
+
+Status = Literal["new", "active", "completed", "failed"]
+
+
+class ProcessInfo(msgspec.Struct):
+    """What the framework knows of a process, folded from its stream."""
+
+    process_type: str
+    process_id: str
+    stream_id: str
+    status: Status = "new"
+    started_at_ms: int = 0
+    now_ms: int = 0
+    """The deciding worker's clock: due times of new timeouts count from it."""
+    pending: dict[str, str] = msgspec.field(default_factory=dict)
+    """Pending timeouts: name -> token."""
+    retries: dict[str, int] = msgspec.field(default_factory=dict)
+    """Retries scheduled so far, per step."""
+    definition_version: int = 1
+
+    @property
+    def finished(self) -> bool:
+        """Completed or failed."""
+        return self.status in ("completed", "failed")
+
+
+# --- the process manager API -------------------------------------------------------------
+
+
+class ProcessManager(Generic[S]):
+    """Base class of process types over user state `S`.
+
+    Subclasses set `name` and `events` and define `correlate`, `initial_state`,
+    `apply` and `decide`.
+    """
+
+    name: ClassVar[str]
+    """Process type name: also its consumer group and its streams' prefix."""
+    events: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
+    """Event types from other streams that may trigger the process."""
+    state_events: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
+    """Event types the process writes on its own stream."""
+    commands: ClassVar[tuple[type[Command[Any]], ...]] = ()
+    """Command types the process issues (their names are stored)."""
+    decodes: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
+    """Further event types the commands it issues read."""
+    retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=1.0, cap=300.0, max_retries=5)
+    """Delays of `Decision.retry`; once spent, the process fails."""
+    deadline: ClassVar[float | None] = None
+    """Seconds from the start after which an unfinished process fails."""
+    version: ClassVar[int] = 1
+    """Definition version, stored when a process starts."""
+    handler_retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=0.1, cap=5.0, max_retries=4)
+    """Retries of a step that raised unexpectedly, before it goes to dead letters."""
+    claim_timeout: ClassVar[float] = 30.0
+    """Seconds a silent worker keeps its triggers before others take over."""
+
+    def correlate(self, event: RecordedEvent) -> str | None:
+        """The process instance id `event` belongs to, or None to ignore it."""
+        raise NotImplementedError
+
+    def initial_state(self) -> S:
+        """State of a process before any of its events."""
+        raise NotImplementedError
+
+    def apply(self, state: S, event: RecordedEvent) -> S:
+        """Fold one event of the process's own stream (framework events excluded)."""
+        return state
+
+    def decide(self, state: S, trigger: Trigger, process: ProcessInfo) -> Decision:
+        """What to do about `trigger`; a finished process is never asked."""
+        raise NotImplementedError
+
+    @classmethod
+    def stream_id(cls, process_id: str) -> str:
+        """The stream of process `process_id`."""
+        return validate_stream_id(f"{cls.name}-{process_id}")
+
+    @classmethod
+    def validate(cls) -> None:
+        """Raise `ValidationError` if the class is not a usable process type."""
+        from rsaga.handlers import check_name
+
+        check_name(cls)
+        if cls.deadline is not None and cls.deadline <= 0:
+            raise ValidationError(f"process {cls.name}: deadline must be > 0")
+
+
+class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
+    """A scheduled timeout as stored in Redis and delivered by the scheduler."""
+
+    process_type: str
+    process_id: str
+    name: str
+    token: str
+    attempt: int
+    due_ms: int
+
+
+_payload_encoder = msgspec.msgpack.Encoder()
+_payload_decoder = msgspec.msgpack.Decoder(TimeoutPayload)
+
+
+def decode_timeout(blob: bytes) -> TimeoutPayload:
+    """Decode a stored timeout payload (`msgspec.DecodeError` if corrupt)."""
+    return _payload_decoder.decode(blob)
+
+
+def timeout_id(stream_id: str, name: str) -> str:
+    """Id of the pending timeout `name` of the process with stream `stream_id`."""
+    return f"{stream_id}|{name}"
+
+
+class CommandRegistry:
+    """Maps command type names (their msgspec tag) to command types, to store and run them."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, type[Command[Any]]] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def register(self, *types: type[Command[Any]]) -> None:
+        """Register command types; a name taken by another type is an error."""
+        for cls in types:
+            if not (isinstance(cls, type) and issubclass(cls, Command)):
+                raise ValidationError(f"{cls!r} is not a Command subclass")
+            name = str(cls.__struct_config__.tag)
+            known = self._by_name.get(name)
+            if known is not None and known is not cls:
+                raise ValidationError(f"command name {name!r} is taken by {known.__qualname__}")
+            self._by_name[name] = cls
+
+    def encode(self, command: Command[Any]) -> IssuedCommand:
+        """The stored form of `command`; its type must be registered."""
+        name = str(type(command).__struct_config__.tag)
+        if self._by_name.get(name) is not type(command):
+            raise ValidationError(
+                f"command type {type(command).__qualname__} is not registered; "
+                "list it in the process manager's `commands`"
+            )
+        return IssuedCommand(name, msgspec.Raw(self._encoder.encode(command)))
+
+    def decode(self, issued: IssuedCommand) -> Command[Any]:
+        """The command a stored `IssuedCommand` describes."""
+        try:
+            cls = self._by_name[issued.type]
+        except KeyError:
+            raise UnknownCommandType(f"command type {issued.type!r} is not registered") from None
+        command: Command[Any] = msgspec.msgpack.decode(issued.payload, type=cls)
+        return command
+
+
+class UnknownCommandType(RsagaError):
+    """A stored command names a type no registry knows."""
+
+
+# --- running steps ------------------------------------------------------------------------
+
+
+class _Loaded(msgspec.Struct):
+    info: ProcessInfo
+    state: Any
+
+
+class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
+    """One trigger applied to one process (never stored: it holds live objects)."""
+
+    stream: StreamId
+    manager: Any
+    process_id: str
+    trigger: Any
+    now_ms: int
+    commands: Any
+
+    def initial_state(self) -> _Loaded:
+        manager: ProcessManager[Any] = self.manager
+        info = ProcessInfo(manager.name, self.process_id, self.stream, now_ms=self.now_ms)
+        return _Loaded(info, manager.initial_state())
+
+    def apply(self, state: _Loaded, event: RecordedEvent) -> _Loaded:
+        info = state.info
+        match event.data:
+            case ProcessStarted(definition_version=version):
+                info.status = "active"
+                info.started_at_ms = int(event.occurred_at.timestamp() * 1000)
+                info.definition_version = version
+            case TimeoutScheduled(name=name, token=token):
+                info.pending[name] = token
+            case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
+                if info.pending.get(name) == token:
+                    del info.pending[name]
+            case RetryScheduled(step=step, attempt=attempt):
+                info.retries[step] = attempt
+            case ProcessCompleted():
+                info.status = "completed"
+            case ProcessFailed():
+                info.status = "failed"
+            case CommandsIssued() | CommandRejected():
+                pass
+            case _:
+                state.state = self.manager.apply(state.state, event)
+        return state
+
+    def handle(self, state: _Loaded) -> Writes | WritePlan:
+        info, trigger = state.info, self.trigger
+        manager: ProcessManager[Any] = self.manager
+        if info.finished:
+            return {}
+        if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
+            return {}
+        plan = _Plan(manager, info, self.now_ms, self.commands)
+        if isinstance(trigger, TimeoutTrigger):
+            plan.fired(trigger)
+        if isinstance(trigger, RejectedTrigger):
+            name = str(type(trigger.command).__struct_config__.tag)
+            plan.events.append(CommandRejected(name, trigger.reason))
+        if isinstance(trigger, TimeoutTrigger) and trigger.name == DEADLINE:
+            decision = Decision(fail=f"deadline of {manager.deadline:g}s passed")
+        else:
+            decision = manager.decide(state.state, trigger, info)
+        if decision.is_empty() and not plan.events:
+            return {}
+        return plan.build(decision)
+
+
+class _Plan:
+    """Turns a decision into the events and effects of one atomic write."""
+
+    def __init__(
+        self, manager: ProcessManager[Any], info: ProcessInfo, now_ms: int, commands: Any
+    ) -> None:
+        self.manager = manager
+        self.info = info
+        self.now_ms = now_ms
+        self.registry: CommandRegistry = commands
+        self.events: list[msgspec.Struct] = []
+        self.schedule: dict[str, TimeoutWrite] = {}
+        self.cancel: list[str] = []
+        self.pending = dict(info.pending)
+
+    def fired(self, trigger: TimeoutTrigger) -> None:
+        self.events.append(
+            TimeoutFired(trigger.name, trigger.token, trigger.attempt, trigger.due_ms)
+        )
+        self.pending.pop(trigger.name, None)
+
+    def _schedule(self, name: str, due_ms: int, attempt: int) -> None:
+        token = new_id()
+        info = self.info
+        self.events.append(TimeoutScheduled(name, token, due_ms, attempt))
+        payload = TimeoutPayload(info.process_type, info.process_id, name, token, attempt, due_ms)
+        self.schedule[name] = TimeoutWrite(
+            timeout_id(info.stream_id, name), due_ms, _payload_encoder.encode(payload)
+        )
+        self.pending[name] = token
+
+    def _cancel(self, name: str) -> None:
+        token = self.pending.pop(name, None)
+        if token is not None:
+            self.events.append(TimeoutCancelled(name, token))
+            self.schedule.pop(name, None)
+            self.cancel.append(timeout_id(self.info.stream_id, name))
+
+    def build(self, decision: Decision) -> WritePlan:
+        info, manager = self.info, self.manager
+        transition = "progress"
+        if info.status == "new":
+            transition = "start"
+            deadline_ms = None
+            if manager.deadline is not None:
+                deadline_ms = self.now_ms + round(manager.deadline * 1000)
+            self.events.insert(
+                0, ProcessStarted(info.process_type, info.process_id, manager.version, deadline_ms)
+            )
+            if deadline_ms is not None:
+                self._schedule(DEADLINE, deadline_ms, 1)
+        self.events.extend(decision.events)
+        for name in decision.cancel:
+            self._cancel(name)
+        for timeout in decision.schedule:
+            due = self.now_ms + max(0, round(timeout.after * 1000))
+            self._schedule(timeout.name, due, timeout.attempt)
+        fail = decision.fail
+        if decision.retry is not None:
+            attempt = info.retries.get(decision.retry, 0) + 1
+            delay = manager.retry.delay(attempt)
+            if delay is None:
+                fail = fail or f"{decision.retry}: gave up after {attempt - 1} retries"
+            else:
+                retry_at = self.now_ms + round(delay * 1000)
+                self.events.append(RetryScheduled(decision.retry, retry_at, attempt))
+                self._schedule(decision.retry, retry_at, attempt)
+        if decision.commands:
+            self.events.append(
+                CommandsIssued([self.registry.encode(c) for c in decision.commands])
+            )
+        if fail is not None or decision.complete:
+            for name in list(self.pending):
+                self._cancel(name)
+            self.events.append(ProcessFailed(fail) if fail is not None else ProcessCompleted())
+            transition = "fail" if fail is not None else "complete"
+        started = info.started_at_ms or self.now_ms
+        index = IndexUpdate(
+            info.process_type,
+            info.stream_id,
+            transition,
+            max(0, self.now_ms - started) if transition in ("complete", "fail") else 0,
+        )
+        return WritePlan(
+            {info.stream_id: self.events},
+            Effects(schedule=list(self.schedule.values()), cancel=self.cancel, index=[index]),
+        )
+
+
+class ProcessRunner:
+    """Runs process steps: for events (through the worker), timeouts, and explicit calls."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        managers: Sequence[ProcessManager[Any]],
+        *,
+        clock: Clock | None = None,
+    ) -> None:
+        self.executor = executor
+        self.clock: Clock = clock or SystemClock()
+        self.managers = {m.name: m for m in managers}
+        self.commands = CommandRegistry()
+        registry: EventRegistry = executor.store.registry
+        registry.register(*FRAMEWORK_EVENTS)
+        for manager in managers:
+            type(manager).validate()
+            registry.register(*manager.events, *manager.state_events, *manager.decodes)
+            self.commands.register(*manager.commands)
+
+    def manager(self, process_type: str) -> ProcessManager[Any]:
+        """The installed manager of `process_type`; `UnknownProcessType` if none."""
+        try:
+            return self.managers[process_type]
+        except KeyError:
+            raise UnknownProcessType(
+                f"no process manager named {process_type!r} is installed here "
+                f"(installed: {', '.join(sorted(self.managers)) or 'none'})"
+            ) from None
+
+    async def on_event(self, manager: ProcessManager[Any], event: RecordedEvent) -> None:
+        """Apply `event` to the process it correlates to, if any."""
+        process_id = manager.correlate(event)
+        if process_id is None:
+            return
+        await self.step(
+            manager,
+            process_id,
+            EventTrigger(event),
+            key=f"{manager.name}:event:{event.event_id}",
+            correlation_id=event.correlation_id,
+            causation_id=event.event_id,
+        )
+
+    async def on_timeout(self, payload: TimeoutPayload) -> None:
+        """Apply a due timeout (discarded if its process moved on)."""
+        manager = self.manager(payload.process_type)
+        await self.step(
+            manager,
+            payload.process_id,
+            TimeoutTrigger(payload.name, payload.attempt, payload.due_ms, payload.token),
+            key=f"{manager.name}:timeout:{payload.token}",
+        )
+
+    async def start(self, process_type: str, process_id: str, data: Any = None) -> None:
+        """Start a process explicitly; starting the same id again does nothing more."""
+        manager = self.manager(process_type)
+        await self.step(
+            manager, process_id, StartTrigger(data), key=f"{process_type}:start:{process_id}"
+        )
+
+    async def advance(
+        self, process_type: str, process_id: str, data: Any = None, *, key: str | None = None
+    ) -> None:
+        """Nudge a process with `data`; a repeated `key` applies once."""
+        manager = self.manager(process_type)
+        await self.step(
+            manager,
+            process_id,
+            AdvanceTrigger(data),
+            key=key or f"{process_type}:advance:{new_id()}",
+        )
+
+    async def step(
+        self,
+        manager: ProcessManager[Any],
+        process_id: str,
+        trigger: Trigger,
+        *,
+        key: str,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> None:
+        """Run one step (see the module docstring), then the commands it issued."""
+        stream = StreamId(manager.stream_id(process_id))
+        step = _Step(
+            stream=stream,
+            manager=manager,
+            process_id=process_id,
+            trigger=trigger,
+            now_ms=self.clock.now_ms(),
+            commands=self.commands,
+        )
+        result = await self.executor.execute(
+            step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key
+        )
+        events = result.events
+        if result.duplicate:
+            events = [
+                e for e in (await self.executor.store.read(stream)).events if e.command_id == key
+            ]
+        correlation = events[0].correlation_id if events else correlation_id
+        for event in events:
+            if isinstance(event.data, CommandsIssued):
+                await self._run_commands(manager, process_id, event.data, key, correlation)
+
+    async def _run_commands(
+        self,
+        manager: ProcessManager[Any],
+        process_id: str,
+        issued: CommandsIssued,
+        key: str,
+        correlation_id: str | None,
+    ) -> None:
+        for n, stored in enumerate(issued.commands):
+            command = self.commands.decode(stored)
+            command_key = f"{key}:command:{n}"
+            try:
+                await self.executor.execute(
+                    command,
+                    correlation_id=correlation_id,
+                    causation_id=key,
+                    idempotency_key=command_key,
+                )
+            except DomainError as exc:
+                await self.step(
+                    manager,
+                    process_id,
+                    RejectedTrigger(command, str(exc)),
+                    key=f"{command_key}:rejected",
+                    correlation_id=correlation_id,
+                    causation_id=key,
+                )
