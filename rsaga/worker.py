@@ -25,17 +25,16 @@ from typing import Any, Protocol
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock
 from rsaga.config import WorkerSettings
 from rsaga.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
-from rsaga.errors import EventDecodeError, RedisUnavailable, UnknownEventType
+from rsaga.errors import EventDecodeError, UnknownEventType
 from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.health import REDIS_DOWN, keep_heartbeat, this_process
 from rsaga.processes import (
     ProcessManager,
     ProcessRunner,
@@ -51,19 +50,6 @@ log = logging.getLogger("rsaga.worker")
 
 TIMEOUTS_GROUP = "rsaga-timeouts"
 """Consumer group of the due-timeouts streams."""
-
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
-"""Errors that mean Redis is unreachable right now: wait and try again, never give up."""
-
-class Heartbeat(msgspec.Struct, frozen=True):
-    """What a live worker tells about itself in Redis."""
-
-    consumer: str
-    host: str
-    pid: int
-    handlers: list[str]
-    started_at: float
-    kind: str = "worker"
 
 
 def consumer_name() -> str:
@@ -563,39 +549,17 @@ class Worker:
             self.name, [h.name for h in self.handlers], self.settings.concurrency,
         )
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._heartbeat_loop, stop)
+            store = self.executor.store
+            beat = this_process(self.name, [h.name for h in self.handlers], "worker")
+            key = store.keyspace.heartbeat(self.name)
+            ttl = self.settings.heartbeat_ttl
+            tg.start_soon(keep_heartbeat, store.redis, key, beat, ttl, stop)
             tg.start_soon(self._trim_loop, stop)
             async with anyio.create_task_group() as subs:
                 for sub in self.subscriptions:
                     subs.start_soon(sub.run, stop)
             tg.cancel_scope.cancel()
-        shielded = anyio.CancelScope(shield=True)
-        with shielded, anyio.move_on_after(2), contextlib.suppress(*REDIS_DOWN):
-            await self.executor.store.redis.delete(self._heartbeat_key)
         log.info("worker %s stopped", self.name)
-
-    @property
-    def _heartbeat_key(self) -> str:
-        return self.executor.store.keyspace.heartbeat(self.name)
-
-    async def _heartbeat_loop(self, stop: anyio.Event) -> None:
-        beat = msgspec.json.encode(
-            Heartbeat(
-                consumer=self.name,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                handlers=[h.name for h in self.handlers],
-                started_at=self.started_at,
-            )
-        )
-        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
-        redis = self.executor.store.redis
-        while not stop.is_set():
-            try:
-                await redis.set(self._heartbeat_key, beat, px=ttl_ms)
-            except REDIS_DOWN as exc:
-                log.warning("heartbeat failed: %s", exc)
-            await anyio.sleep(self.settings.heartbeat_ttl / 3)
 
     async def _trim_loop(self, stop: anyio.Event) -> None:
         store = self.executor.store

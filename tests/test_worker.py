@@ -375,7 +375,7 @@ async def test_graceful_shutdown_finishes_in_flight_and_leaves_the_rest(
 
 
 async def test_heartbeat_describes_the_worker(redis: Redis, prefix: str) -> None:
-    from rsaga.worker import Heartbeat
+    from rsaga.health import Heartbeat
 
     store = make_store(redis, prefix)
     worker = Worker(Executor(store), [Recorder()], settings=FAST, name="hb-test")

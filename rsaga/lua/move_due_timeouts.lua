@@ -1,0 +1,33 @@
+--[[
+  Move the timeouts that are due from a shard's sorted set onto its due stream,
+  atomically: each one is either still scheduled or on the due stream, never
+  both and never neither, so a scheduler that dies between calls loses and
+  duplicates nothing, and any number of schedulers may run at once.
+
+  Input:
+    KEYS[1] timeouts sorted set   KEYS[2] timeout data hash   KEYS[3] due stream
+    ARGV[1] at most this many timeouts
+    ARGV[2] "now" in ms, or '' for the Redis server's clock (production)
+
+  Output:
+    {moved, next_due_ms, now_ms}   next_due_ms is -1 if nothing is scheduled
+]]
+-- @include "now_ms"
+-- @include "timeouts"
+
+local zset, data, due_stream = KEYS[1], KEYS[2], KEYS[3]
+local now = ARGV[2] ~= '' and tonumber(ARGV[2]) or now_ms()
+local due = redis.call('ZRANGEBYSCORE', zset, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
+local moved = 0
+for i = 1, #due, 2 do
+  local id, due_ms = due[i], due[i + 1]
+  local payload = redis.call('HGET', data, id)
+  if payload then
+    local stream_id = string.match(id, '^(.*)|[^|]*$') or id
+    redis.call('XADD', due_stream, '*', 's', stream_id, 't', id, 'p', payload, 'due', due_ms)
+    moved = moved + 1
+  end
+  cancel_timeout(zset, data, id)
+end
+local head = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+return {moved, #head == 0 and -1 or tonumber(head[2]), now}
