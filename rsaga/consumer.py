@@ -132,6 +132,23 @@ class GroupConsumer:
         dead_id: bytes = await script("dead_letter")(self.redis, keys, args)
         return dead_id.decode()
 
+    async def caught_up(self) -> bool:
+        """Whether the group has read the whole stream and nothing is pending."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_groups(self.log)
+            pipe.xrevrange(self.log, count=1)
+            try:
+                groups, last = await pipe.execute()
+            except ResponseError:
+                return False
+        if not last:
+            return True
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            if name == self.group:
+                return bool(group["pending"] == 0 and group["last-delivered-id"] == last[0][0])
+        return False
+
     async def take_over_dead(self) -> tuple[list[RawEntry], list[str]]:
         """Take over consumers silent for longer than the claim timeout.
 

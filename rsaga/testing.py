@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,12 +23,18 @@ from typing import Any
 from redis.asyncio import Redis
 
 from rsaga.clock import Clock, ManualClock
+from rsaga.config import WorkerSettings
 from rsaga.connection import embedded
 from rsaga.events import EventRegistry
+from rsaga.executor import Executor
+from rsaga.handlers import EventHandler
 from rsaga.keyspace import Keyspace
+from rsaga.processes import ProcessManager, ProcessRunner
+from rsaga.scheduler import Scheduler
 from rsaga.store import EventStore
+from rsaga.worker import Worker
 
-__all__ = ["ManualClock", "RedisServer", "fake_redis", "fake_store", "free_port"]
+__all__ = ["Driver", "ManualClock", "RedisServer", "fake_redis", "fake_store", "free_port"]
 
 
 def fake_redis() -> Redis:
@@ -53,6 +59,63 @@ def fake_store(
         clock=clock,
         **options,
     )
+
+
+class Driver:
+    """Drives handlers, process managers and the scheduler in-process until nothing is left.
+
+    Time is a `ManualClock` shared by the store, the worker and the scheduler,
+    so tests of timeouts, retries and deadlines run in milliseconds:
+
+        driver = Driver(store, [OrderFulfilment()])
+        await store.append("order-1", [OrderPlaced("1", 100)])
+        await driver.run_until_idle()
+        await driver.advance(30)   # the payment wait times out; the retry is scheduled
+    """
+
+    def __init__(
+        self,
+        store: EventStore,
+        handlers: Sequence[EventHandler | ProcessManager[Any]],
+        *,
+        clock: ManualClock | None = None,
+        settings: WorkerSettings | None = None,
+    ) -> None:
+        self.clock = clock or ManualClock()
+        store.clock = self.clock
+        self.store = store
+        self.executor = Executor(store)
+        self.worker = Worker(
+            self.executor,
+            handlers,
+            settings=settings or WorkerSettings(block_ms=100, shutdown_timeout=5),
+            name="driver",
+            clock=self.clock,
+        )
+        self.scheduler = Scheduler(store.redis, store.keyspace, clock=self.clock)
+
+    @property
+    def processes(self) -> ProcessRunner:
+        """The process runner, for explicit `start` and `advance` calls."""
+        if self.worker.runner is None:
+            raise ValueError("no process managers were given to the Driver")
+        return self.worker.runner
+
+    async def run_until_idle(self, max_rounds: int = 1000) -> None:
+        """Handle everything, fire every timeout due by the clock, until nothing is left."""
+        for _ in range(max_rounds):
+            await self.worker.run_until_idle()
+            moved = 0
+            for shard in range(self.store.keyspace.shards):
+                moved += await self.scheduler.drain(shard)
+            if not moved:
+                return
+        raise RuntimeError(f"still busy after {max_rounds} rounds (a timeout loop?)")
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock forward and run until idle."""
+        self.clock.advance(seconds)
+        await self.run_until_idle()
 
 
 def free_port() -> int:

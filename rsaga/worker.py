@@ -232,6 +232,7 @@ class _Subscription:
         self._ack_wanted = anyio.Event()
         self._space = anyio.Event()
         self._stopping = False
+        self._read_nothing = False
         self._gate = _Gate()
         self._work: TaskGroup | None = None
 
@@ -241,8 +242,19 @@ class _Subscription:
 
     # --- lifecycle ----------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in hand, nothing to acknowledge, and the last read found nothing new."""
+        return self._read_nothing and not self._known and not self._to_ack
+
+    async def caught_up(self) -> bool:
+        """The group has read its whole stream and acknowledged everything (from Redis)."""
+        return await self.consumer.caught_up()
+
     async def run(self, stop: anyio.Event) -> None:
         """Consume until `stop` is set, then shut down gracefully."""
+        self._stopping = False
+        self._read_nothing = False
         await self._retrying("creating group", self._ensure_group)
         async with anyio.create_task_group() as work:
             self._work = work
@@ -307,6 +319,7 @@ class _Subscription:
                 return result.last_id
 
             last_id = await self._retrying("reading", read_and_dispatch)
+            self._read_nothing = bool(last_id)
             if last_id:
                 await self._retrying(
                     "waiting", self.consumer.wait_for_entries, last_id, self.settings.block_ms
@@ -560,6 +573,26 @@ class Worker:
                     subs.start_soon(sub.run, stop)
             tg.cancel_scope.cancel()
         log.info("worker %s stopped", self.name)
+
+    async def run_until_idle(self, *, poll: float = 0.005) -> None:
+        """Handle everything there is to handle, then stop (burst mode: tests, batch jobs).
+
+        Idle means every subscription is idle in memory and, in Redis, has read its
+        whole stream and acknowledged everything, twice in a row.
+        """
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.run, stop)
+            quiet = 0
+            while quiet < 2:
+                await anyio.sleep(poll)
+                if all(sub.idle for sub in self.subscriptions) and all(
+                    [await sub.caught_up() for sub in self.subscriptions]
+                ):
+                    quiet += 1
+                else:
+                    quiet = 0
+            stop.set()
 
     async def _trim_loop(self, stop: anyio.Event) -> None:
         store = self.executor.store
