@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 from rsaga.keyspace import Keyspace
@@ -36,9 +36,14 @@ class RawEntry(msgspec.Struct, frozen=True):
     def stream_id(self) -> str:
         """The ``s`` field as text, or '' if missing or not UTF-8."""
         try:
-            return self.fields.get(b"s", b"").decode()
+            return self.raw_stream_id.decode()
         except UnicodeDecodeError:
             return ""
+
+    @property
+    def raw_stream_id(self) -> bytes:
+        """The ``s`` field exactly as stored (what the scripts count by), or b''."""
+        return self.fields.get(b"s", b"")
 
 
 def _entries(reply: Sequence[Any]) -> list[RawEntry]:
@@ -90,6 +95,7 @@ class GroupConsumer:
         self.handoffs = keyspace.handoffs(shard, group)
         self.alive = keyspace.consumers_alive(shard, group)
         self.dead_letters = keyspace.dead_letters(shard)
+        self._waiter: Redis | None = None
         self._state_keys = [self.log, self.owners, self.counts, self.handoffs, self.alive]
 
     async def ensure_group(self, start: str = START_FROM_BEGINNING) -> bool:
@@ -110,22 +116,57 @@ class GroupConsumer:
         return ReadResult(_with_deliveries(found, deliveries), last_id.decode())
 
     async def wait_for_entries(self, after: str, block_ms: int) -> None:
-        """Block until the log has an entry after `after`, or `block_ms` passes."""
-        await self.redis.xread({self.log: after}, count=1, block=block_ms)
+        """Block until the log has an entry after `after`, or `block_ms` passes.
 
-    async def ack(self, entries: Sequence[RawEntry]) -> tuple[int, list[RawEntry]]:
-        """Acknowledge `entries`; returns how many were still pending and new handoffs."""
-        args: list[EncodableArg] = [self.group, self.name]
+        Uses a connection of its own, so idle waits never starve the shared pool.
+        """
+        if self._waiter is None:
+            pool = self.redis.connection_pool
+            self._waiter = Redis(
+                connection_pool=ConnectionPool(
+                    connection_class=pool.connection_class,
+                    max_connections=2,
+                    **pool.connection_kwargs,
+                )
+            )
+        await self._waiter.xread({self.log: after}, count=1, block=block_ms)
+
+    async def close(self) -> None:
+        """Close the waiting connection, if any."""
+        if self._waiter is not None:
+            await self._waiter.aclose()
+            self._waiter = None
+
+    async def pending_here(self, after: str, count: int) -> list[RawEntry]:
+        """Entries pending on this consumer after `after`, in log order (with fields)."""
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.name, {self.log: after}, count=count
+        )
+        if not reply:
+            return []
+        _, found = reply[0] if isinstance(reply, list) else next(iter(reply.items()))
+        return [RawEntry(i.decode(), f) for i, f in found if f]
+
+    async def ack(
+        self, entries: Sequence[RawEntry], handoff_limit: int = 100
+    ) -> tuple[int, list[RawEntry]]:
+        """Acknowledge `entries` (if still ours); returns how many, and new handoffs."""
+        args: list[EncodableArg] = [self.group, self.name, handoff_limit]
         for entry in entries:
-            args += [entry.log_id, entry.stream_id]
+            args += [entry.log_id, entry.raw_stream_id]
         acked, handed = await script("ack_batch")(self.redis, self._state_keys[:4], args)
         return int(acked), _entries(handed)
 
     async def dead_letter(
         self, entry: RawEntry, fields: dict[str, EncodableArg], max_len: int
     ) -> str:
-        """Record `entry` as a dead letter and acknowledge it, atomically."""
-        args: list[EncodableArg] = [self.group, entry.log_id, entry.stream_id, max_len]
+        """Record `entry` as a dead letter and acknowledge it, atomically.
+
+        Returns the dead letter's id, or '' if another consumer has taken the entry
+        over (then it is theirs to finish)."""
+        args: list[EncodableArg] = [
+            self.group, self.name, entry.log_id, entry.raw_stream_id, max_len
+        ]
         for key, value in fields.items():
             args += [key, value]
         keys = [self.log, self.owners, self.counts, self.dead_letters]

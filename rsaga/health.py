@@ -15,6 +15,7 @@ import time
 import anyio
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,6 +25,20 @@ log = logging.getLogger("rsaga.health")
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
 """Errors that mean Redis is unreachable right now: wait and try again, never give up."""
+
+_TRANSIENT_ERRORS = (ReadOnlyError, BusyLoadingError, OutOfMemoryError)
+_TRANSIENT_PREFIXES = (
+    "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED",
+    "OOM", "NOREPLICAS",
+)
+
+
+def redis_down(exc: BaseException) -> bool:
+    """Whether `exc` means Redis cannot serve us right now (unreachable, loading, read-only
+    after a failover, out of memory, busy...): wait and retry; it is nobody's fault."""
+    if isinstance(exc, (*REDIS_DOWN, *_TRANSIENT_ERRORS)):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -58,7 +73,9 @@ async def keep_heartbeat(
         while not stop.is_set():
             try:
                 await redis.set(key, blob, px=int(ttl * 1000))
-            except REDIS_DOWN as exc:
+            except Exception as exc:
+                if not redis_down(exc):
+                    raise
                 log.warning("heartbeat failed: %s", exc)
             with anyio.move_on_after(ttl / 3):
                 await stop.wait()

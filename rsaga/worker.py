@@ -34,7 +34,7 @@ from rsaga.errors import EventDecodeError, UnknownEventType
 from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
-from rsaga.health import REDIS_DOWN, keep_heartbeat, this_process
+from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.processes import (
     ProcessManager,
     ProcessRunner,
@@ -112,6 +112,28 @@ class _Gate:
                 async with self._condition:
                     self._exclusive = False
                     self._condition.notify_all()
+
+
+class _Isolation:
+    """One per worker: lets an entry that went through a crash run alone in the process.
+
+    While it runs, every group of the process has its earlier work acknowledged
+    and names what runs alone (the entry in its own group, "-" in the others),
+    so if the process dies now, a take-over blames that entry and nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.gate = _Gate()
+        self.subscriptions: list[_Subscription] = []
+
+    async def mark(self, running: _Subscription | None, log_id: str) -> None:
+        for sub in self.subscriptions:
+            value = None if running is None else (log_id if sub is running else "-")
+            await sub.deliver("marking", sub.consumer.mark_running_alone, value)
+
+    async def flush_all(self) -> None:
+        for sub in self.subscriptions:
+            await sub.deliver("acknowledging", sub.flush_acks)
 
 
 class _Source(Protocol):
@@ -220,11 +242,14 @@ class _Subscription:
         consumer: GroupConsumer,
         settings: WorkerSettings,
         limiter: anyio.CapacityLimiter,
+        isolation: _Isolation,
     ) -> None:
         self.source = source
         self.consumer = consumer
         self.settings = settings
         self.limiter = limiter
+        self.isolation = isolation
+        isolation.subscriptions.append(self)
         self._delivery_lock = anyio.Lock()
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
@@ -233,7 +258,6 @@ class _Subscription:
         self._space = anyio.Event()
         self._stopping = False
         self._read_nothing = False
-        self._gate = _Gate()
         self._work: TaskGroup | None = None
 
     @property
@@ -256,8 +280,12 @@ class _Subscription:
         self._stopping = False
         self._read_nothing = False
         await self._retrying("creating group", self._ensure_group)
+        self._work = None
         async with anyio.create_task_group() as work:
             self._work = work
+            # Entries already pending on this consumer (a restart under the same
+            # name, or replies lost before a crash of ours) come first.
+            await self.deliver("resyncing", self._resync)
             async with anyio.create_task_group() as io:
                 io.start_soon(self._read_loop)
                 io.start_soon(self._ack_loop)
@@ -270,32 +298,72 @@ class _Subscription:
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await self._flush_acks(dispatch=False)
-            await self.consumer.keep_alive(leaving=True)
+            try:
+                async with self._delivery_lock:
+                    await self.flush_acks(dispatch=False)
+                await self.consumer.keep_alive(leaving=True)
+            except Exception as exc:
+                if not redis_down(exc):
+                    raise
+                log.warning("%s: could not say goodbye to Redis: %s", self.name, exc)
             if self._known:
                 log.info("%s: left %d unfinished entries for others", self.name, len(self._known))
+            await self.consumer.close()
 
     async def _ensure_group(self) -> None:
         start = START_FROM_BEGINNING if self.settings.start == "beginning" else START_FROM_NEW
         await self.consumer.ensure_group(start)
 
     async def _retrying(
-        self, what: str, call: Callable[..., Awaitable[Any]], *args: Any
+        self, what: str, call: Callable[..., Awaitable[Any]], *args: Any, resync: bool = False
     ) -> Any:
-        """`await call(*args)`, waiting out Redis outages and recreating a lost group."""
+        """`await call(*args)`, waiting out Redis outages and recreating a lost group.
+
+        With `resync`, a failed attempt is followed by `_resync` before the next:
+        the failed call may have changed the group's state in Redis even though
+        its reply was lost.
+        """
         backoff = _Backoff()
+        failed = False
         while True:
             try:
-                result = await call(*args)
-            except REDIS_DOWN as exc:
-                await backoff.wait(f"{self.name} {what}", exc)
+                if failed and resync:
+                    await self._resync()
+                return await call(*args)
             except ResponseError as exc:
+                if redis_down(exc):
+                    failed = True
+                    await backoff.wait(f"{self.name} {what}", exc)
+                    continue
                 if "NOGROUP" not in str(exc):
                     raise
                 log.warning("%s: consumer group vanished (Redis restarted?); recreating", self.name)
+                failed = True
                 await self._ensure_group()
-            else:
-                return result
+            except Exception as exc:
+                if not redis_down(exc):
+                    raise
+                failed = True
+                await backoff.wait(f"{self.name} {what}", exc)
+
+    async def deliver(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run a call that hands entries to this consumer, under the delivery lock.
+
+        The lock keeps the order of delivered entries; on failure the call is
+        retried after a resync, so no entry stays pending here unknown to us.
+        """
+        async with self._delivery_lock:
+            return await self._retrying(what, call, *args, resync=True)
+
+    async def _resync(self) -> None:
+        """Pick up every entry pending on this consumer that we do not hold, in log order."""
+        after = "0-0"
+        while True:
+            entries = await self.consumer.pending_here(after, 500)
+            self._dispatch(entries)
+            if len(entries) < 500:
+                return
+            after = entries[-1].log_id
 
     # --- reading and dispatching ----------------------------------------------------
 
@@ -313,12 +381,11 @@ class _Subscription:
             count = min(self.settings.batch_size, self._capacity() - self._buffered())
 
             async def read_and_dispatch(count: int = count) -> str:
-                async with self._delivery_lock:
-                    result = await self.consumer.read(count)
-                    self._dispatch(result.entries)
+                result = await self.consumer.read(count)
+                self._dispatch(result.entries)
                 return result.last_id
 
-            last_id = await self._retrying("reading", read_and_dispatch)
+            last_id = await self.deliver("reading", read_and_dispatch)
             self._read_nothing = bool(last_id)
             if last_id:
                 await self._retrying(
@@ -342,34 +409,40 @@ class _Subscription:
     async def _drain(self, key: str, queue: deque[RawEntry]) -> None:
         try:
             while queue and not self._stopping:
-                async with self.limiter:
-                    await self._run(queue[0])
+                if not await self._run(queue[0]):
+                    return
                 queue.popleft()
         finally:
             if self._queues.get(key) is queue:
                 del self._queues[key]
 
-    async def _run(self, entry: RawEntry) -> None:
+    async def _run(self, entry: RawEntry) -> bool:
         """Run one entry: with others normally, alone if it was held by a consumer that died.
 
         Running a suspect alone, with everything before it acknowledged and its id
         recorded, lets the next take-over blame only the entry that crashed the
         worker, so a poison entry reaches dead letters without taking innocent
-        entries with it.
+        entries with it. Returns False if the worker is stopping and it did not run.
         """
+        isolation = self.isolation
         if entry.deliveries <= 1:
-            async with self._gate.shared():
+            async with isolation.gate.shared(), self.limiter:
+                if self._stopping:
+                    return False
                 if await self._process(entry):
                     self._to_ack.append(entry)
                     self._ack_wanted.set()
-            return
-        async with self._gate.exclusive():
-            await self._retrying("acknowledging", self._flush_acks)
-            await self._retrying("marking", self.consumer.mark_running_alone, entry.log_id)
+            return True
+        async with isolation.gate.exclusive(), self.limiter:
+            if self._stopping:
+                return False
+            await isolation.flush_all()
+            await isolation.mark(self, entry.log_id)
             if await self._process(entry):
                 self._to_ack.append(entry)
-                await self._retrying("acknowledging", self._flush_acks)
-            await self._retrying("marking", self.consumer.mark_running_alone, None)
+                await self.deliver("acknowledging", self.flush_acks)
+            await isolation.mark(None, "")
+        return True
 
     def _finished(self, entries: Sequence[RawEntry]) -> None:
         for entry in entries:
@@ -400,14 +473,14 @@ class _Subscription:
             attempt += 1
             try:
                 await self.source.handle(item, entry, attempt)
-            except REDIS_DOWN as exc:
-                attempt -= 1
-                await backoff.wait(f"{self.name} handling {entry.log_id}", exc)
-                continue
             except UNDELIVERABLE as exc:
                 await self._dead_letter(entry, exc, attempt, traceback.format_exc(limit=8))
                 return False
             except Exception as exc:
+                if redis_down(exc):
+                    attempt -= 1
+                    await backoff.wait(f"{self.name} handling {entry.log_id}", exc)
+                    continue
                 delay = self.source.retry.delay(attempt)
                 if self._stopping:
                     return False
@@ -443,10 +516,12 @@ class _Subscription:
             "%s: %s dead-lettered after %d attempts: %s: %s",
             self.name, entry.log_id, attempts, type(exc).__name__, exc,
         )
-        await self._retrying(
+        dead_id = await self._retrying(
             "dead-lettering",
             self.consumer.dead_letter, entry, fields, self.settings.dead_letter_max_len,
         )
+        if not dead_id:
+            log.warning("%s: %s was taken over; not dead-lettered", self.name, entry.log_id)
         self._finished([entry])
 
     # --- acknowledging, reclaiming, keeping claims fresh -----------------------------
@@ -455,39 +530,39 @@ class _Subscription:
         while True:
             await self._ack_wanted.wait()
             self._ack_wanted = anyio.Event()
-            await self._retrying("acknowledging", self._flush_acks)
+            await self.deliver("acknowledging", self.flush_acks)
 
-    async def _flush_acks(self, dispatch: bool = True) -> None:
+    async def flush_acks(self, dispatch: bool = True) -> None:
+        """Acknowledge what finished; dispatch the entries handed to us meanwhile.
+
+        Call with the delivery lock held (`deliver` does).
+        """
         if not self._to_ack and not dispatch:
             return
-        async with self._delivery_lock:
-            batch, self._to_ack = self._to_ack, []
-            try:
-                _, handed = await self.consumer.ack(batch)
-            except BaseException:
-                self._to_ack[:0] = batch
-                raise
-            self._finished(batch)
-            if dispatch:
-                self._dispatch(handed)
-            else:
-                self._known.update(e.log_id for e in handed)
+        batch, self._to_ack = self._to_ack, []
+        room = max(1, self._capacity() - self._buffered()) if dispatch else 0
+        try:
+            _, handed = await self.consumer.ack(batch, room)
+        except BaseException:
+            self._to_ack[:0] = batch
+            raise
+        self._finished(batch)
+        self._dispatch(handed)
 
     async def _claim_loop(self) -> None:
         interval = max(0.05, self.consumer.claim_timeout_ms / 2000)
         while True:
             await anyio.sleep(interval)
-            await self._retrying("taking over dead consumers", self._take_over_dead)
+            await self.deliver("taking over dead consumers", self._take_over_dead)
 
     async def _take_over_dead(self) -> None:
-        async with self._delivery_lock:
-            entries, dead = await self.consumer.take_over_dead()
-            if dead:
-                log.warning(
-                    "%s: took over %d entries of dead consumers %s",
-                    self.name, len(entries), ", ".join(dead),
-                )
-            self._dispatch(entries)
+        entries, dead = await self.consumer.take_over_dead()
+        if dead:
+            log.warning(
+                "%s: took over %d entries of dead consumers %s",
+                self.name, len(entries), ", ".join(dead),
+            )
+        self._dispatch(entries)
 
     async def _keep_alive_loop(self) -> None:
         interval = max(0.05, self.consumer.claim_timeout_ms / 3000)
@@ -535,6 +610,7 @@ class Worker:
             timeout = min(type(m).claim_timeout for m in managers)
             sources.append((_TimeoutSource(self.runner), "due", timeout))
         limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        isolation = _Isolation()
         ks = store.keyspace
         self.subscriptions = [
             _Subscription(
@@ -550,6 +626,7 @@ class Worker:
                 ),
                 self.settings,
                 limiter,
+                isolation,
             )
             for source, stream, claim_timeout in sources
             for shard in range(ks.shards)
@@ -602,5 +679,7 @@ class Worker:
             for key in {sub.consumer.log for sub in self.subscriptions}:
                 try:
                     await script("trim_log")(store.redis, [key], [retention_ms])
-                except REDIS_DOWN as exc:
+                except Exception as exc:
+                    if not redis_down(exc):
+                        raise
                     log.warning("trimming %s failed: %s", key, exc)

@@ -60,7 +60,9 @@ async def settled(redis: Redis, store: EventStore) -> bool:
     log_key = store.keyspace.log(0)
     last = (await redis.xrevrange(log_key, count=1))[0][0]
     groups = await redis.xinfo_groups(log_key)
-    return all(g["pending"] == 0 and g["last-delivered-id"] == last for g in groups)
+    return bool(groups) and all(
+        g["pending"] == 0 and g["last-delivered-id"] == last for g in groups
+    )
 
 
 async def seen_versions(store: EventStore, stream_id: str) -> list[int]:
@@ -473,3 +475,96 @@ async def test_commands_of_a_retried_handler_apply_once(redis: Redis, prefix: st
     notes = (await store.read("notes-x")).events
     assert len(notes) == 2  # two distinct commands, each applied once
     assert len({e.command_id for e in notes}) == 2
+
+
+async def test_a_graceful_leave_blames_nothing(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    await store.append("g", [Ping(), Ping()])
+    leaver = GroupConsumer(redis, store.keyspace, 0, "grp", "leaver", claim_timeout_ms=60_000)
+    await leaver.ensure_group()
+    assert len((await leaver.read(10)).entries) == 2
+    await leaver.keep_alive(leaving=True)
+    taker = GroupConsumer(redis, store.keyspace, 0, "grp", "taker", claim_timeout_ms=60_000)
+    taken, dead = await taker.take_over_dead()
+    assert dead == ["leaver"]
+    assert [e.deliveries for e in taken] == [1, 1]  # a graceful stop is no crash
+
+
+async def test_a_stream_field_that_is_not_text_does_not_pin_anything(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    log_key = store.keyspace.log(0)
+    await redis.xadd(log_key, {b"s": b"\xff\xfe", b"v": b"1", b"d": b"x"})
+    await redis.xadd(log_key, {b"s": b"", b"v": b"1", b"d": b"x"})
+    await run_workers(
+        [Worker(Executor(store), [Recorder()], settings=FAST)], lambda: settled(redis, store)
+    )
+    assert await DeadLetters(redis, store.keyspace).count() == 2
+    assert await redis.hgetall(store.keyspace.in_flight(0, Recorder.name)) == {}
+    assert await redis.hgetall(store.keyspace.stream_owners(0, Recorder.name)) == {}
+
+
+async def test_a_late_ack_from_a_consumer_taken_over_changes_nothing(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    await store.append("z", [Ping()])
+    zombie = GroupConsumer(redis, store.keyspace, 0, "grp", "zombie", claim_timeout_ms=1)
+    await zombie.ensure_group()
+    [entry] = (await zombie.read(10)).entries
+    await anyio.sleep(0.01)
+    heir = GroupConsumer(redis, store.keyspace, 0, "grp", "heir", claim_timeout_ms=1)
+    taken, _ = await heir.take_over_dead()
+    assert [e.log_id for e in taken] == [entry.log_id]
+    acked, _ = await zombie.ack([entry])
+    assert acked == 0
+    pending = await redis.xpending_range(store.keyspace.log(0), "grp", "-", "+", 10)
+    assert [p["consumer"] for p in pending] == [b"heir"]
+    assert await redis.hget(store.keyspace.in_flight(0, "grp"), "z") == b"1"
+    assert await redis.hget(store.keyspace.stream_owners(0, "grp"), "z") == b"heir"
+
+
+async def test_a_read_that_handed_everything_away_does_not_wait(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    await store.append("h", [Ping()])
+    owner = GroupConsumer(redis, store.keyspace, 0, "grp", "owner")
+    await owner.ensure_group()
+    await owner.read(10)
+    await store.append("h", [Ping()])
+    reader = GroupConsumer(redis, store.keyspace, 0, "grp", "reader")
+    result = await reader.read(10)
+    assert result.entries == []
+    assert result.last_id == ""  # it read something: more may be waiting, so no blocking
+
+
+async def test_entries_already_pending_on_the_consumer_are_picked_up_at_start(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    await store.append("r", [Ping(), Ping()])
+    earlier = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "same-name")
+    await earlier.ensure_group()
+    assert len((await earlier.read(10)).entries) == 2  # then the process died
+    worker = Worker(Executor(store), [Recorder()], settings=FAST, name="same-name")
+
+    async def done() -> bool:
+        return await seen_versions(store, "r") == [1, 2] and await settled(redis, store)
+
+    await run_workers([worker], done)
+
+
+async def test_handed_entries_beyond_a_batch_are_not_overtaken(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    owner = GroupConsumer(redis, store.keyspace, 0, "grp", "owner")
+    other = GroupConsumer(redis, store.keyspace, 0, "grp", "other")
+    await owner.ensure_group()
+    await store.append("s", [Ping(n=1)])
+    assert len((await owner.read(1)).entries) == 1
+    await store.append("s", [Ping(n=n) for n in range(2, 7)])
+    assert (await other.read(10)).entries == []  # all five handed to the owner
+    await store.append("s", [Ping(n=7)])
+    seen = []
+    for _ in range(3):
+        seen.append([int(e.fields[b"v"]) for e in (await owner.read(2)).entries])
+    assert seen == [[2, 3], [4, 5], [6, 7]]

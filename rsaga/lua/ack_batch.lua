@@ -1,24 +1,26 @@
 --[[
   Acknowledge a batch of log entries for one consumer of a group, releasing its
-  hold on each stream whose last in-flight entry this was, and take the entries
-  other consumers handed to it meanwhile.
+  hold on each stream whose last in-flight entry this was, and take (up to a
+  limit) the entries other consumers handed to it meanwhile. Entries another
+  consumer has taken over are not acknowledged (see release_entry).
 
   Input:
     KEYS[1] shard log   KEYS[2] owners   KEYS[3] in-flight counts   KEYS[4] handoffs
-    ARGV[1] group   ARGV[2] consumer
-    ARGV[3 ..] pairs: entry id, stream id ('' for an entry without one)
+    ARGV[1] group   ARGV[2] consumer   ARGV[3] most handed entries to take
+    ARGV[4 ..] pairs: entry id, stream id ('' for an entry without one)
 
   Output:
-    {acknowledged, handed}   the number of entries that were still pending, and
+    {acknowledged, handed}   the number of entries this call acknowledged, and
                              the handed entries as {id, fields} in log order.
 ]]
 -- @include "release_entry"
 -- @include "pop_handoffs"
 
 local log, owners, counts, handoffs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group = ARGV[1]
+local group, me = ARGV[1], ARGV[2]
 local acknowledged = 0
-for i = 3, #ARGV, 2 do
-  acknowledged = acknowledged + release_entry(log, owners, counts, group, ARGV[i], ARGV[i + 1])
+for i = 4, #ARGV, 2 do
+  acknowledged = acknowledged + release_entry(log, owners, counts, group, me, ARGV[i], ARGV[i + 1])
 end
-return {acknowledged, pop_handoffs(log, handoffs, group, ARGV[2])}
+local handed = pop_handoffs(log, handoffs, group, me, tonumber(ARGV[3]))
+return {acknowledged, handed}

@@ -3,16 +3,17 @@
   stream's entries with one consumer at a time (per-stream order across
   processes: a consumer group alone spreads entries with no regard to stream).
 
-  1. Note that this consumer is alive, and take the entries other consumers
-     handed to it.
+  1. Note that this consumer is alive, and take (up to `count`) the entries
+     other consumers handed to it; if more remain, stop here (newer entries
+     must not overtake them).
   2. XREADGROUP up to `count` new entries. For each entry of stream S:
      - if a live consumer owns S (it holds in-flight entries of S), hand the
        entry to that owner: XCLAIM it over and note it in the owner's handoffs;
      - if a dead consumer owns S, take over everything it holds first;
      - then this consumer owns S, and the entry is returned.
      Each entry counts towards its stream's in-flight count until acknowledged.
-  3. With nothing to return, return the log's last entry id, so the caller can
-     block on XREAD from there without missing anything.
+  3. If nothing was read at all, return the log's last entry id, so the caller
+     can block on XREAD from there without missing anything.
 
   Input:
     KEYS[1] shard log        KEYS[2] owners (stream id -> consumer)
@@ -22,7 +23,7 @@
 
   Output:
     {last_id, entries, deliveries}   entries as {id, fields} in the order to run
-                                     them; last_id is '' unless there are none.
+                                     them; last_id is '' unless nothing was read.
 ]]
 -- @include "group_entries"
 -- @include "entry_field"
@@ -32,44 +33,62 @@
 -- @include "take_over"
 
 local log, owners, counts, handoffs, alive = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, me, timeout_ms = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local group, me, count, timeout_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 redis.call('HSET', alive, me, now)
 
-local entries = pop_handoffs(log, handoffs, group, me)
+local entries, more_handed = pop_handoffs(log, handoffs, group, me, count)
 local deliveries = {}
 for i = 1, #entries do
   deliveries[i] = 1
 end
-local reply = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', ARGV[3], 'STREAMS', log, '>')
-for _, entry in ipairs(group_entries(reply)) do
+local read = {}
+if not more_handed then
+  local reply = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', log, '>')
+  read = group_entries(reply)
+end
+local owner_of, handed_to = {}, {}
+for _, entry in ipairs(read) do
   local stream_id = entry_field(entry[2], 's')
   local mine = true
-  if stream_id then
+  if stream_id and stream_id ~= '' then
     redis.call('HINCRBY', counts, stream_id, 1)
-    local owner = redis.call('HGET', owners, stream_id)
+    local owner = owner_of[stream_id]
+    if owner == nil then
+      owner = redis.call('HGET', owners, stream_id) or false
+    end
+    if owner and owner ~= me and is_dead(alive, owner, now, timeout_ms) then
+      take_over(log, group, owners, alive, handoffs, me, owner, entries, deliveries)
+      owner = me
+    end
     if owner and owner ~= me then
-      if is_dead(alive, owner, now, timeout_ms) then
-        take_over(log, group, owners, alive, handoffs, me, owner, entries, deliveries)
-      else
-        mine = false
-        redis.call('XCLAIM', log, group, owner, 0, entry[1], 'JUSTID')
-        local queued = redis.call('HGET', handoffs, owner)
-        redis.call('HSET', handoffs, owner, queued and (queued .. ' ' .. entry[1]) or entry[1])
+      mine = false
+      redis.call('XCLAIM', log, group, owner, 0, entry[1], 'JUSTID')
+      local ids = handed_to[owner]
+      if not ids then
+        ids = {}
+        handed_to[owner] = ids
       end
-    end
-    if mine then
+      ids[#ids + 1] = entry[1]
+    elseif owner ~= me then
       redis.call('HSET', owners, stream_id, me)
+      owner = me
     end
+    owner_of[stream_id] = owner
   end
   if mine then
     entries[#entries + 1] = entry
     deliveries[#deliveries + 1] = 1
   end
 end
+for owner, ids in pairs(handed_to) do
+  local queued = redis.call('HGET', handoffs, owner)
+  local added = table.concat(ids, ' ')
+  redis.call('HSET', handoffs, owner, queued and (queued .. ' ' .. added) or added)
+end
 
 local last_id = ''
-if #entries == 0 then
+if #entries == 0 and #read == 0 and not more_handed then
   local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
   last_id = #last == 1 and last[1][1] or '0-0'
 end

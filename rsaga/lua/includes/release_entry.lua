@@ -1,16 +1,22 @@
 --[[
-  Acknowledge one log entry for a group and, if this acknowledgement is the one
-  that took it off the pending list, release the consumer's hold on its stream:
-  the stream's in-flight count drops, and at zero nobody owns the stream.
-  Returns 1 if the entry was pending, 0 if it had been acknowledged already.
+  Acknowledge one log entry for a group, if it is still pending on `consumer`,
+  and release that consumer's hold on the entry's stream: the stream's
+  in-flight count drops, and at zero nobody owns the stream.
+  An entry another consumer has taken over is left alone: that consumer runs
+  it now, and acknowledging it here would release a stream it holds.
+  Returns 1 if this call acknowledged the entry, else 0.
 ]]
-local function release_entry(log, owners, counts, group, id, stream_id)
-  local acked = redis.call('XACK', log, group, id)
-  if acked == 1 and stream_id ~= '' then
+local function release_entry(log, owners, counts, group, consumer, id, stream_id)
+  local pending = redis.call('XPENDING', log, group, id, id, 1)
+  if not pending[1] or pending[1][2] ~= consumer then
+    return 0
+  end
+  redis.call('XACK', log, group, id)
+  if stream_id ~= '' then
     if redis.call('HINCRBY', counts, stream_id, -1) <= 0 then
       redis.call('HDEL', counts, stream_id)
       redis.call('HDEL', owners, stream_id)
     end
   end
-  return acked
+  return 1
 end
