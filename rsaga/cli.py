@@ -26,6 +26,8 @@ from rsaga.events import EventRegistry
 from rsaga.executor import Executor
 from rsaga.handlers import InstalledHandler, discover_handlers
 from rsaga.keyspace import Keyspace
+from rsaga.processes import ProcessManager
+from rsaga.scheduler import Scheduler
 from rsaga.scripts import all_scripts
 from rsaga.store import EventStore
 from rsaga.worker import Worker
@@ -123,7 +125,11 @@ async def _handlers(args: argparse.Namespace, settings: Settings) -> int:
     width = max(len(h.handler.name) for h in installed)
     for item in installed:
         events = ", ".join(t.__name__ for t in item.handler.events)
-        _print(f"{item.handler.name:<{width}}  {item.source}", f"{'':<{width}}  events: {events}")
+        kind = "process" if issubclass(item.handler, ProcessManager) else "handler"
+        _print(
+            f"{item.handler.name:<{width}}  {kind:<8} {item.source}",
+            f"{'':<{width}}  {'':<8} events: {events}",
+        )
     return 0
 
 
@@ -159,6 +165,28 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
             await worker.run(stop)
+            tg.cancel_scope.cancel()
+    finally:
+        await store.redis.aclose()
+    return 0
+
+
+async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
+    """Move due timeouts to the due streams until SIGTERM or SIGINT."""
+    store = _store(settings)
+    await ping(store.redis, redact_url(settings.redis.url))
+    scheduler = Scheduler(
+        store.redis,
+        store.keyspace,
+        batch_size=args.batch_size or settings.scheduler.batch_size,
+        max_sleep=settings.scheduler.max_sleep,
+        heartbeat_ttl=settings.scheduler.heartbeat_ttl,
+    )
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, stop)
+            await scheduler.run(stop)
             tg.cancel_scope.cancel()
     finally:
         await store.redis.aclose()
@@ -242,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--concurrency", type=_positive, help="events handled at once")
     worker.set_defaults(run=_worker)
+
+    scheduler = commands.add_parser(
+        "scheduler", help="move due timeouts to the workers until SIGTERM or SIGINT"
+    )
+    scheduler.add_argument("--batch-size", type=_positive, help="timeouts moved per call")
+    scheduler.set_defaults(run=_scheduler)
 
     dlq = commands.add_parser("dlq", help="list, replay or drop dead letters")
     dlq.add_argument("action", choices=["list", "replay", "drop"])

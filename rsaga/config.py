@@ -31,8 +31,8 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; empty: none."""
     socket_timeout: float = 5.0
     """Seconds before a Redis call without a blocking timeout gives up."""
-    max_connections: int = 64
-    """Upper bound on the connection pool of one process."""
+    max_connections: int = 1000
+    """Ceiling on the connection pool of one process (connections open as needed)."""
 
     def __post_init__(self) -> None:
         if self.url:
@@ -113,6 +113,24 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
+class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`rsaga scheduler` processes."""
+
+    batch_size: int = 1000
+    """Due timeouts moved per atomic script call."""
+    max_sleep: float = 5.0
+    """Longest sleep with nothing due (it is woken early when something is scheduled)."""
+    heartbeat_ttl: float = 15.0
+    """Seconds a scheduler's heartbeat lives unless renewed."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        for name in ("max_sleep", "heartbeat_ttl"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """All of rsaga's settings."""
 
@@ -120,6 +138,14 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     executor: ExecutorSettings = msgspec.field(default_factory=ExecutorSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+
+    def __post_init__(self) -> None:
+        if self.worker.block_ms >= self.redis.socket_timeout * 1000:
+            raise ValueError(
+                f"worker.block_ms: must stay below redis.socket_timeout "
+                f"({self.redis.socket_timeout:g}s), got {self.worker.block_ms} ms"
+            )
 
 
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -157,9 +183,10 @@ def _one_line(exc: msgspec.ValidationError, source: str, from_env: dict[str, str
         return f"{source}: {text}"
     problem, path = match.groups()
     # __post_init__ checks say "field: problem"; make that the dotted key.
-    field = re.match(r"^([a-z_]+): (.*)$", problem)
-    if field and path:
-        path, problem = f"{path}.{field.group(1)}", field.group(2)
+    field = re.match(r"^([a-z_.]+): (.*)$", problem)
+    if field:
+        name, problem = field.groups()
+        path = f"{path}.{name}" if path else name
     var = from_env.get(path)
     where = f"{path} (from {var})" if var else path or "(top level)"
     return f"{source}: {where}: {problem}"

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 
@@ -26,6 +26,9 @@ from rsaga.events import RecordedEvent
 from rsaga.executor import ExecutionResult, Executor
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.store import EventStore, StreamSlice
+
+if TYPE_CHECKING:
+    from rsaga.processes import ProcessManager
 
 ENTRY_POINT_GROUP = "rsaga.handlers"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -128,15 +131,19 @@ def check_name(cls: type) -> str:
 
 @dataclass(frozen=True)
 class InstalledHandler:
-    """A handler class and where it was found."""
+    """A handler (or process manager) class and where it was found."""
 
-    handler: type[EventHandler]
+    handler: type[EventHandler] | type[ProcessManager[Any]]
     source: str
 
 
 def _load(target: Any, source: str) -> InstalledHandler:
-    if not (isinstance(target, type) and issubclass(target, EventHandler)):
-        raise ConfigError(f"{source}: {target!r} is not an EventHandler subclass")
+    from rsaga.processes import ProcessManager
+
+    if not (isinstance(target, type) and issubclass(target, EventHandler | ProcessManager)):
+        raise ConfigError(
+            f"{source}: {target!r} is not an EventHandler or ProcessManager subclass"
+        )
     try:
         target.validate()
     except ValidationError as exc:

@@ -47,6 +47,9 @@ read_page_size = 64
 
 [executor]
 retry = { kind = "fixed", interval = 0.0, max_retries = 2 }
+
+[worker]
+block_ms = 200
 """
 
 
@@ -55,7 +58,7 @@ def test_defaults_without_a_file() -> None:
     assert settings == Settings()
     assert settings.redis.url == ""
     assert settings.redis.socket_timeout == 5.0
-    assert settings.redis.max_connections == 64
+    assert settings.redis.max_connections == 1000
     assert settings.store.prefix == "rsaga"
     assert settings.store.shards == 1
     assert settings.store.max_event_bytes == 1024 * 1024
@@ -73,6 +76,12 @@ def test_values_from_a_toml_file(tmp_path: Path) -> None:
     assert settings.store.max_event_bytes == 4096
     assert settings.store.read_page_size == 64
     assert settings.executor.retry == FixedDelay(interval=0.0, max_retries=2)
+
+
+def test_an_idle_wait_longer_than_the_socket_timeout_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", "[redis]\nsocket_timeout = 1\n[worker]\nblock_ms = 1000\n")
+    message = config_error(path)
+    assert "worker.block_ms: must stay below redis.socket_timeout (1s)" in message
 
 
 def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:

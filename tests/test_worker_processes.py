@@ -30,8 +30,9 @@ class WorkerProcess:
     def __init__(self, url: str, prefix: str, tmp: Path, handler: str, **env: str) -> None:
         self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
+        name = {"Recorder": "recorder", "Killer": "killer"}[handler]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rsaga.cli", "worker", "--concurrency", "32"],
+            [sys.executable, "-m", "rsaga.cli", "worker", "--concurrency", "32", "--handler", name],
             cwd=ROOT,
             env={
                 **os.environ,
