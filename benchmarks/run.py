@@ -85,7 +85,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 
 from rsaga import (
@@ -100,7 +100,8 @@ from rsaga import (
     StreamId,
     Writes,
 )
-from rsaga.config import redact_url
+from rsaga.config import RedisSettings, redact_url
+from rsaga.connection import connect as rsaga_connect
 from rsaga.scripts import Script, script
 from rsaga.testing import RedisServer
 
@@ -198,9 +199,19 @@ class CountingRedis(Redis):
         return pipe
 
 
-def connect(url: str, max_connections: int) -> CountingRedis:
-    client = CountingRedis.from_url(url, decode_responses=False, max_connections=max_connections)
-    assert isinstance(client, CountingRedis)
+def connect(url: str, max_connections: int, *, plain_pool: bool = False) -> CountingRedis:
+    """A counting client on a pool configured as `rsaga.connection.connect` does it.
+
+    With `plain_pool`, on a default redis-py `ConnectionPool` instead, to see what
+    rsaga's pool settings cost. Closing the client closes the pool.
+    """
+    pool = (
+        ConnectionPool.from_url(url, max_connections=max_connections)
+        if plain_pool
+        else rsaga_connect(RedisSettings(url=url, max_connections=max_connections)).connection_pool
+    )
+    client = CountingRedis(connection_pool=pool)
+    client.auto_close_connection_pool = True
     client.trips = RoundTrips()
     return client
 
@@ -278,9 +289,39 @@ def version_of(page: list[tuple[bytes, Any]]) -> int:
     return int(page[-1][0].partition(b"-")[0]) if page else 0
 
 
+def pre_encode(store: EventStore, event: msgspec.Struct) -> bytes:
+    """An envelope for `event`, made once and sent many times by raw scenarios."""
+    return store.codec.encode(
+        event, event_id=uuid.uuid4().hex, occurred_at_ms=0, correlation_id="c", causation_id=None
+    )
+
+
+def commit_args(
+    keyspace: Keyspace, writes: Sequence[tuple[str, int, Sequence[bytes]]]
+) -> tuple[list[str], list[str | int | bytes]]:
+    """KEYS and ARGV of commit.lua for (stream id, expected, envelopes) writes.
+
+    The layout documented at the top of rsaga/lua/commit.lua, with no timeouts
+    and no index updates.
+    """
+    keys = [keyspace.log(0), *(keyspace.stream(stream_id) for stream_id, _, _ in writes)]
+    header: list[str | int | bytes] = [len(writes)]
+    envelopes: list[bytes] = []
+    for stream_id, expected, events in writes:
+        header += [stream_id, expected, len(events)]
+        envelopes += events
+    return keys, header + envelopes
+
+
+def check_commit_reply(reply: Any) -> None:
+    """Fail loudly if commit.lua answered neither OK nor conflict (its layout changed?)."""
+    if not isinstance(reply, list) or int(reply[0]) not in (0, -1):
+        raise RuntimeError(f"commit.lua replied {reply!r}; has its argument layout changed?")
+
+
 @dataclass
 class Accounts:
-    """Seeded accounts shared by the command scenarios."""
+    """A seeded set of account streams and the store they live in."""
 
     store: EventStore
     ids: list[str]
@@ -440,20 +481,16 @@ async def raw_commit(bench: Bench, *, concurrency: int) -> Metrics:
     store = bench.store("rawcommit")
     commit = script("commit")
     await commit.load(redis)
-    envelope = store.codec.encode(
-        Deposited(1),
-        event_id=uuid.uuid4().hex,
-        occurred_at_ms=0,
-        correlation_id="c",
-        causation_id=None,
-    )
-    log = store.keyspace.log(0)
+    envelope = pre_encode(store, Deposited(1))
+    keyspace = store.keyspace
     rng = random.Random(1)
+    keys, args = commit_args(keyspace, [("probe", -1, [envelope])])
+    check_commit_reply(await redis.evalsha(commit.sha, len(keys), *keys, *args))
 
     async def op() -> None:
         stream_id = account_id(rng.randrange(ACCOUNTS))
-        key = store.keyspace.stream(stream_id)
-        await redis.evalsha(commit.sha, 2, log, key, 1, stream_id, -1, 1, envelope)
+        keys, args = commit_args(keyspace, [(stream_id, -1, [envelope])])
+        await redis.evalsha(commit.sha, len(keys), *keys, *args)
 
     return await bench.measure(op, concurrency)
 
@@ -465,33 +502,23 @@ async def raw_pipeline(bench: Bench, *, concurrency: int) -> Metrics:
     keyspace = accounts.store.keyspace
     commit = script("commit")
     await commit.load(redis)
-
-    def encode(event: msgspec.Struct) -> bytes:
-        return accounts.store.codec.encode(
-            event,
-            event_id=uuid.uuid4().hex,
-            occurred_at_ms=0,
-            correlation_id="c",
-            causation_id=None,
-        )
-
-    withdrawn, deposited = encode(Withdrawn(1)), encode(Deposited(1))
-    log = keyspace.log(0)
+    withdrawn = [pre_encode(accounts.store, Withdrawn(1))]
+    deposited = [pre_encode(accounts.store, Deposited(1))]
     rng = random.Random(2)
 
     async def op() -> None:
-        a, b = random_pair(rng, ACCOUNTS)
+        a, b = random_pair(rng, len(accounts.ids))
         source, target = accounts.ids[a], accounts.ids[b]
-        source_key, target_key = keyspace.stream(source), keyspace.stream(target)
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.xrange(source_key, "1-0", "+", count=PAGE_SIZE)
-            pipe.xrange(target_key, "1-0", "+", count=PAGE_SIZE)
+            pipe.xrange(keyspace.stream(source), "1-0", "+", count=PAGE_SIZE)
+            pipe.xrange(keyspace.stream(target), "1-0", "+", count=PAGE_SIZE)
             source_page, target_page = await pipe.execute()
-        await redis.evalsha(
-            commit.sha, 3, log, source_key, target_key,
-            2, source, version_of(source_page), 1, target, version_of(target_page), 1,
-            withdrawn, deposited,
-        )  # fmt: skip
+        writes = [
+            (source, version_of(source_page), withdrawn),
+            (target, version_of(target_page), deposited),
+        ]
+        keys, args = commit_args(keyspace, writes)
+        check_commit_reply(await redis.evalsha(commit.sha, len(keys), *keys, *args))
 
     return await bench.measure(op, concurrency)
 
@@ -660,10 +687,15 @@ async def cleanup(redis: Redis, prefix: str, private: bool) -> None:
 
 
 async def run(
-    scenarios: Sequence[Scenario], url: str, private: bool, duration: float, warmup: float
+    scenarios: Sequence[Scenario], url: str, private: bool, args: argparse.Namespace
 ) -> dict[str, Metrics]:
-    redis = connect(url, max_connections=max(CONCURRENCIES) + SETUP_CONCURRENCY + 4)
+    redis = connect(
+        url,
+        max_connections=max(CONCURRENCIES) + SETUP_CONCURRENCY + 4,
+        plain_pool=args.plain_pool,
+    )
     prefix = f"bench-{uuid.uuid4().hex[:12]}"
+    duration, warmup = args.duration, args.warmup
     bench = Bench(redis, prefix, duration, warmup)
     results: dict[str, Metrics] = {}
     try:
@@ -725,6 +757,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--duration", type=float, default=3.0, help="timed seconds (3)")
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds (0.5)")
+    parser.add_argument(
+        "--plain-pool",
+        action="store_true",
+        help="a default redis-py ConnectionPool instead of rsaga.connection.connect's",
+    )
     parser.add_argument("--list", action="store_true", help="list scenarios and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -735,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--duration must be > 0 and --warmup >= 0")
     scenarios = select(args.scenarios)
     with redis_url() as (url, private):
-        results = anyio.run(run, scenarios, url, private, args.duration, args.warmup)
+        results = anyio.run(run, scenarios, url, private, args)
     if args.json:
         print(json.dumps(results))
     else:
