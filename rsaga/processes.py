@@ -182,11 +182,16 @@ Trigger = EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | Reject
 
 
 class Timeout(msgspec.Struct, frozen=True):
-    """A timeout to schedule `after` seconds from now (replacing one of the same name)."""
+    """A timeout to schedule (replacing a pending one of the same name).
+
+    It is due `after` seconds from now, or at `at_ms` (ms since the epoch) if
+    given; a due time in the past fires at once.
+    """
 
     name: str
-    after: float
+    after: float = 0.0
     attempt: int = 1
+    at_ms: int | None = None
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -493,7 +498,10 @@ class _Plan:
         for name in decision.cancel:
             self._cancel(name)
         for timeout in decision.schedule:
-            due = self.now_ms + max(0, round(timeout.after * 1000))
+            if timeout.at_ms is not None:
+                due = timeout.at_ms
+            else:
+                due = self.now_ms + max(0, round(timeout.after * 1000))
             self._schedule(timeout.name, due, timeout.attempt)
         fail = decision.fail
         if decision.retry is not None:

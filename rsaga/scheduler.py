@@ -85,6 +85,8 @@ class Scheduler:
             tg.start_soon(keep_heartbeat, self.redis, key, beat, self.heartbeat_ttl, stop)
             for shard in range(self.keyspace.shards):
                 tg.start_soon(self._shard_loop, shard, stop)
+            await stop.wait()
+            tg.cancel_scope.cancel()
         log.info("scheduler %s stopped", self.name)
 
     async def _shard_loop(self, shard: int, stop: anyio.Event) -> None:

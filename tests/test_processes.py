@@ -314,3 +314,83 @@ async def test_requests_are_recorded_once_per_attempt(redis: Redis, prefix: str)
     await driver.run_until_idle()
     await driver.run_until_idle()
     assert [type(e.data) for e in await history(store, "payment-8")] == [PaymentRequested]
+
+
+@pytest.mark.slow
+async def test_100000_timeouts_due_at_the_same_moment_all_drain(
+    real_redis_url: str, prefix: str
+) -> None:
+    from rsaga.scheduler import Scheduler
+
+    redis = Redis.from_url(real_redis_url)
+    ks = Keyspace(prefix=prefix)
+    due_ms = 1_700_000_000_000
+    encoder = msgspec.msgpack.Encoder()
+    for start in range(0, 100_000, 10_000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for n in range(start, start + 10_000):
+                member = f"alarm-{n}|ring"
+                payload = TimeoutPayload("alarm", str(n), "ring", f"t{n}", 1, due_ms)
+                pipe.zadd(ks.timeouts(0), {member: due_ms})
+                pipe.hset(ks.timeout_data(0), member, encoder.encode(payload))
+            await pipe.execute()
+    scheduler = Scheduler(redis, ks, clock=ManualClock(due_ms), batch_size=1000)
+    assert await scheduler.drain(0) == 100_000
+    assert await redis.zcard(ks.timeouts(0)) == 0
+    assert await redis.hlen(ks.timeout_data(0)) == 0
+    assert await redis.xlen(ks.due_timeouts(0)) == 100_000
+    seen: set[bytes] = set()
+    last = "-"
+    while True:
+        page = await redis.xrange(ks.due_timeouts(0), last, "+", count=10_000)
+        page = [e for e in page if e[0].decode() != last]
+        if not page:
+            break
+        seen.update(fields[b"t"] for _, fields in page)
+        last = page[-1][0].decode()
+    assert len(seen) == 100_000  # each exactly once
+    assert (await scheduler.tick(0)).next_due_ms is None
+    await redis.aclose()
+
+
+async def test_the_scheduler_reports_the_next_due_time(redis: Redis, prefix: str) -> None:
+    from rsaga.scheduler import Scheduler
+
+    store = make_store(redis, prefix)
+    clock = ManualClock()
+    driver = Driver(store, [Alarm()], clock=clock)
+    await driver.processes.start("alarm", "n1", 42.0)
+    tick = await Scheduler(redis, store.keyspace, clock=clock).tick(0)
+    assert tick.moved == 0
+    assert tick.next_due_ms == clock.now_ms() + 42_000
+
+
+async def test_the_scheduler_is_woken_by_an_earlier_timeout(redis: Redis, prefix: str) -> None:
+    import time
+
+    import anyio
+
+    from rsaga.executor import Executor
+    from rsaga.processes import ProcessRunner
+    from rsaga.scheduler import Scheduler
+
+    store = make_store(redis, prefix)
+    runner = ProcessRunner(Executor(store), [Alarm()])
+    await runner.start("alarm", "late", 60.0)
+    scheduler = Scheduler(redis, store.keyspace, max_sleep=5.0)
+    stop = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run, stop)
+            await anyio.sleep(0.2)  # the scheduler now sleeps towards the 60 s timeout
+            started = time.monotonic()
+            await runner.start("alarm", "soon", 0.1)
+            while not await redis.xlen(store.keyspace.due_timeouts(0)):
+                await anyio.sleep(0.005)
+            waited = time.monotonic() - started
+            stop.set()
+            stopping = time.monotonic()
+    assert waited < 1.0, f"the scheduler slept {waited:.2f}s past an earlier timeout"
+    assert time.monotonic() - stopping < 1.0, "the scheduler did not stop promptly"
+    [(_, fields)] = await redis.xrange(store.keyspace.due_timeouts(0))
+    assert fields[b"s"] == b"alarm-soon"

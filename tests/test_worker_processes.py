@@ -13,11 +13,13 @@ from pathlib import Path
 import anyio
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
-from worker_plugins import Ping, Seen
+from worker_plugins import AlarmSet, Ping, Rang, Seen
 
 from rsaga import EventRegistry, EventStore, Keyspace
 from rsaga.deadletters import DeadLetters
+from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, TimeoutFired
 from rsaga.testing import RedisServer
+from rsaga.worker import TIMEOUTS_GROUP
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +27,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    """One `rsaga worker` subprocess with its output in a file."""
+    """One `rsaga worker` (or, with `command`, another rsaga command) subprocess."""
 
-    def __init__(self, url: str, prefix: str, tmp: Path, handler: str, **env: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        tmp: Path,
+        handler: str,
+        command: list[str] | None = None,
+        **env: str,
+    ) -> None:
         self.log_path = tmp / f"worker-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
-        name = {"Recorder": "recorder", "Killer": "killer"}[handler]
+        name = {"Recorder": "recorder", "Killer": "killer", "Alarm": "alarm"}.get(handler, "")
+        args = command or ["worker", "--concurrency", "32", "--handler", name]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rsaga.cli", "worker", "--concurrency", "32", "--handler", name],
+            [sys.executable, "-m", "rsaga.cli", *args],
             cwd=ROOT,
             env={
                 **os.environ,
@@ -76,7 +87,8 @@ def connect(url: str) -> Redis:
 
 
 def make_store(redis: Redis, prefix: str) -> EventStore:
-    return EventStore(redis, EventRegistry([Ping, Seen]), keyspace=Keyspace(prefix=prefix))
+    registry = EventRegistry([Ping, Seen, AlarmSet, Rang, *FRAMEWORK_EVENTS])
+    return EventStore(redis, registry, keyspace=Keyspace(prefix=prefix))
 
 
 async def all_seen(store: EventStore, ids: list[str], per_stream: int) -> bool:
@@ -220,3 +232,72 @@ async def test_a_poison_event_that_kills_every_worker_ends_in_dead_letters(
     await wait_for(lambda: all_seen(store, ["b"], 2), 30, "the healthy stream")
     assert [e.data.version for e in (await store.read("seen-a")).events] == [1]
     await redis.aclose()
+
+
+async def test_killing_the_scheduler_and_a_worker_mid_timeout_applies_each_timeout_once(
+    redis_server: RedisServer, prefix: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    redis = connect(redis_server.url)
+    store = make_store(redis, prefix)
+    url = redis_server.url
+
+    def worker(**env: str) -> WorkerProcess:
+        return WorkerProcess(url, prefix, tmp_path, "Alarm", **env)
+
+    def scheduler() -> WorkerProcess:
+        return WorkerProcess(
+            url, prefix, tmp_path, "", command=["scheduler", "--batch-size", "5"]
+        )
+
+    workers += [worker(TEST_RING_DELAY="0.002"), worker(TEST_RING_DELAY="0.002")]
+    alarms = [f"a{n}" for n in range(1500)]
+    due = int(time.time() * 1000) + 3000  # every alarm rings at the same moment
+    async with anyio.create_task_group() as tg:
+        for alarm in alarms:
+            tg.start_soon(store.append, f"alarm-set-{alarm}", [AlarmSet(alarm, due)])
+    zset = store.keyspace.timeouts(0)
+
+    async def all_scheduled() -> bool:
+        return int(await redis.zcard(zset)) == len(alarms)
+
+    await wait_for(all_scheduled, 60, "every alarm to be scheduled")
+    workers.append(scheduler())
+    await anyio.sleep(max(0.0, due / 1000 - time.time()))
+    left_at_kills = []
+    while await redis.zcard(zset) and len(left_at_kills) < 5:  # kill it while it drains
+        await anyio.sleep(0.02)
+        workers[-1].process.kill()
+        workers[-1].process.wait(10)
+        left_at_kills.append(int(await redis.zcard(zset)))
+        workers.append(scheduler())
+    workers[0].process.kill()  # and a worker in the middle of applying timeouts
+    workers.append(worker())
+
+    async def all_rang() -> bool:
+        stats = await redis.hgetall(store.keyspace.process_stats(0, "alarm"))
+        return stats.get(b"completed") == str(len(alarms)).encode()
+
+    await wait_for(all_rang, 120, "every alarm to ring")
+    assert any(left_at_kills), f"no kill landed mid-drain: {left_at_kills}"
+    slices = await store.read_streams([f"bell-{a}" for a in alarms])
+    assert all(len(s.events) == 1 for s in slices.values())  # each effect exactly once
+    processes = await store.read_streams([f"alarm-{a}" for a in alarms])
+    for stream in processes.values():
+        fired = [e for e in stream.events if isinstance(e.data, TimeoutFired)]
+        assert len(fired) == 1
+        assert isinstance(stream.events[-1].data, ProcessCompleted)
+    assert await redis.zcard(zset) == 0
+    assert await DeadLetters(redis, store.keyspace).count() == 0
+    await wait_for(
+        lambda: _group_drained(redis, store.keyspace.due_timeouts(0), TIMEOUTS_GROUP),
+        30,
+        "the due stream to drain",
+    )
+    await redis.aclose()
+
+
+async def _group_drained(redis: Redis, key: str, group: str) -> bool:
+    for info in await redis.xinfo_groups(key):
+        if info["name"] == group.encode():
+            return bool(info["pending"] == 0)
+    return False

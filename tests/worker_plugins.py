@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import anyio
 import msgspec
@@ -17,6 +18,15 @@ from redis.asyncio import Redis
 
 from rsaga import Command, RecordedEvent, StreamId, Writes
 from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.processes import (
+    Decision,
+    EventTrigger,
+    ProcessInfo,
+    ProcessManager,
+    Timeout,
+    TimeoutTrigger,
+    Trigger,
+)
 from rsaga.retry import FixedDelay
 
 
@@ -101,3 +111,59 @@ class Killer(EventHandler):
         if event.data.payload == "poison":
             os._exit(3)
         await ctx.execute(Record(target=StreamId(f"seen-{event.stream_id}"), version=event.version))
+
+
+class AlarmSet(msgspec.Struct, frozen=True):
+    """Start an alarm process that rings at `at_ms`."""
+
+    alarm_id: str
+    at_ms: int
+
+
+class Rang(msgspec.Struct, frozen=True):
+    """The effect of a ringing alarm, on stream ``bell-<id>``."""
+
+    alarm_id: str
+
+
+class Ring(Command[None], frozen=True, tag="tests.Ring"):
+    """Append Rang to the bell stream (applied once per ring by its idempotency key)."""
+
+    bell: StreamId
+    alarm_id: str
+
+    def initial_state(self) -> None:
+        return None
+
+    def apply(self, state: None, event: RecordedEvent) -> None:
+        return None
+
+    def handle(self, state: None) -> Writes:
+        return {self.bell: [Rang(self.alarm_id)]}
+
+
+class Alarm(ProcessManager[None]):
+    """Rings once at the time it was set for, then completes."""
+
+    name = "alarm"
+    events = (AlarmSet,)
+    commands = (Ring,)
+    decodes = (Rang,)
+    claim_timeout = float(os.environ.get("TEST_CLAIM_TIMEOUT", "30"))
+
+    def correlate(self, event: RecordedEvent) -> str | None:
+        return str(event.data.alarm_id)
+
+    def initial_state(self) -> None:
+        return None
+
+    def decide(self, state: None, trigger: Trigger, process: ProcessInfo) -> Decision:
+        if isinstance(trigger, EventTrigger) and process.status == "new":
+            return Decision(schedule=[Timeout("ring", at_ms=trigger.event.data.at_ms)])
+        if isinstance(trigger, TimeoutTrigger):
+            delay = float(os.environ.get("TEST_RING_DELAY", "0"))
+            if delay:
+                time.sleep(delay)  # a slow effect, so a kill lands mid-timeout
+            bell = StreamId(f"bell-{process.process_id}")
+            return Decision(commands=[Ring(bell=bell, alarm_id=process.process_id)], complete=True)
+        return Decision()
