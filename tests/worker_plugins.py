@@ -167,3 +167,13 @@ class Alarm(ProcessManager[None]):
             bell = StreamId(f"bell-{process.process_id}")
             return Decision(commands=[Ring(bell=bell, alarm_id=process.process_id)], complete=True)
         return Decision()
+
+
+class Sleepy(EventHandler):
+    """Takes a minute per event: for shutdown tests."""
+
+    name = "sleepy"
+    events = (Ping,)
+
+    async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
+        await anyio.sleep(60)
