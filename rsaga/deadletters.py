@@ -100,15 +100,23 @@ class DeadLetters:
             [self.keyspace.dead_letters(shard), self.keyspace.log(shard)],
             [dead_letter_id],
         )
+        if new_id == b"-":
+            raise ValidationError(
+                f"dead letter {dead_letter_id} reports a failed process; there is no event "
+                "to replay (inspect the process, then drop the dead letter)"
+            )
         return new_id.decode() or None
 
     async def replay_all(self, *, shard: int | None = None) -> int:
         """Replay every dead letter; returns how many were replayed."""
         replayed = 0
         for n in self._shards(shard):
-            while letters := await self.list(shard=n, limit=500):
+            after = "-"
+            while letters := await self.list(shard=n, after=after, limit=500):
                 for letter in letters:
-                    replayed += await self.replay(letter.id, shard=n) is not None
+                    after = letter.id
+                    if letter.log_id:
+                        replayed += await self.replay(letter.id, shard=n) is not None
         return replayed
 
     async def drop(self, dead_letter_id: str, *, shard: int = 0) -> bool:

@@ -50,6 +50,10 @@ class UnknownProcessType(RsagaError):
     """A timeout or command names a process type no installed manager has."""
 
 
+class IncompatibleDefinition(RsagaError):
+    """A running process was started by a definition version this one cannot continue."""
+
+
 # --- events the framework writes on a process stream -------------------------------
 
 
@@ -211,6 +215,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """Finish the process successfully (pending timeouts are cancelled)."""
     fail: str | None = None
     """Finish the process unsuccessfully with this reason."""
+    escalate: bool = False
+    """With `fail`: also record the failure in dead letters, for an operator to act on."""
 
     def is_empty(self) -> bool:
         """True if the decision does nothing."""
@@ -270,7 +276,14 @@ class ProcessManager(Generic[S]):
     deadline: ClassVar[float | None] = None
     """Seconds from the start after which an unfinished process fails."""
     version: ClassVar[int] = 1
-    """Definition version, stored when a process starts."""
+    """Definition version, stored when a process starts. Raise it with every change."""
+    compatible_since: ClassVar[int] = 1
+    """Oldest definition version whose running processes this one can continue.
+
+    Adding a field with a default keeps old processes working (old events decode
+    with the default); for a change that does not, raise this, and triggers of
+    older processes go to dead letters with a clear reason instead of misbehaving.
+    """
     handler_retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=0.1, cap=5.0, max_retries=4)
     """Retries of a step that raised unexpectedly, before it goes to dead letters."""
     claim_timeout: ClassVar[float] = 30.0
@@ -426,6 +439,12 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
         manager: ProcessManager[Any] = self.manager
         if info.finished:
             return {}
+        if info.status != "new" and info.definition_version < manager.compatible_since:
+            raise IncompatibleDefinition(
+                f"process {info.stream_id} was started by {manager.name} definition version "
+                f"{info.definition_version}; this definition (version {manager.version}) "
+                f"continues versions >= {manager.compatible_since} only"
+            )
         if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
             return {}
         plan = _Plan(manager, info, self.now_ms, self.commands)
@@ -522,6 +541,16 @@ class _Plan:
                 self._cancel(name)
             self.events.append(ProcessFailed(fail) if fail is not None else ProcessCompleted())
             transition = "fail" if fail is not None else "complete"
+        letters = []
+        if fail is not None and decision.escalate:
+            letters.append({
+                "handler": info.process_type,
+                "s": info.stream_id,
+                "error_type": "ProcessFailed",
+                "error": fail,
+                "failed_at_ms": str(self.now_ms),
+                "process_id": info.process_id,
+            })
         started = info.started_at_ms or self.now_ms
         index = IndexUpdate(
             info.process_type,
@@ -531,7 +560,12 @@ class _Plan:
         )
         return WritePlan(
             {info.stream_id: self.events},
-            Effects(schedule=list(self.schedule.values()), cancel=self.cancel, index=[index]),
+            Effects(
+                schedule=list(self.schedule.values()),
+                cancel=self.cancel,
+                index=[index],
+                dead_letters=letters,
+            ),
         )
 
 
@@ -569,8 +603,8 @@ class ProcessRunner:
     async def on_event(self, manager: ProcessManager[Any], event: RecordedEvent) -> None:
         """Apply `event` to the process it correlates to, if any."""
         process_id = manager.correlate(event)
-        if process_id is None:
-            return
+        if process_id is None or event.stream_id == manager.stream_id(process_id):
+            return  # not for a process, or the process's own event (no echo)
         await self.step(
             manager,
             process_id,

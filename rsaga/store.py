@@ -91,6 +91,8 @@ class Effects(msgspec.Struct, frozen=True):
     schedule: Sequence[TimeoutWrite] = ()
     cancel: Sequence[str] = ()
     index: Sequence[IndexUpdate] = ()
+    dead_letters: Sequence[Mapping[str, str]] = ()
+    """Failures to report to an operator, as dead-letter fields."""
 
 
 class CommitResult(msgspec.Struct, frozen=True):
@@ -395,6 +397,13 @@ class EventStore:
                 ks.process_stats(shard, update.process_type),
             ]
             args += [update.transition, update.stream_id, update.duration_ms]
+        args.append(len(effects.dead_letters))
+        for letter in effects.dead_letters:
+            args.append(2 * len(letter))
+            for field, value in letter.items():
+                args += [field, value]
+        if effects.dead_letters:
+            keys.append(ks.dead_letters(shard))
 
     def _commit_result(
         self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]

@@ -36,9 +36,11 @@ from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.processes import (
+    IncompatibleDefinition,
     ProcessManager,
     ProcessRunner,
     TimeoutPayload,
+    UnknownCommandType,
     UnknownProcessType,
     decode_timeout,
 )
@@ -229,7 +231,8 @@ class _TimeoutSource:
         await self.runner.on_timeout(item)
 
 
-UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType)
+UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType, IncompatibleDefinition,
+                 UnknownCommandType)
 """Errors that mean an entry can never be handled: it goes to dead letters at once."""
 
 

@@ -10,6 +10,8 @@
      d = envelope).
   3. Schedule and cancel timeouts (see includes/timeouts.lua).
   4. Update process lifecycle indexes (see includes/process_index.lua).
+  5. Add dead letters that report failures to an operator (a saga whose
+     compensation failed), once, with the events that record the failure.
 
   Input:
     KEYS[1]              shard log
@@ -17,6 +19,7 @@
     then, if any timeout is scheduled or cancelled: the shard's timeouts
                          sorted set, timeout data hash and wake stream
     then, per index update: the process type's active set and stats hash
+    then, if any dead letter is added: the shard's dead-letter stream
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
                          (-1 any, 0 no stream yet, N exact), count of new events
@@ -24,6 +27,7 @@
     then                 S, and S x (timeout id, due ms, payload) to schedule
     then                 C, and C x timeout id to cancel
     then                 I, and I x (transition, member, duration ms)
+    then                 D, and D x (F, then F field/value pairs) dead letters
 
   Output:
     {0, v_1 .. v_n}      OK: the version of each checked stream after the write
@@ -90,6 +94,18 @@ if updates > 0 then
     key = key + 2
     arg = arg + 3
   end
+end
+arg = arg + 1
+
+local letters = tonumber(ARGV[arg] or 0)
+for _ = 1, letters do
+  local count = tonumber(ARGV[arg + 1])
+  local fields = {}
+  for i = 1, count do
+    fields[i] = ARGV[arg + 1 + i]
+  end
+  redis.call('XADD', KEYS[key], 'MAXLEN', '~', 100000, '*', unpack(fields))
+  arg = arg + 1 + count
 end
 
 return {0, unpack(versions)}

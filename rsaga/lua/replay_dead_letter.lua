@@ -7,7 +7,8 @@
     ARGV[1] dead-letter id
 
   Output:
-    the new log entry id, or '' if there is no such dead letter
+    the new log entry id, '' if there is no such dead letter, or '-' if it
+    records a failure with no event to replay (a process that failed)
 ]]
 -- @include "entry_field"
 
@@ -16,6 +17,9 @@ if #found == 0 then
   return ''
 end
 local fields = found[1][2]
+if not entry_field(fields, 'd') then
+  return '-'
+end
 local stream_id = entry_field(fields, 's')
 local log_fields = {'g', entry_field(fields, 'handler'), 'r', ARGV[1]}
 if stream_id then
