@@ -60,11 +60,74 @@ absolute figures across machines or runs.
   INFO ``used_memory`` per event (only meaningful on a quiet server), and
   the mean envelope size.
 
+Worker, scheduler and process scenarios run real ``rsaga worker`` and
+``rsaga scheduler`` subprocesses (``python -m rsaga.cli`` in the repository,
+environment ``RSAGA_REDIS_URL``, ``RSAGA_PREFIX``, ``RSAGA_HANDLERS``, and
+``PYTHONPATH`` with ``benchmarks/`` for the handlers of ``plugins.py``, which
+this script imports too), killed at the end of the scenario whatever happens
+(SIGTERM to this script unwinds like Ctrl-C). ``startup_s`` is from spawning
+them until every one has its heartbeat key, and is part of no rate. The
+benchmark appends with pipelined ``commit.lua`` calls (`append_fast`), so that
+appending is not what limits a rate; ``append_s`` says how long it took.
+
+- ``raw_group``: one client reading a consumer group with XREADGROUP COUNT 100
+  and XACK of each batch, over 20,000 pre-added log entries: the Redis floor of
+  delivering events, the baseline of the ``handler_*`` ratios.
+- ``handler_noop_pN`` / ``handler_command_pN`` (N = 1, 2 worker processes):
+  a warm-up of 1,000 events, then 20,000 `plugins.Ping` events over 2,000
+  streams appended at full speed; ``events_per_s`` = events / time from the
+  first append until the group has acknowledged all (XINFO GROUPS: pending 0,
+  last-delivered-id = last log id). The noop handler does nothing; the command
+  handler executes one `plugins.Record` (read ``seen-<stream>``, append one
+  event; checked afterwards: one per event). Then ``lat_p50_ms`` /
+  ``lat_p99_ms``: append-to-handled latency of every event appended at a paced
+  ``lat_rate`` events/s for 2 s (handler's clock minus occurred-at, which is
+  truncated to the ms).
+- ``timeout_lateness_idle``: one worker running `plugins.TimerProbe` and one
+  scheduler; 200 timeouts due spread over 4 s, scheduled in advance by starting
+  one process each from this process; ``late_*`` = when the probe's `decide`
+  runs minus the due time (scheduler move + worker delivery + step);
+  ``move_*`` = the scheduler's part (due-stream entry id time minus due).
+  Nothing is sent to Redis from here while timeouts fall due. ``redis_hz``:
+  the server's ``hz``, which bounds how late a blocking read returns on an
+  idle server (1000/hz ms).
+- ``timeout_lateness_loaded``: the same with 30,000 timeouts due over 3 s
+  (10,000 per second); ``fired_per_s`` = timeouts / time from the first due
+  time until all fired.
+- ``timeout_drain``: 100,000 timeouts due in the past written directly to the
+  shard's sorted set and data hash, then `Scheduler.drain` times
+  (``timeouts_per_s``), against ``raw_per_s``: a Lua loop that only XADDs the
+  same due-stream entries, 1,000 per call (``ratio_to_raw``).
+- ``process_e2e``: 2 workers running the handlers installed from
+  ``handlers.orders`` (order fulfilment and the simulated payment, inventory
+  and shipping services, named with ``--handler``) and one scheduler; after
+  50 warm-up orders, 1,000 `OrderPlaced` events at once:
+  ``processes_per_s`` = orders / time from the first append until the
+  process-stats hash counts them all completed; ``drained_s``: until every
+  group has also read the whole log; ``burst_p50_ms`` / ``burst_p99_ms`` from
+  OrderPlaced to ProcessCompleted (queueing included); ``log_entries_per_process``:
+  shard-log entries one order writes (every group reads every one). Then
+  ``dur_p50_ms`` / ``dur_p99_ms``: the same duration for orders placed at a
+  paced ``dur_rate`` per second for 3 s.
+
+Per event, timeout or process while timed: ``server_cmds`` (commands the
+server ran, scripts' own included, this script's appends and polls too),
+``scripts`` (EVALSHA calls), ``worker_cpu_us`` (all workers) and
+``redis_cpu_us`` (INFO cpu). Cores busy on average: ``worker_busy``,
+``redis_busy``, ``scheduler_busy``, ``bench_busy`` (this process), and
+``machine_busy``, the share of all the machine's cores busy (/proc/stat),
+which tells whether anything else was competing. Everything shares the
+machine's cores (``os.cpu_count()`` is printed first).
+
+A scenario that fails or passes its hard timeout reports ``error`` instead of
+metrics, the run goes on, and the exit status is 1.
+
 To add a scenario, write ``async def my_scenario(bench: Bench, ...) -> Metrics``
 and register it with ``@scenario("name", **params)`` (stack one per parameter
 set) or `register_concurrencies`; use `Bench.measure` for the warm-up and timed
 loop, `Bench.store` for a store with keys of its own, `Bench.accounts` for
-seeded account streams, `run_batch` for untimed setup.
+seeded account streams, `run_batch` for untimed setup, `Fleet` for worker and
+scheduler subprocesses.
 """
 
 from __future__ import annotations
@@ -75,19 +138,29 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
+from types import TracebackType
 from typing import Any
 
 import anyio
 import msgspec
+from plugins import PROBE_TIMEOUT, Fired, Ping, Seen, TimerProbe, latency_key
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 
+from handlers.orders import OrderPlaced
 from rsaga import (
     Command,
     DomainError,
@@ -102,10 +175,19 @@ from rsaga import (
 )
 from rsaga.config import RedisSettings, redact_url
 from rsaga.connection import connect as rsaga_connect
+from rsaga.events import new_id
+from rsaga.processes import (
+    FRAMEWORK_EVENTS,
+    ProcessCompleted,
+    ProcessRunner,
+    TimeoutPayload,
+    timeout_id,
+)
+from rsaga.scheduler import Scheduler
 from rsaga.scripts import Script, script
 from rsaga.testing import RedisServer
 
-Metric = float | int | None
+Metric = float | int | str | None
 Metrics = dict[str, Metric]
 Operation = Callable[[], Awaitable[None]]
 
@@ -335,6 +417,8 @@ class Bench:
     prefix: str
     duration: float
     warmup: float
+    url: str = ""
+    """The Redis URL, for subprocesses."""
     registry: EventRegistry = field(default_factory=lambda: EventRegistry(REGISTRY_TYPES))
     _accounts: dict[str, Accounts] = field(default_factory=dict)
 
@@ -414,24 +498,39 @@ class Bench:
 ScenarioFn = Callable[[Bench], Awaitable[Metrics]]
 
 
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a scenario may run before it is stopped and reported as failed."""
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
     fn: ScenarioFn
     doc: str
     ratios: dict[str, str]
-    """Metric name -> baseline scenario: metric = ops_per_s / baseline's ops_per_s."""
+    """Metric name -> baseline scenario: metric = our rate / the baseline's rate."""
+    rate: str = "ops_per_s"
+    """The metric ratios compare."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Hard limit in seconds; past it the scenario is cancelled and reports an error."""
 
 
 SCENARIOS: dict[str, Scenario] = {}
 
 
 def scenario(
-    name: str, *, ratios: dict[str, str] | None = None, doc: str | None = None, **params: Any
+    name: str,
+    *,
+    ratios: dict[str, str] | None = None,
+    doc: str | None = None,
+    rate: str = "ops_per_s",
+    timeout: float = DEFAULT_TIMEOUT,
+    **params: Any,
 ) -> Callable[[Callable[..., Awaitable[Metrics]]], Callable[..., Awaitable[Metrics]]]:
     """Register the decorated function as scenario `name`, called with `params`.
 
-    `doc` (default: the first line of the function's docstring) is what --list shows.
+    `doc` (default: the first line of the function's docstring) is what --list shows;
+    `rate` names the metric ratios use; `timeout` bounds the scenario in seconds.
 
     Stack several decorators to register one function with several parameter sets.
     """
@@ -440,7 +539,9 @@ def scenario(
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} is registered twice")
         summary = doc or (fn.__doc__ or "").strip().partition("\n")[0]
-        SCENARIOS[name] = Scenario(name, functools.partial(fn, **params), summary, ratios or {})
+        SCENARIOS[name] = Scenario(
+            name, functools.partial(fn, **params), summary, ratios or {}, rate, timeout
+        )
         return fn
 
     return register
@@ -620,6 +721,708 @@ scenario(
 scenario("event_bytes", events=EVENT_BYTES_EVENTS)(event_bytes)
 
 
+# --- worker, scheduler and process scenarios ------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository: working directory of worker subprocesses (as `rsaga worker` in it)."""
+PLUGINS_DIR = Path(__file__).resolve().parent
+"""Where `plugins.py` lives: on the PYTHONPATH of worker subprocesses."""
+
+APPEND_BATCH = 100
+"""commit.lua calls per pipeline in `append_fast`."""
+APPEND_CONCURRENCY = 4
+HANDLER_EVENTS = 20_000
+HANDLER_STREAMS = 2_000
+HANDLER_WARMUP_EVENTS = 1_000
+LATENCY_RATE = 1_000
+"""Events per second appended while measuring handler latency."""
+LATENCY_SECONDS = 2.0
+RAW_GROUP_BATCH = 100
+IDLE_TIMEOUTS = 200
+IDLE_SPREAD = 4.0
+LOADED_RATE = 10_000
+LOADED_SECONDS = 3.0
+START_CONCURRENCY = 32
+"""Concurrent process starts when scheduling timeouts in advance."""
+DRAIN_TIMEOUTS = 100_000
+E2E_ORDERS = 1_000
+E2E_WARMUP_ORDERS = 50
+E2E_WORKERS = 2
+E2E_PACED_RATE = 20
+"""Orders per second appended while measuring process duration."""
+E2E_PACED_SECONDS = 3.0
+E2E_GROUPS = ("order-fulfilment", "payment-service", "inventory-service", "shipping-service")
+"""The handlers process_e2e runs (entry points of handlers.orders), so its log's groups."""
+POLL = 0.005
+"""Seconds between polls of Redis for a condition being timed."""
+WAIT_LIMIT = 120.0
+"""Seconds any one wait for workers may take before the scenario fails."""
+
+
+class ScenarioFailed(RuntimeError):
+    """A scenario could not measure what it set out to (reported as its ``error``)."""
+
+
+class Child:
+    """One `rsaga worker` or `rsaga scheduler` subprocess, its output in a file."""
+
+    def __init__(self, kind: str, args: Sequence[str], env: dict[str, str], log: Path) -> None:
+        self.kind = kind
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rsaga.cli", kind, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU the process used so far (Linux /proc; None elsewhere)."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def output(self, limit: int = 2000) -> str:
+        """The last `limit` characters the process wrote."""
+        return self.log_path.read_text(errors="replace")[-limit:]
+
+    def kill(self) -> None:
+        """SIGKILL (a no-op if it has exited); `reap` waits for it."""
+        if self.process.poll() is None:
+            self.process.kill()
+
+    def reap(self) -> None:
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            progress(f"  rsaga {self.kind} (pid {self.process.pid}) survived SIGKILL for 10s")
+        finally:
+            self._log.close()
+
+
+class Fleet:
+    """The worker and scheduler subprocesses of one scenario; killed on exit, always.
+
+    Each runs with ``RSAGA_REDIS_URL``, ``RSAGA_PREFIX`` and ``PYTHONPATH`` (with
+    ``benchmarks/``) set and every other ``RSAGA_*`` variable of ours removed,
+    in the repository (so ``config/rsaga.toml`` applies, as for `rsaga worker`).
+    """
+
+    def __init__(self, url: str, keyspace: Keyspace) -> None:
+        self.url = url
+        self.keyspace = keyspace
+        self.children: list[Child] = []
+        self._dir = Path(tempfile.mkdtemp(prefix="rsaga-bench-"))
+
+    def start(self, kind: str, *args: str, handlers: str | None = None) -> Child:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RSAGA_")}
+        env.update(
+            RSAGA_REDIS_URL=self.url,
+            RSAGA_PREFIX=self.keyspace.prefix,
+            RSAGA_LOG_LEVEL="WARNING",
+            PYTHONPATH=os.pathsep.join(p for p in (str(PLUGINS_DIR), env.get("PYTHONPATH")) if p),
+        )
+        if handlers:
+            env["RSAGA_HANDLERS"] = handlers
+        log = self._dir / f"{kind}-{len(self.children)}.log"
+        child = Child(kind, args, env, log)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Fail if any subprocess has exited."""
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                output = child.output(600).strip().replace("\n", " | ")
+                raise ScenarioFailed(f"rsaga {child.kind} exited with {code}: {output}")
+
+    async def wait(
+        self,
+        what: str,
+        condition: Callable[[], Awaitable[bool]],
+        *,
+        timeout: float = WAIT_LIMIT,
+        poll: float = POLL,
+    ) -> None:
+        """Poll `condition` until true; fail if a subprocess exits or `timeout` passes."""
+        deadline = perf_counter() + timeout
+        while not await condition():
+            self.check()
+            if perf_counter() > deadline:
+                raise ScenarioFailed(f"timed out after {timeout:g}s waiting for {what}")
+            await anyio.sleep(poll)
+
+    async def ready(self, redis: Redis) -> float:
+        """Wait until every subprocess has its heartbeat key; seconds since the first start."""
+        began = perf_counter()
+        pattern = self.keyspace.heartbeat_pattern()
+
+        async def all_beating() -> bool:
+            found = [k async for k in redis.scan_iter(match=pattern, count=10_000)]
+            return len(found) >= len(self.children)
+
+        await self.wait("worker heartbeats", all_beating, poll=0.02)
+        return perf_counter() - began
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for child in self.children:
+            child.kill()
+        for child in self.children:
+            child.reap()
+        if exc is not None:
+            for child in self.children:
+                progress(f"  --- rsaga {child.kind} output:\n{child.output()}")
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine so far (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(n) for n in stat.readline().split()[1:9]]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+@dataclass
+class Usage:
+    """CPU seconds used so far by workers, schedulers, this process, Redis, the machine."""
+
+    workers: float
+    schedulers: float
+    bench: float
+    redis: float
+    machine: tuple[float, float] | None
+    wall: float
+    commands: int
+    """Commands the server ran (scripts' own calls included, INFO left out)."""
+    scripts: int
+    """EVALSHA calls."""
+
+    @classmethod
+    async def now(cls, redis: Redis, fleet: Fleet) -> Usage:
+        cpu_info: dict[str, Any] = await redis.info("cpu")
+        server = float(cpu_info["used_cpu_user"]) + float(cpu_info["used_cpu_sys"])
+        stats: dict[str, Any] = await redis.info("commandstats")
+        calls = {
+            name: int(stat["calls"])
+            for name, stat in stats.items()
+            if name != "cmdstat_info" and isinstance(stat, dict)
+        }
+
+        def cpu(kind: str) -> float:
+            return sum(c.cpu_seconds() or 0.0 for c in fleet.children if c.kind == kind)
+
+        return cls(
+            cpu("worker"), cpu("scheduler"), time.process_time(), server, machine_cpu(),
+            perf_counter(), sum(calls.values()), calls.get("cmdstat_evalsha", 0),
+        )
+
+    def since(self, before: Usage, per: int) -> Metrics:
+        """Per item: Redis commands, EVALSHA calls, CPU (µs); cores busy since `before`.
+
+        ``machine_busy`` is the share of all the machine's cores that were busy.
+        """
+        wall = self.wall - before.wall
+        workers, server = self.workers - before.workers, self.redis - before.redis
+        out: Metrics = {
+            "server_cmds": round((self.commands - before.commands) / per, 2),
+            "scripts": round((self.scripts - before.scripts) / per, 2),
+            "worker_cpu_us": round(workers / per * 1e6, 1),
+            "redis_cpu_us": round(server / per * 1e6, 1),
+            "worker_busy": round(workers / wall, 2),
+            "redis_busy": round(server / wall, 2),
+        }
+        if self.schedulers:
+            out["scheduler_busy"] = round((self.schedulers - before.schedulers) / wall, 2)
+        out["bench_busy"] = round((self.bench - before.bench) / wall, 2)
+        machine = None
+        if self.machine and before.machine and self.machine[1] > before.machine[1]:
+            busy = self.machine[0] - before.machine[0]
+            machine = round(busy / (self.machine[1] - before.machine[1]), 2)
+        out["machine_busy"] = machine
+        return out
+
+
+def ms_percentiles(values: list[float], prefix: str, max_too: bool = False) -> Metrics:
+    """p50 and p99 (and max) of `values` in ms, as ``<prefix>_p50_ms`` and so on."""
+    values = sorted(values)
+    p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
+    out: Metrics = {
+        f"{prefix}_p50_ms": None if p50 is None else round(p50, 2),
+        f"{prefix}_p99_ms": None if p99 is None else round(p99, 2),
+    }
+    if max_too:
+        out[f"{prefix}_max_ms"] = round(values[-1], 2) if values else None
+    return out
+
+
+async def append_fast(
+    store: EventStore,
+    items: Sequence[tuple[str, msgspec.Struct]],
+    *,
+    batch: int = APPEND_BATCH,
+    concurrency: int = APPEND_CONCURRENCY,
+) -> list[int]:
+    """Append each (stream id, event) with expected=ANY: pipelines of commit.lua calls.
+
+    The load generator of the worker scenarios, cheap enough not to be what limits
+    them. Returns each event's occurred-at (ms).
+    """
+    commit = script("commit")
+    await commit.load(store.redis)
+    keyspace = store.keyspace
+    occurred = [0] * len(items)
+
+    async def send(chunk: int) -> None:
+        start = chunk * batch
+        now_ms = time.time_ns() // 1_000_000
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for i in range(start, min(start + batch, len(items))):
+                stream_id, event = items[i]
+                envelope = store.codec.encode(
+                    event,
+                    event_id=new_id(),
+                    occurred_at_ms=now_ms,
+                    correlation_id=new_id(),
+                    causation_id=None,
+                )
+                keys, args = commit_args(keyspace, [(stream_id, -1, [envelope])])
+                pipe.evalsha(commit.sha, len(keys), *keys, *args)
+                occurred[i] = now_ms
+            for reply in await pipe.execute():
+                check_commit_reply(reply)
+
+    await run_batch(send, -(-len(items) // batch), concurrency)
+    return occurred
+
+
+async def append_paced(
+    store: EventStore, make: Callable[[int], tuple[str, msgspec.Struct]], rate: int, seconds: float
+) -> list[int]:
+    """Append `rate` events per second for `seconds` (ticks of >= 10 ms); their occurred-at."""
+    tick = max(0.01, 1 / rate)
+    per_tick = max(1, round(rate * tick))
+    start = anyio.current_time()
+    occurred: list[int] = []
+    for n in range(round(seconds / tick)):
+        first = len(occurred)
+        occurred += await append_fast(store, [make(first + i) for i in range(per_tick)])
+        await anyio.sleep(max(0.0, start + (n + 1) * tick - anyio.current_time()))
+    return occurred
+
+
+async def acknowledged(redis: Redis, stream: str, groups: Sequence[str]) -> bool:
+    """Every group exists, has read `stream` to its end and has nothing pending."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_groups(stream)
+        pipe.xrevrange(stream, count=1)
+        infos, last = await pipe.execute()
+    last_id = last[0][0] if last else b"0-0"
+    by_name = {info["name"]: info for info in infos}
+    for group in groups:
+        info = by_name.get(group.encode())
+        if info is None or info["pending"] or info["last-delivered-id"] != last_id:
+            return False
+    return True
+
+
+async def raw_group(bench: Bench, *, events: int) -> Metrics:
+    """XREADGROUP COUNT 100 + XACK per batch, one client: the floor of delivering events."""
+    redis = bench.redis
+    store = EventStore(redis, EventRegistry([Ping]), keyspace=bench.keyspace("rawgroup"))
+    log = store.keyspace.log(0)
+    envelope = pre_encode(store, Ping())
+
+    async def seed(chunk: int) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(chunk * 1000, min((chunk + 1) * 1000, events)):
+                pipe.xadd(log, {"s": f"s-{i % HANDLER_STREAMS}", "v": 1, "d": envelope})
+            await pipe.execute()
+
+    await run_batch(seed, -(-events // 1000), 4)
+    await redis.xgroup_create(log, "raw", id="0")
+    stats_before = await bench.commandstats()
+    done = 0
+    started = perf_counter()
+    while True:
+        reply: Any = await redis.xreadgroup("raw", "c", {log: ">"}, count=RAW_GROUP_BATCH)
+        if not reply:
+            break
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        await redis.xack(log, "raw", *ids)
+        done += len(ids)
+    elapsed = perf_counter() - started
+    stats_after = await bench.commandstats()
+    if done != events:
+        raise ScenarioFailed(f"read {done} of {events} entries")
+    return {
+        "events": events,
+        "events_per_s": round(events / elapsed, 1),
+        "server_cmds_per_event": round(
+            (sum(stats_after.values()) - sum(stats_before.values())) / events, 3
+        ),
+    }
+
+
+HANDLERS = {"noop": ("NoopHandler", "bench-noop"), "command": ("CommandHandler", "bench-command")}
+
+
+async def handler_throughput(bench: Bench, *, kind: str, workers: int) -> Metrics:
+    """Events/s from append to acknowledged through `workers` real `rsaga worker` processes."""
+    class_name, group = HANDLERS[kind]
+    redis = bench.redis
+    keyspace = bench.keyspace(f"{kind}{workers}")
+    store = EventStore(redis, EventRegistry([Ping, Seen]), keyspace=keyspace)
+    streams = [f"s-{n}" for n in range(HANDLER_STREAMS)]
+
+    def ping(i: int, sample: bool = False) -> tuple[str, msgspec.Struct]:
+        return streams[i % len(streams)], Ping(sample)
+
+    def done() -> Awaitable[bool]:
+        return acknowledged(redis, keyspace.log(0), [group])
+
+    with Fleet(bench.url, keyspace) as fleet:
+        for _ in range(workers):
+            fleet.start("worker", "--handler", group, handlers=f"plugins:{class_name}")
+        startup = await fleet.ready(redis)
+        await append_fast(store, [ping(i) for i in range(HANDLER_WARMUP_EVENTS)])
+        await fleet.wait("the warm-up events", done)
+
+        before = await Usage.now(redis, fleet)
+        started = perf_counter()
+        await append_fast(store, [ping(i) for i in range(HANDLER_EVENTS)])
+        append_s = perf_counter() - started
+        await fleet.wait("every event acknowledged", done)
+        elapsed = perf_counter() - started
+        usage = (await Usage.now(redis, fleet)).since(before, HANDLER_EVENTS)
+
+        paced = len(
+            await append_paced(store, lambda i: ping(i, sample=True), LATENCY_RATE, LATENCY_SECONDS)
+        )
+        await fleet.wait("the paced events", done)
+        fleet.check()
+    samples = [float(v) for v in await redis.lrange(latency_key(keyspace.prefix), 0, -1)]
+    if len(samples) != paced:
+        raise ScenarioFailed(f"{len(samples)} latency samples for {paced} paced events")
+    if kind == "command":
+        total = HANDLER_WARMUP_EVENTS + HANDLER_EVENTS + paced
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream_id in streams:
+                pipe.xlen(keyspace.stream(f"seen-{stream_id}"))
+            recorded = sum(int(n) for n in await pipe.execute())
+        if recorded != total:
+            raise ScenarioFailed(f"{recorded} Seen events recorded for {total} events handled")
+    return {
+        "events": HANDLER_EVENTS,
+        "startup_s": round(startup, 2),
+        "append_s": round(append_s, 2),
+        "events_per_s": round(HANDLER_EVENTS / elapsed, 1),
+        **usage,
+        "lat_rate": LATENCY_RATE,
+        **ms_percentiles(samples, "lat"),
+    }
+
+
+async def timeout_lateness(bench: Bench, *, count: int, spread: float) -> Metrics:
+    """Lateness of `count` timeouts due over `spread` s: scheduler + worker + process step."""
+    redis = bench.redis
+    keyspace = bench.keyspace(f"timer{count}")
+    store = EventStore(redis, EventRegistry(), keyspace=keyspace)
+    runner = ProcessRunner(Executor(store), [TimerProbe()])
+    probe = TimerProbe.name
+    server: dict[str, Any] = await redis.info("server")
+    hz = int(server["hz"])
+
+    async def start_all(prefix: str, due: Callable[[int], int], n: int) -> None:
+        async def start(i: int) -> None:
+            await runner.start(probe, f"{prefix}{i}", due(i))
+
+        await run_batch(start, n, START_CONCURRENCY)
+
+    async def completed() -> int:
+        return int(await redis.hget(keyspace.process_stats(0, probe), "completed") or 0)
+
+    with Fleet(bench.url, keyspace) as fleet:
+        fleet.start("worker", "--handler", probe, handlers="plugins:TimerProbe")
+        fleet.start("scheduler")
+        startup = await fleet.ready(redis)
+
+        # Calibrate: how fast can processes be started (their timeouts are an hour off)?
+        calibration = min(500, count)
+        far = time.time_ns() // 1_000_000 + 3_600_000
+        began = perf_counter()
+        await start_all("cal-", lambda i: far, calibration)
+        rate = calibration / (perf_counter() - began)
+        lead = 1.0 + 1.5 * count / rate
+        first_due = time.time_ns() // 1_000_000 + round(lead * 1000)
+        step_ms = spread * 1000 / count
+
+        began = perf_counter()
+        await start_all("p", lambda i: first_due + int(i * step_ms), count)
+        await fleet.wait(
+            "the worker to catch up with the log",
+            lambda: acknowledged(redis, keyspace.log(0), [probe]),
+        )
+        setup_s = perf_counter() - began
+        margin_ms = first_due - time.time_ns() // 1_000_000
+        if margin_ms < 200:
+            raise ScenarioFailed(f"setup overran the first due time ({margin_ms} ms to spare)")
+        await anyio.sleep((first_due - time.time_ns() // 1_000_000) / 1000 - 0.05)
+        before = await Usage.now(redis, fleet)
+        # Quiet until the last timeout is due: our own requests would wake Redis.
+        await anyio.sleep((first_due - time.time_ns() // 1_000_000) / 1000 + spread + 0.05)
+
+        async def all_fired() -> bool:
+            return await completed() >= count
+
+        await fleet.wait("every timeout to fire", all_fired, poll=0.02)
+        done_ms = time.time_ns() // 1_000_000
+        usage = (await Usage.now(redis, fleet)).since(before, count)
+        fleet.check()
+
+    lateness: list[float] = []
+    ids = [TimerProbe.stream_id(f"p{i}") for i in range(count)]
+    for chunk in range(0, count, 1000):
+        slices = await store.read_streams(ids[chunk : chunk + 1000])
+        for stream in slices.values():
+            lateness += [e.data.lateness_ms for e in stream.events if isinstance(e.data, Fired)]
+    if len(lateness) != count:
+        raise ScenarioFailed(f"{len(lateness)} of {count} probes recorded their firing")
+    moves: list[float] = []
+    after = "-"
+    while True:
+        page: Any = await redis.xrange(keyspace.due_timeouts(0), after, "+", count=10_000)
+        for entry_id, fields in page:
+            if fields[b"t"].endswith(f"|{PROBE_TIMEOUT}".encode()) and b"cal-" not in fields[b"t"]:
+                moves.append(int(entry_id.partition(b"-")[0]) - float(fields[b"due"]))
+        if len(page) < 10_000:
+            break
+        after = f"({page[-1][0].decode()}"
+    return {
+        "timeouts": count,
+        "redis_hz": hz,
+        "startup_s": round(startup, 2),
+        "setup_s": round(setup_s, 2),
+        **ms_percentiles(lateness, "late", max_too=True),
+        **ms_percentiles(moves, "move", max_too=True),
+        "fired_per_s": round(count / max(spread, (done_ms - first_due) / 1000), 1),
+        **usage,
+    }
+
+
+RAW_XADD_LUA = """
+for i = 1, tonumber(ARGV[1]) do
+  redis.call('XADD', KEYS[1], '*', 's', ARGV[2], 't', ARGV[3], 'p', ARGV[4], 'due', ARGV[5])
+end
+return tonumber(ARGV[1])
+"""
+
+
+async def timeout_drain(bench: Bench, *, count: int) -> Metrics:
+    """Scheduler.drain of 100,000 due timeouts onto the due stream, vs a raw XADD loop."""
+    redis = bench.redis
+    keyspace = bench.keyspace("drain")
+    zset, data, due = keyspace.timeouts(0), keyspace.timeout_data(0), keyspace.due_timeouts(0)
+    past = time.time_ns() // 1_000_000 - 3_600_000
+    encoder = msgspec.msgpack.Encoder()
+
+    def payload(i: int) -> tuple[str, int, bytes]:
+        process_id = f"p{i}"
+        body = TimeoutPayload(
+            TimerProbe.name, process_id, PROBE_TIMEOUT, new_id(), 1, past + i // 100
+        )
+        member = timeout_id(TimerProbe.stream_id(process_id), PROBE_TIMEOUT)
+        return member, body.due_ms, encoder.encode(body)
+
+    async def seed(chunk: int) -> None:
+        rows = [payload(i) for i in range(chunk * 1000, min((chunk + 1) * 1000, count))]
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(zset, {member: due_ms for member, due_ms, _ in rows})
+            pipe.hset(data, mapping={member: blob for member, _, blob in rows})
+            await pipe.execute()
+
+    await run_batch(seed, -(-count // 1000), 4)
+    scheduler = Scheduler(redis, keyspace)
+    await script("move_due_timeouts").load(redis)
+    info: dict[str, Any] = await redis.info("cpu")
+    cpu_before = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    started = perf_counter()
+    moved = await scheduler.drain(0)
+    elapsed = perf_counter() - started
+    info = await redis.info("cpu")
+    cpu = float(info["used_cpu_user"]) + float(info["used_cpu_sys"]) - cpu_before
+    on_stream = int(await redis.xlen(due))
+    if moved != count or on_stream != count or await redis.zcard(zset):
+        raise ScenarioFailed(f"moved {moved}, {on_stream} on the due stream, of {count}")
+
+    raw = Script("raw_xadd", RAW_XADD_LUA)
+    await raw.load(redis)
+    raw_key = keyspace.due_timeouts(0) + "-raw"
+    member, due_ms, blob = payload(0)
+    started = perf_counter()
+    for _ in range(count // scheduler.batch_size):
+        await raw(
+            redis, [raw_key], [scheduler.batch_size, member.partition("|")[0], member, blob, due_ms]
+        )
+    raw_elapsed = perf_counter() - started
+    return {
+        "timeouts": count,
+        "timeouts_per_s": round(count / elapsed, 1),
+        "redis_cpu_us": round(cpu / count * 1e6, 2),
+        "raw_per_s": round(count // scheduler.batch_size * scheduler.batch_size / raw_elapsed, 1),
+        "ratio_to_raw": round(raw_elapsed / elapsed, 3),
+    }
+
+
+async def process_e2e(bench: Bench, *, orders: int, workers: int) -> Metrics:
+    """Order fulfilments completed per second: 2 workers with every handler, 1 scheduler."""
+    redis = bench.redis
+    keyspace = bench.keyspace("e2e")
+    registry = EventRegistry([OrderPlaced, *FRAMEWORK_EVENTS])
+    store = EventStore(redis, registry, keyspace=keyspace)
+    process = "order-fulfilment"
+    stats = keyspace.process_stats(0, process)
+
+    async def count(field: str) -> int:
+        return int(await redis.hget(stats, field) or 0)
+
+    def order(order_id: str) -> tuple[str, msgspec.Struct]:
+        return f"order-{order_id}", OrderPlaced(order_id, 100)
+
+    async def durations(order_ids: Sequence[str], placed_ms: Sequence[int]) -> list[float]:
+        """Milliseconds from each OrderPlaced to its process's ProcessCompleted."""
+        out: list[float] = []
+        for chunk in range(0, len(order_ids), 1000):
+            ids = order_ids[chunk : chunk + 1000]
+            async with redis.pipeline(transaction=False) as pipe:
+                for order_id in ids:
+                    pipe.xrevrange(keyspace.stream(f"{process}-{order_id}"), count=1)
+                pages = await pipe.execute()
+            for n, (order_id, page) in enumerate(zip(ids, pages, strict=True)):
+                entry_id, fields = page[0]
+                version = int(entry_id.partition(b"-")[0])
+                last = store.codec.decode(f"{process}-{order_id}", version, fields[b"d"])
+                if not isinstance(last.data, ProcessCompleted):
+                    raise ScenarioFailed(f"order {order_id} ended with {last.type}")
+                out.append(last.occurred_at.timestamp() * 1000 - placed_ms[chunk + n])
+        return out
+
+    with Fleet(bench.url, keyspace) as fleet:
+        handlers = [arg for group in E2E_GROUPS for arg in ("--handler", group)]
+        for _ in range(workers):
+            fleet.start("worker", *handlers)
+        fleet.start("scheduler")
+        startup = await fleet.ready(redis)
+
+        async def completed(n: int) -> bool:
+            if await count("failed"):
+                raise ScenarioFailed(f"{await count('failed')} order processes failed")
+            return await count("completed") >= n
+
+        def drained() -> Awaitable[bool]:
+            return acknowledged(redis, keyspace.log(0), E2E_GROUPS)
+
+        await append_fast(store, [order(f"w{i}") for i in range(E2E_WARMUP_ORDERS)])
+        await fleet.wait("the warm-up orders", lambda: completed(E2E_WARMUP_ORDERS))
+        log_before = int(await redis.xlen(keyspace.log(0)))
+        before = await Usage.now(redis, fleet)
+        started = perf_counter()
+        burst = [str(i) for i in range(orders)]
+        burst_ms = await append_fast(store, [order(i) for i in burst])
+        append_s = perf_counter() - started
+        total = E2E_WARMUP_ORDERS + orders
+        await fleet.wait("every order completed", lambda: completed(total), poll=0.01)
+        elapsed = perf_counter() - started
+        usage = (await Usage.now(redis, fleet)).since(before, orders)
+        # Finished processes get no more events: the log grew by exactly the burst's.
+        log_entries = int(await redis.xlen(keyspace.log(0))) - log_before
+        await fleet.wait("every group to read the whole log", drained, poll=0.01)
+        drained_s = perf_counter() - started
+
+        paced_ms = await append_paced(
+            store, lambda i: order(f"p{i}"), E2E_PACED_RATE, E2E_PACED_SECONDS
+        )
+        paced = [f"p{i}" for i in range(len(paced_ms))]
+        total += len(paced)
+        await fleet.wait("the paced orders", lambda: completed(total), poll=0.01)
+        fleet.check()
+    return {
+        "orders": orders,
+        "startup_s": round(startup, 2),
+        "append_s": round(append_s, 2),
+        "processes_per_s": round(orders / elapsed, 1),
+        "drained_s": round(drained_s, 2),
+        **ms_percentiles(await durations(burst, burst_ms), "burst"),
+        "log_entries_per_process": round(log_entries / orders, 1),
+        **usage,
+        "dur_rate": E2E_PACED_RATE,
+        **ms_percentiles(await durations(paced, paced_ms), "dur"),
+    }
+
+
+scenario("raw_group", rate="events_per_s", events=HANDLER_EVENTS)(raw_group)
+for _kind in HANDLERS:
+    for _workers in (1, 2):
+        _ratios = {"ratio_to_raw": "raw_group"}
+        if _kind == "command":
+            _ratios["ratio_to_noop"] = f"handler_noop_p{_workers}"
+        if _workers > 1:
+            _ratios["ratio_to_p1"] = f"handler_{_kind}_p1"
+        scenario(
+            f"handler_{_kind}_p{_workers}",
+            ratios=_ratios,
+            rate="events_per_s",
+            timeout=180,
+            doc=f"{_kind} handler, {_workers} worker process(es): events/s append to ack",
+            kind=_kind,
+            workers=_workers,
+        )(handler_throughput)
+scenario(
+    "timeout_lateness_idle",
+    rate="fired_per_s",
+    timeout=120,
+    doc=f"lateness of {IDLE_TIMEOUTS} timeouts due over {IDLE_SPREAD:g}s at idle",
+    count=IDLE_TIMEOUTS,
+    spread=IDLE_SPREAD,
+)(timeout_lateness)
+scenario(
+    "timeout_lateness_loaded",
+    rate="fired_per_s",
+    timeout=300,
+    doc=f"lateness of {LOADED_RATE:,} timeouts due per second for {LOADED_SECONDS:g}s",
+    count=round(LOADED_RATE * LOADED_SECONDS),
+    spread=LOADED_SECONDS,
+)(timeout_lateness)
+scenario("timeout_drain", rate="timeouts_per_s", timeout=180, count=DRAIN_TIMEOUTS)(
+    timeout_drain
+)
+scenario(
+    "process_e2e",
+    rate="processes_per_s",
+    timeout=300,
+    orders=E2E_ORDERS,
+    workers=E2E_WORKERS,
+)(process_e2e)
+
+
 # --- running --------------------------------------------------------------------------
 
 
@@ -653,9 +1456,15 @@ def select(patterns: Sequence[str]) -> list[Scenario]:
 
 def add_ratios(results: dict[str, Metrics]) -> None:
     for name, metrics in results.items():
+        if "error" in metrics:
+            continue
         for metric, baseline in SCENARIOS[name].ratios.items():
-            ours, theirs = metrics.get("ops_per_s"), results.get(baseline, {}).get("ops_per_s")
-            metrics[metric] = round(ours / theirs, 3) if ours and theirs else None
+            ours = metrics.get(SCENARIOS[name].rate)
+            theirs = results.get(baseline, {}).get(SCENARIOS[baseline].rate)
+            if isinstance(ours, int | float) and isinstance(theirs, int | float) and theirs:
+                metrics[metric] = round(ours / theirs, 3)
+            else:
+                metrics[metric] = None
 
 
 @contextmanager
@@ -686,6 +1495,20 @@ async def cleanup(redis: Redis, prefix: str, private: bool) -> None:
         await redis.unlink(*batch)
 
 
+async def run_one(s: Scenario, bench: Bench) -> Metrics:
+    """Run one scenario within its timeout; a failure becomes ``{"error": ...}``."""
+    try:
+        with anyio.fail_after(s.timeout):
+            return await s.fn(bench)
+    except TimeoutError:
+        message = f"timed out after {s.timeout:g}s"
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    progress(f"  FAILED: {message}")
+    return {"error": message}
+
+
 async def run(
     scenarios: Sequence[Scenario], url: str, private: bool, args: argparse.Namespace
 ) -> dict[str, Metrics]:
@@ -696,7 +1519,7 @@ async def run(
     )
     prefix = f"bench-{uuid.uuid4().hex[:12]}"
     duration, warmup = args.duration, args.warmup
-    bench = Bench(redis, prefix, duration, warmup)
+    bench = Bench(redis, prefix, duration, warmup, url=url)
     results: dict[str, Metrics] = {}
     try:
         server = await redis.info("server")
@@ -708,9 +1531,10 @@ async def run(
         )
         for s in scenarios:
             progress(f"running {s.name} ...")
-            results[s.name] = metrics = await s.fn(bench)
-            if "ops_per_s" in metrics:
-                progress(f"  {metrics['ops_per_s']:,.0f} ops/s")
+            results[s.name] = metrics = await run_one(s, bench)
+            rate = metrics.get(s.rate)
+            if isinstance(rate, int | float):
+                progress(f"  {rate:,.0f} {s.rate.replace('_per_s', '')}/s")
     finally:
         with anyio.CancelScope(shield=True):
             await cleanup(redis, prefix, private)
@@ -722,6 +1546,8 @@ async def run(
 def format_value(value: Metric) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     if isinstance(value, int) or abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
@@ -739,9 +1565,13 @@ def table(results: dict[str, Metrics]) -> str:
         rows = [["scenario", *columns]]
         rows += [[name, *(format_value(results[name][c]) for c in columns)] for name in names]
         widths = [max(len(row[i]) for row in rows) for i in range(len(columns) + 1)]
+        text = [any(isinstance(results[name][c], str) for name in names) for c in columns]
         for n, row in enumerate(rows):
             cells = [row[0].ljust(widths[0])]
-            cells += [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]
+            cells += [
+                cell.ljust(width) if left else cell.rjust(width)
+                for cell, width, left in zip(row[1:], widths[1:], text, strict=True)
+            ]
             out.append("  ".join(cells).rstrip())
             if n == 0:
                 out.append("  ".join("-" * w for w in widths))
@@ -764,9 +1594,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--list", action="store_true", help="list scenarios and exit")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so worker subprocesses and redis-server are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.list:
+        width = max(len(name) for name in SCENARIOS)
         for s in SCENARIOS.values():
-            print(f"{s.name:20} {s.doc}")
+            print(f"{s.name:{width}}  {s.doc}")
         return
     if args.duration <= 0 or args.warmup < 0:
         parser.error("--duration must be > 0 and --warmup >= 0")
@@ -777,6 +1610,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(results))
     else:
         print(table(results), end="")
+    if any("error" in metrics for metrics in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
