@@ -28,7 +28,7 @@ from rsaga.processes import (
     TimeoutTrigger,
     Trigger,
 )
-from rsaga.retry import ExponentialBackoff
+from rsaga.retry import ExponentialBackoff, RetryPolicy
 
 # --- events of the outside world ---------------------------------------------------
 
@@ -38,6 +38,8 @@ class OrderPlaced(msgspec.Struct, frozen=True, tag="orders.OrderPlaced"):
 
     order_id: str
     amount: int
+    payment: str = "ok"
+    """For the simulated payment service: "ok", "decline" or "silent" (never answers)."""
 
 
 class PaymentRequested(msgspec.Struct, frozen=True, tag="orders.PaymentRequested"):
@@ -45,6 +47,7 @@ class PaymentRequested(msgspec.Struct, frozen=True, tag="orders.PaymentRequested
 
     order_id: str
     amount: int
+    payment: str = "ok"
 
 
 class PaymentConfirmed(msgspec.Struct, frozen=True, tag="orders.PaymentConfirmed"):
@@ -135,9 +138,10 @@ class RequestPayment(_Request, frozen=True, tag="orders.RequestPayment"):
     """Ask the payment service to charge `amount`."""
 
     amount: int
+    payment: str = "ok"
 
     def request(self) -> msgspec.Struct:
-        return PaymentRequested(self.order_id, self.amount)
+        return PaymentRequested(self.order_id, self.amount, self.payment)
 
 
 class ReserveInventory(_Request, frozen=True, tag="orders.ReserveInventory"):
@@ -161,6 +165,7 @@ class OrderAccepted(msgspec.Struct, frozen=True, tag="orders.OrderAccepted"):
     """The process took the order on (the process's own event)."""
 
     amount: int
+    payment: str = "ok"
 
 
 class StatusChanged(msgspec.Struct, frozen=True, tag="orders.StatusChanged"):
@@ -174,6 +179,7 @@ class Order(msgspec.Struct):
 
     status: str = "New"
     amount: int = 0
+    payment: str = "ok"
 
 
 class _Wait(msgspec.Struct, frozen=True):
@@ -192,7 +198,7 @@ class OrderFulfilment(ProcessManager[Order]):
     state_events = (OrderAccepted, StatusChanged)
     commands = (RequestPayment, ReserveInventory, ShipOrder)
     decodes = (PaymentRequested, InventoryRequested, ShipmentRequested)
-    retry = ExponentialBackoff(base=5.0, cap=60.0, max_retries=3)
+    retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=5.0, cap=60.0, max_retries=3)
     deadline = 24 * 3600.0
 
     wait_timeout: ClassVar[float] = 30.0
@@ -217,25 +223,31 @@ class OrderFulfilment(ProcessManager[Order]):
     def apply(self, state: Order, event: RecordedEvent) -> Order:
         """Fold the process's own events."""
         match event.data:
-            case OrderAccepted(amount=amount):
-                state.amount = amount
+            case OrderAccepted(amount=amount, payment=payment):
+                state.amount, state.payment = amount, payment
             case StatusChanged(status=status):
                 state.status = status
         return state
 
-    def _request(self, step: str, order_id: str, amount: int) -> Command[None]:
+    def _request(self, step: str, order_id: str, amount: int, payment: str) -> Command[None]:
         if step == "payment":
             return RequestPayment(
-                stream=StreamId(f"payment-{order_id}"), order_id=order_id, amount=amount
+                stream=StreamId(f"payment-{order_id}"),
+                order_id=order_id,
+                amount=amount,
+                payment=payment,
             )
         if step == "inventory":
             return ReserveInventory(stream=StreamId(f"inventory-{order_id}"), order_id=order_id)
         return ShipOrder(stream=StreamId(f"shipment-{order_id}"), order_id=order_id)
 
-    def _enter(self, step: str, order_id: str, amount: int) -> Decision:
+    def _enter(self, step: str, order_id: str, state: Order) -> Decision:
         """Move to `step`'s waiting status: send its request, start its timeout."""
         wait = self.WAITS[step]
-        commands = [] if step == "delivery" else [self._request(step, order_id, amount)]
+        commands = (
+            [] if step == "delivery"
+            else [self._request(step, order_id, state.amount, state.payment)]
+        )
         return Decision(
             events=[StatusChanged(wait.status)],
             commands=commands,
@@ -246,12 +258,12 @@ class OrderFulfilment(ProcessManager[Order]):
         """Advance on replies; retry a request whose reply is late; fail on refusals."""
         order_id = process.process_id
         match trigger:
-            case EventTrigger(event=RecordedEvent(data=OrderPlaced(amount=amount))):
+            case EventTrigger(event=RecordedEvent(data=OrderPlaced(amount=amount, payment=pay))):
                 if state.status != "New":
                     return Decision()
-                entered = self._enter("payment", order_id, amount)
+                entered = self._enter("payment", order_id, Order(amount=amount, payment=pay))
                 return msgspec.structs.replace(
-                    entered, events=[OrderAccepted(amount), *entered.events]
+                    entered, events=[OrderAccepted(amount, pay), *entered.events]
                 )
             case EventTrigger(event=RecordedEvent(data=PaymentDeclined(reason=reason))):
                 return Decision(fail=f"payment declined: {reason}")
@@ -265,13 +277,13 @@ class OrderFulfilment(ProcessManager[Order]):
                                 events=[StatusChanged("Delivered"), StatusChanged("Completed")],
                                 complete=True,
                             )
-                        entered = self._enter(_NEXT[step], order_id, state.amount)
+                        entered = self._enter(_NEXT[step], order_id, state)
                         return msgspec.structs.replace(entered, cancel=[f"{step}-wait"])
                 return Decision()
             case TimeoutTrigger(name=name) if name.endswith("-wait"):
                 return Decision(retry=name.removesuffix("-wait"))
             case TimeoutTrigger(name=step) if step in self.WAITS:
-                return self._enter(step, order_id, state.amount)
+                return self._enter(step, order_id, state)
         return Decision()
 
 
@@ -298,17 +310,20 @@ class _Reply(Command[None], frozen=True):
 
 
 class PaymentService(EventHandler):
-    """Confirms every payment request at once."""
+    """Answers payment requests at once, as the order asked it to (see `OrderPlaced`)."""
 
     name = "payment-service"
     events = (PaymentRequested,)
 
     async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
-        """Reply PaymentConfirmed."""
-        order_id = event.data.order_id
-        await ctx.execute(
-            _Reply(stream=StreamId(event.stream_id), reply=PaymentConfirmed(order_id))
-        )
+        """Reply PaymentConfirmed, PaymentDeclined, or nothing."""
+        request: PaymentRequested = event.data
+        if request.payment == "silent":
+            return
+        reply: msgspec.Struct = PaymentConfirmed(request.order_id)
+        if request.payment == "decline":
+            reply = PaymentDeclined(request.order_id, "card declined")
+        await ctx.execute(_Reply(stream=StreamId(event.stream_id), reply=reply))
 
 
 class InventoryService(EventHandler):

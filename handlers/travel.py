@@ -16,14 +16,14 @@ adds latency to every reply.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
 
 from rsaga import Command, RecordedEvent, StreamId, Writes
 from rsaga.handlers import EventHandler, HandlerContext
-from rsaga.retry import ExponentialBackoff
+from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.sagas import Saga, Step
 
 SERVICES = ("hotel", "flight", "car")
@@ -184,7 +184,9 @@ class TravelBooking(Saga):
     starts_with = (TripRequested,)
     commands = (RequestBooking, RequestCancellation)
     decodes = (BookingRequested, CancellationRequested)
-    compensation_retry = ExponentialBackoff(base=1.0, cap=30.0, max_retries=4)
+    compensation_retry: ClassVar[RetryPolicy] = ExponentialBackoff(
+        base=1.0, cap=30.0, max_retries=4
+    )
 
     def correlate(self, event: RecordedEvent) -> str | None:
         """Every travel event carries its trip id."""

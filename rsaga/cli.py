@@ -62,33 +62,39 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the bank transfer demo on embedded fakeredis, or on the configured Redis."""
-    from handlers.bank_demo import run_bank_demo
+    """Run order fulfilment processes and travel sagas end to end, then summarise."""
+    from handlers.demo import run_demo
 
     if settings.redis.url:
         redis = connect(settings.redis)
         target = redact_url(settings.redis.url)
         await ping(redis, target)
     else:
+        if args.drive_only:
+            raise ConfigError("--drive-only needs the workers' Redis: set RSAGA_REDIS_URL")
         redis = embedded()
         target = "embedded fakeredis (set RSAGA_REDIS_URL to use a real server)"
+    where = "workers elsewhere" if args.drive_only else "a worker and a scheduler in this process"
     _print(
-        f"rsaga demo: {args.transfers} concurrent bank transfers among {args.accounts} accounts",
-        f"on {target}",
+        f"rsaga demo: {args.orders} orders and {args.trips} trips "
+        f"({args.failure_rate:.0%} set to fail, {args.timeout_rate:.0%} to time out)",
+        f"on {target}, with {where}",
         "",
     )
     try:
-        report = await run_bank_demo(
+        report = await run_demo(
             redis,
-            accounts=args.accounts,
-            transfers=args.transfers,
-            concurrency=args.concurrency,
-            prefix=settings.store.prefix + "-demo",
+            orders=args.orders,
+            trips=args.trips,
+            failure_rate=args.failure_rate,
+            timeout_rate=args.timeout_rate,
             seed=args.seed,
+            prefix=settings.store.prefix if args.drive_only else settings.store.prefix + "-demo",
+            drive_only=args.drive_only,
         )
     finally:
         await redis.aclose()
-    _print(*report.lines())
+    _print("", *report.lines())
     return 0 if report.ok else 1
 
 
@@ -232,6 +238,20 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
         await store.redis.aclose()
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -255,10 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check)
 
     demo = commands.add_parser("demo", help="run the demo (embedded fakeredis unless configured)")
-    demo.add_argument("--accounts", type=_positive, default=20)
-    demo.add_argument("--transfers", type=_positive, default=2_000)
-    demo.add_argument("--concurrency", type=_positive, default=32)
+    demo.add_argument("--orders", type=_count, default=100, help="order fulfilment processes")
+    demo.add_argument("--trips", type=_count, default=100, help="travel-booking sagas")
+    demo.add_argument("--failure-rate", type=_rate, default=0.2)
+    demo.add_argument("--timeout-rate", type=_rate, default=0.1)
     demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument(
+        "--drive-only",
+        action="store_true",
+        help="only start processes and watch: workers and a scheduler run elsewhere (Procfile)",
+    )
     demo.set_defaults(run=_demo)
 
     handlers = commands.add_parser("handlers", help="list installed handlers and their source")

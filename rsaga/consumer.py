@@ -11,7 +11,7 @@ processes, while different streams spread over all of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -108,10 +108,17 @@ class GroupConsumer:
             raise
         return True
 
-    async def read(self, count: int) -> ReadResult:
-        """Entries to run next: handed over, taken over, and up to `count` new ones."""
+    async def read(self, count: int, wanted: Collection[str] | None = None) -> ReadResult:
+        """Entries to run next: handed over, taken over, and up to `count` new ones.
+
+        With `wanted`, entries of other event types are acknowledged inside Redis
+        and never reach Python.
+        """
+        args: list[EncodableArg] = [self.group, self.name, count, self.claim_timeout_ms]
+        if wanted:
+            args.extend(sorted(wanted))
         last_id, found, deliveries = await script("read_batch")(
-            self.redis, self._state_keys, [self.group, self.name, count, self.claim_timeout_ms]
+            self.redis, self._state_keys, args
         )
         return ReadResult(_with_deliveries(found, deliveries), last_id.decode())
 

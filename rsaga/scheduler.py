@@ -18,12 +18,15 @@ import msgspec
 from redis.asyncio import Redis
 
 from rsaga.clock import Clock
-from rsaga.health import REDIS_DOWN, keep_heartbeat, this_process
+from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.keyspace import Keyspace
 from rsaga.scripts import script
 from rsaga.worker import consumer_name
 
 log = logging.getLogger("rsaga.scheduler")
+
+_REDIS_TICK = 0.11
+"""Granularity of a blocking read's timeout on the server (its hz), with a margin."""
 
 
 class Tick(msgspec.Struct, frozen=True):
@@ -93,26 +96,39 @@ class Scheduler:
         wake_key = self.keyspace.timeouts_wake(shard)
         last_wake = "$"
         delay = 0.1
+        # A blocking read must return before the socket timeout, or redis-py
+        # takes it for a dead connection.
+        socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        longest = self.max_sleep if not socket_timeout else min(
+            self.max_sleep, 0.8 * float(socket_timeout)
+        )
         while not stop.is_set():
             try:
                 if last_wake == "$":
                     newest: Any = await self.redis.xrevrange(wake_key, count=1)
                     last_wake = newest[0][0].decode() if newest else "0-0"
                 tick = await self.tick(shard)
+                delay = 0.1
                 if tick.moved >= self.batch_size:
                     continue
-                sleep = self.max_sleep
+                sleep = longest
                 if tick.next_due_ms is not None:
                     sleep = min(sleep, max(0.0, (tick.next_due_ms - tick.now_ms) / 1000))
                 if sleep <= 0:
                     continue
+                if sleep <= _REDIS_TICK:
+                    # Redis ends a blocking read only on its server tick (100 ms at
+                    # the default hz 10): sleep the last stretch here instead.
+                    await anyio.sleep(sleep)
+                    continue
                 woken: Any = await self.redis.xread(
-                    {wake_key: last_wake}, count=10, block=max(1, int(sleep * 1000))
+                    {wake_key: last_wake}, count=10, block=int((sleep - _REDIS_TICK) * 1000)
                 )
                 for _, entries in woken:
                     last_wake = entries[-1][0].decode()
-                delay = 0.1
-            except REDIS_DOWN as exc:
+            except Exception as exc:
+                if not redis_down(exc):
+                    raise
                 log.warning("redis unavailable in scheduler (shard %d): %s", shard, exc)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -3,7 +3,8 @@
 Layout in Redis (see `Keyspace`): one Redis Stream per stream id whose entry ids
 are ``<version>-0`` and whose only field ``d`` is the event envelope; and one log
 stream per shard that receives every committed event in commit order, with
-fields ``s`` (stream id), ``v`` (version) and ``d`` (envelope).
+fields ``s`` (stream id), ``v`` (version), ``t`` (event type, so consumer groups
+can skip unwanted types inside Redis) and ``d`` (envelope).
 """
 
 from __future__ import annotations
@@ -351,6 +352,8 @@ class EventStore:
             mine = []
             for event in w.events:
                 event_id = new_id()
+                type_name = self.registry.name_of(event)
+                envelopes.append(type_name)
                 envelopes.append(
                     self.codec.encode(
                         event,
@@ -367,7 +370,7 @@ class EventStore:
                         version=0,
                         event_id=event_id,
                         occurred_at=occurred_at,
-                        type=self.registry.name_of(event),
+                        type=type_name,
                         data=event,
                         correlation_id=correlation,
                         causation_id=causation_id,

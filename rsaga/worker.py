@@ -75,45 +75,51 @@ class _Backoff:
 
 
 class _Gate:
-    """Entries normally run side by side (shared); a suspect entry runs alone (exclusive)."""
+    """Entries normally run side by side (shared); a suspect entry runs alone (exclusive).
+
+    The shared path is the hot one: it costs two integer updates unless an
+    exclusive holder is running or waiting.
+    """
 
     def __init__(self) -> None:
-        self._condition = anyio.Condition()
         self._shared = 0
         self._exclusive = False
         self._waiting = 0
+        self._changed = anyio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        async with self._condition:
-            while self._exclusive or self._waiting:
-                await self._condition.wait()
-            self._shared += 1
+        while self._exclusive or self._waiting:
+            await self._changed.wait()
+        self._shared += 1
         try:
             yield
         finally:
-            with anyio.CancelScope(shield=True):
-                async with self._condition:
-                    self._shared -= 1
-                    self._condition.notify_all()
+            self._shared -= 1
+            if self._waiting and not self._shared:
+                self._notify()
 
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
-        async with self._condition:
-            self._waiting += 1
-            try:
-                while self._exclusive or self._shared:
-                    await self._condition.wait()
-            finally:
-                self._waiting -= 1
-            self._exclusive = True
+        self._waiting += 1
+        try:
+            while self._exclusive or self._shared:
+                await self._changed.wait()
+        except BaseException:
+            self._waiting -= 1
+            self._notify()
+            raise
+        self._waiting -= 1
+        self._exclusive = True
         try:
             yield
         finally:
-            with anyio.CancelScope(shield=True):
-                async with self._condition:
-                    self._exclusive = False
-                    self._condition.notify_all()
+            self._exclusive = False
+            self._notify()
 
 
 class _Isolation:
@@ -143,6 +149,8 @@ class _Source(Protocol):
 
     name: str
     retry: RetryPolicy
+    wanted: set[str] | None
+    """Event types to receive (others are acknowledged inside Redis); None: all entries."""
 
     def decode(self, entry: RawEntry) -> Any | None:
         """The item to handle, or None if the entry is not for this group (acknowledged).
@@ -170,7 +178,9 @@ class _HandlerSource:
         self.executor = executor
         self.name = handler.name
         self.retry = type(handler).retry
-        self.wanted = {executor.store.registry.name_of_type(t) for t in handler.events}
+        self.wanted: set[str] | None = {
+            executor.store.registry.name_of_type(t) for t in handler.events
+        }
 
     def decode(self, entry: RawEntry) -> LogEntry | None:
         if _addressed_elsewhere(entry, self.name):
@@ -197,7 +207,7 @@ class _ProcessSource:
         self.name = manager.name
         self.retry = type(manager).handler_retry
         registry = runner.executor.store.registry
-        self.wanted = {registry.name_of_type(t) for t in manager.events}
+        self.wanted: set[str] | None = {registry.name_of_type(t) for t in manager.events}
 
     def decode(self, entry: RawEntry) -> LogEntry | None:
         if _addressed_elsewhere(entry, self.name):
@@ -214,6 +224,7 @@ class _TimeoutSource:
 
     def __init__(self, runner: ProcessRunner) -> None:
         self.name = TIMEOUTS_GROUP
+        self.wanted: set[str] | None = None
         self.runner = runner
         self.retry: RetryPolicy = ExponentialBackoff(base=0.1, cap=5.0, max_retries=4)
 
@@ -384,7 +395,7 @@ class _Subscription:
             count = min(self.settings.batch_size, self._capacity() - self._buffered())
 
             async def read_and_dispatch(count: int = count) -> str:
-                result = await self.consumer.read(count)
+                result = await self.consumer.read(count, self.source.wanted)
                 self._dispatch(result.entries)
                 return result.last_id
 

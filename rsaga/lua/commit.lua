@@ -7,7 +7,7 @@
      written nothing.
   2. Append each stream's new events with entry id <version>-0, and each event
      to the shard log in commit order (fields s = stream id, v = version,
-     d = envelope).
+     t = event type, d = envelope).
   3. Schedule and cancel timeouts (see includes/timeouts.lua).
   4. Update process lifecycle indexes (see includes/process_index.lua).
   5. Add dead letters that report failures to an operator (a saga whose
@@ -23,7 +23,7 @@
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
                          (-1 any, 0 no stream yet, N exact), count of new events
-    then                 the envelopes of the new events, stream by stream
+    then                 the new events as (type, envelope) pairs, stream by stream
     then                 S, and S x (timeout id, due ms, payload) to schedule
     then                 C, and C x timeout id to cancel
     then                 I, and I x (transition, member, duration ms)
@@ -58,10 +58,10 @@ for i = 1, n do
   local version = versions[i]
   for _ = 1, count do
     version = version + 1
-    local envelope = ARGV[arg]
-    arg = arg + 1
+    local event_type, envelope = ARGV[arg], ARGV[arg + 1]
+    arg = arg + 2
     redis.call('XADD', key, version .. '-0', 'd', envelope)
-    redis.call('XADD', log, '*', 's', stream_id, 'v', version, 'd', envelope)
+    redis.call('XADD', log, '*', 's', stream_id, 'v', version, 't', event_type, 'd', envelope)
   end
   versions[i] = version
 end

@@ -6,7 +6,9 @@
   1. Note that this consumer is alive, and take (up to `count`) the entries
      other consumers handed to it; if more remain, stop here (newer entries
      must not overtake them).
-  2. XREADGROUP up to `count` new entries. For each entry of stream S:
+  2. XREADGROUP up to `count` new entries. An entry whose type (field t) the
+     group does not want, or replayed for another group (field g), is
+     acknowledged at once, here. For each other entry of stream S:
      - if a live consumer owns S (it holds in-flight entries of S), hand the
        entry to that owner: XCLAIM it over and note it in the owner's handoffs;
      - if a dead consumer owns S, take over everything it holds first;
@@ -20,6 +22,7 @@
     KEYS[3] in-flight counts (stream id -> n)   KEYS[4] handoffs (consumer -> ids)
     KEYS[5] alive (consumer -> last seen ms)
     ARGV[1] group   ARGV[2] consumer   ARGV[3] count   ARGV[4] claim timeout ms
+    ARGV[5 ..] the event types the group wants (none: every entry)
 
   Output:
     {last_id, entries, deliveries}   entries as {id, fields} in the order to run
@@ -47,11 +50,24 @@ if not more_handed then
   local reply = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', log, '>')
   read = group_entries(reply)
 end
+local wanted = nil
+if #ARGV > 4 then
+  wanted = {}
+  for i = 5, #ARGV do
+    wanted[ARGV[i]] = true
+  end
+end
 local owner_of, handed_to = {}, {}
 for _, entry in ipairs(read) do
-  local stream_id = entry_field(entry[2], 's')
+  local fields = entry[2]
+  local stream_id = entry_field(fields, 's')
   local mine = true
-  if stream_id and stream_id ~= '' then
+  local event_type = wanted and entry_field(fields, 't')
+  local target = entry_field(fields, 'g')
+  if (event_type and not wanted[event_type]) or (target and target ~= group) then
+    redis.call('XACK', log, group, entry[1])
+    mine = false
+  elseif stream_id and stream_id ~= '' then
     redis.call('HINCRBY', counts, stream_id, 1)
     local owner = owner_of[stream_id]
     if owner == nil then
