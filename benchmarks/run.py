@@ -388,11 +388,18 @@ def commit_args(
     """
     keys = [keyspace.log(0), *(keyspace.stream(stream_id) for stream_id, _, _ in writes)]
     header: list[str | int | bytes] = [len(writes)]
-    envelopes: list[bytes] = []
+    envelopes: list[str | bytes] = []
     for stream_id, expected, events in writes:
         header += [stream_id, expected, len(events)]
-        envelopes += events
+        for envelope in events:
+            envelopes += [_type_of(envelope), envelope]
     return keys, header + envelopes
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_of(envelope: bytes) -> str:
+    """The event type named in an envelope (commit.lua puts it on the log as `t`)."""
+    return str(msgspec.msgpack.decode(envelope)[1])
 
 
 def check_commit_reply(reply: Any) -> None:
