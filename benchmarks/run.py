@@ -109,8 +109,23 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   shard-log entries one order writes (every group reads every one). Then
   ``dur_p50_ms`` / ``dur_p99_ms``: the same duration for orders placed at a
   paced ``dur_rate`` per second for 3 s.
+- ``saga_e2e``: the same for the travel-booking saga of ``handlers.travel``:
+  2 workers running ``travel-booking``, ``hotel-service``, ``flight-service``
+  and ``car-service`` (entry points; ``RSAGA_HANDLERS`` for any not
+  installed), services replying at once, and one scheduler; after 50 warm-up
+  trips, 1,000 `TripRequested` events at once, 30% of them with ``fail_at``
+  a random service, so their saga compensates what was booked and fails.
+  ``sagas_per_s`` = trips / time from the first append until the saga's
+  process-stats hash has completed + failed = all (checked afterwards: the
+  planned split, and each saga stream ending in ProcessCompleted or a
+  compensated ProcessFailed); ``saga_p50_ms`` / ``saga_p99_ms`` from each
+  saga's ProcessStarted to its last event, ``burst_p50_ms`` /
+  ``burst_p99_ms`` from the TripRequested append (queueing included);
+  ``log_entries_per_saga``. Then ``dur_*`` (from the append) and
+  ``dur_saga_*`` (from ProcessStarted) for trips requested at a paced
+  ``dur_rate`` per second for 3 s, with the same 30% refused.
 
-Per event, timeout or process while timed: ``server_cmds`` (commands the
+Per event, timeout, process or saga while timed: ``server_cmds`` (commands the
 server ran, scripts' own included, this script's appends and polls too),
 ``scripts`` (EVALSHA calls), ``worker_cpu_us`` (all workers) and
 ``redis_cpu_us`` (INFO cpu). Cores busy on average: ``worker_busy``,
@@ -134,6 +149,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -161,6 +177,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 
 from handlers.orders import OrderPlaced
+from handlers.travel import SERVICES, TRAVEL_EVENTS, TripRequested
 from rsaga import (
     Command,
     DomainError,
@@ -179,10 +196,13 @@ from rsaga.events import new_id
 from rsaga.processes import (
     FRAMEWORK_EVENTS,
     ProcessCompleted,
+    ProcessFailed,
     ProcessRunner,
+    ProcessStarted,
     TimeoutPayload,
     timeout_id,
 )
+from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
 from rsaga.scripts import Script, script
 from rsaga.testing import RedisServer
@@ -760,6 +780,21 @@ E2E_PACED_RATE = 20
 E2E_PACED_SECONDS = 3.0
 E2E_GROUPS = ("order-fulfilment", "payment-service", "inventory-service", "shipping-service")
 """The handlers process_e2e runs (entry points of handlers.orders), so its log's groups."""
+SAGA_TRIPS = 1_000
+SAGA_WARMUP_TRIPS = 50
+SAGA_WORKERS = 2
+SAGA_FAILING = 0.3
+"""Share of trips a service refuses (at a random step), so the saga compensates."""
+SAGA_PACED_RATE = 20
+"""Trips per second requested while measuring saga duration."""
+SAGA_PACED_SECONDS = 3.0
+SAGA_HANDLERS = {
+    "travel-booking": "handlers.travel:TravelBooking",
+    "hotel-service": "handlers.travel:HotelService",
+    "flight-service": "handlers.travel:FlightService",
+    "car-service": "handlers.travel:CarService",
+}
+"""The handlers saga_e2e runs (name -> import path, used if no entry point has the name)."""
 POLL = 0.005
 """Seconds between polls of Redis for a condition being timed."""
 WAIT_LIMIT = 120.0
@@ -1385,6 +1420,159 @@ async def process_e2e(bench: Bench, *, orders: int, workers: int) -> Metrics:
     }
 
 
+def handler_args(names: dict[str, str]) -> tuple[list[str], str | None]:
+    """``--handler`` flags for `names`, and RSAGA_HANDLERS for those no entry point installs.
+
+    `names` maps handler name -> import path. Workers run in the repository, so
+    its own package metadata counts as well as the environment's.
+    """
+    installed = {
+        ep.name
+        for dist in importlib.metadata.distributions(path=[str(ROOT), *sys.path])
+        for ep in dist.entry_points
+        if ep.group == "rsaga.handlers"
+    }
+    missing = [path for name, path in names.items() if name not in installed]
+    return [arg for name in names for arg in ("--handler", name)], ",".join(missing) or None
+
+
+async def saga_e2e(bench: Bench, *, trips: int, workers: int, failing: float) -> Metrics:
+    """Travel-booking sagas finished per second: 2 workers with every handler, 1 scheduler."""
+    redis = bench.redis
+    keyspace = bench.keyspace("saga")
+    registry = EventRegistry([*TRAVEL_EVENTS, *FRAMEWORK_EVENTS, *SAGA_EVENTS])
+    store = EventStore(redis, registry, keyspace=keyspace)
+    saga = "travel-booking"
+    stats = keyspace.process_stats(0, saga)
+    rng = random.Random(5)
+    fail_at: dict[str, str | None] = {}
+    """Trip id -> the service set to refuse it (None: every service books)."""
+
+    def plan(prefix: str, n: int) -> list[tuple[str, msgspec.Struct]]:
+        """`n` trip requests, round(n * failing) of them refused at a random step."""
+        refused = set(rng.sample(range(n), round(n * failing)))
+        out: list[tuple[str, msgspec.Struct]] = []
+        for i in range(n):
+            trip_id = f"{prefix}{i}"
+            fail_at[trip_id] = rng.choice(SERVICES) if i in refused else None
+            out.append((f"trip-{trip_id}", TripRequested(trip_id, fail_at=fail_at[trip_id])))
+        return out
+
+    async def lifecycle() -> tuple[int, int]:
+        """(completed, failed) sagas so far; a compensated saga counts as failed."""
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hget(stats, "completed")
+            pipe.hget(stats, "failed")
+            completed, failed = await pipe.execute()
+        return int(completed or 0), int(failed or 0)
+
+    def finished(n: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return sum(await lifecycle()) >= n
+
+        return check
+
+    async def durations(
+        trip_ids: Sequence[str], requested_ms: Sequence[int]
+    ) -> tuple[list[float], list[float]]:
+        """Per trip, ms from ProcessStarted and from TripRequested to the saga's last event.
+
+        Checks that each saga ended as planned: completed, or failed as compensated.
+        """
+        own: list[float] = []
+        total: list[float] = []
+        for chunk in range(0, len(trip_ids), 500):
+            ids = trip_ids[chunk : chunk + 500]
+            async with redis.pipeline(transaction=False) as pipe:
+                for trip_id in ids:
+                    key = keyspace.stream(f"{saga}-{trip_id}")
+                    pipe.xrange(key, count=1)
+                    pipe.xrevrange(key, count=1)
+                pages = await pipe.execute()
+            for n, trip_id in enumerate(ids):
+                stream_id = f"{saga}-{trip_id}"
+                first, last = (
+                    store.codec.decode(stream_id, int(entry_id.partition(b"-")[0]), fields[b"d"])
+                    for entry_id, fields in (pages[2 * n][0], pages[2 * n + 1][0])
+                )
+                if not isinstance(first.data, ProcessStarted):
+                    raise ScenarioFailed(f"saga {stream_id} begins with {first.type}")
+                refused = fail_at[trip_id]
+                ok = (
+                    isinstance(last.data, ProcessCompleted)
+                    if refused is None
+                    else isinstance(last.data, ProcessFailed)
+                    and last.data.reason.startswith(f"compensated: {refused} failed")
+                )
+                if not ok:
+                    raise ScenarioFailed(
+                        f"saga {stream_id} (refused at {refused}) ended with {last.type}"
+                    )
+                end_ms = last.occurred_at.timestamp() * 1000
+                own.append(end_ms - first.occurred_at.timestamp() * 1000)
+                total.append(end_ms - requested_ms[chunk + n])
+        return own, total
+
+    args, handlers = handler_args(SAGA_HANDLERS)
+    with Fleet(bench.url, keyspace) as fleet:
+        for _ in range(workers):
+            fleet.start("worker", *args, handlers=handlers)
+        fleet.start("scheduler")
+        startup = await fleet.ready(redis)
+
+        def drained() -> Awaitable[bool]:
+            return acknowledged(redis, keyspace.log(0), list(SAGA_HANDLERS))
+
+        await append_fast(store, plan("w", SAGA_WARMUP_TRIPS))
+        await fleet.wait("the warm-up sagas", finished(SAGA_WARMUP_TRIPS))
+        log_before = int(await redis.xlen(keyspace.log(0)))
+        before = await Usage.now(redis, fleet)
+        started = perf_counter()
+        burst = plan("b", trips)
+        burst_ms = await append_fast(store, burst)
+        append_s = perf_counter() - started
+        total = SAGA_WARMUP_TRIPS + trips
+        await fleet.wait("every saga finished", finished(total), poll=0.01)
+        elapsed = perf_counter() - started
+        usage = (await Usage.now(redis, fleet)).since(before, trips)
+        log_entries = int(await redis.xlen(keyspace.log(0))) - log_before
+        await fleet.wait("every group to read the whole log", drained, poll=0.01)
+        drained_s = perf_counter() - started
+        completed, failed = await lifecycle()
+
+        paced_plan = plan("p", round(SAGA_PACED_RATE * SAGA_PACED_SECONDS * 2))
+        paced_ms = await append_paced(
+            store, paced_plan.__getitem__, SAGA_PACED_RATE, SAGA_PACED_SECONDS
+        )
+        paced = [f"p{i}" for i in range(len(paced_ms))]
+        total += len(paced)
+        await fleet.wait("the paced sagas", finished(total), poll=0.01)
+        fleet.check()
+    burst_ids = [f"b{i}" for i in range(trips)]
+    refused = sum(fail_at[t] is not None for t in burst_ids) + sum(
+        fail_at[f"w{i}"] is not None for i in range(SAGA_WARMUP_TRIPS)
+    )
+    if failed != refused or completed != SAGA_WARMUP_TRIPS + trips - refused:
+        raise ScenarioFailed(f"{completed} completed and {failed} failed; {refused} were refused")
+    burst_own, burst_total = await durations(burst_ids, burst_ms)
+    paced_own, paced_total = await durations(paced, paced_ms)
+    return {
+        "trips": trips,
+        "compensated": sum(fail_at[t] is not None for t in burst_ids),
+        "startup_s": round(startup, 2),
+        "append_s": round(append_s, 2),
+        "sagas_per_s": round(trips / elapsed, 1),
+        "drained_s": round(drained_s, 2),
+        **ms_percentiles(burst_own, "saga"),
+        **ms_percentiles(burst_total, "burst"),
+        "log_entries_per_saga": round(log_entries / trips, 1),
+        **usage,
+        "dur_rate": SAGA_PACED_RATE,
+        **ms_percentiles(paced_total, "dur"),
+        **ms_percentiles(paced_own, "dur_saga"),
+    }
+
+
 scenario("raw_group", rate="events_per_s", events=HANDLER_EVENTS)(raw_group)
 for _kind in HANDLERS:
     for _workers in (1, 2):
@@ -1428,6 +1616,18 @@ scenario(
     orders=E2E_ORDERS,
     workers=E2E_WORKERS,
 )(process_e2e)
+scenario(
+    "saga_e2e",
+    rate="sagas_per_s",
+    timeout=300,
+    doc=(
+        f"travel-booking sagas finished per second, {SAGA_FAILING:.0%} compensated,"
+        f" {SAGA_WORKERS} workers"
+    ),
+    trips=SAGA_TRIPS,
+    workers=SAGA_WORKERS,
+    failing=SAGA_FAILING,
+)(saga_e2e)
 
 
 # --- running --------------------------------------------------------------------------
