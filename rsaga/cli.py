@@ -65,6 +65,9 @@ async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     """Run order fulfilment processes and travel sagas end to end, then summarise."""
     from handlers.demo import run_demo
 
+    if "RSAGA_LOG_LEVEL" not in os.environ:
+        logging.getLogger("rsaga").setLevel(logging.WARNING)  # the table tells the story
+
     if settings.redis.url:
         redis = connect(settings.redis)
         target = redact_url(settings.redis.url)

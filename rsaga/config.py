@@ -92,6 +92,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds in-flight handlers get to finish after SIGTERM or SIGINT."""
     heartbeat_ttl: float = 15.0
     """Seconds a worker's heartbeat lives unless renewed."""
+    claim_timeout: float | None = None
+    """Seconds a silent worker keeps its entries before others take over; None: each
+    handler's own `claim_timeout`."""
     max_deliveries: int = 5
     """Deliveries without acknowledgement (crashes) before an entry goes to dead letters."""
     dead_letter_max_len: int = 100_000
@@ -108,6 +111,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                      "dead_letter_max_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.claim_timeout is not None and self.claim_timeout <= 0:
+            raise ValueError(f"claim_timeout: must be > 0, got {self.claim_timeout}")
         for name in ("shutdown_timeout", "heartbeat_ttl", "log_retention", "trim_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -158,6 +163,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RSAGA_HANDLERS": ("worker", "handlers"),
     "RSAGA_CONCURRENCY": ("worker", "concurrency"),
     "RSAGA_SHUTDOWN_TIMEOUT": ("worker", "shutdown_timeout"),
+    "RSAGA_CLAIM_TIMEOUT": ("worker", "claim_timeout"),
 }
 """Environment variables and the setting each overrides."""
 

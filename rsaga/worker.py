@@ -619,9 +619,10 @@ class Worker:
                 type(handler).validate()
                 store.registry.register(*handler.events, *handler.decodes)
                 source = _HandlerSource(handler, executor)
-            sources.append((source, "log", type(handler).claim_timeout))
+            claim = self.settings.claim_timeout or type(handler).claim_timeout
+            sources.append((source, "log", claim))
         if self.runner is not None:
-            timeout = min(type(m).claim_timeout for m in managers)
+            timeout = self.settings.claim_timeout or min(type(m).claim_timeout for m in managers)
             sources.append((_TimeoutSource(self.runner), "due", timeout))
         limiter = anyio.CapacityLimiter(self.settings.concurrency)
         isolation = _Isolation()

@@ -17,7 +17,7 @@ from worker_plugins import AlarmSet, Ping, Rang, Seen
 
 from rsaga import EventRegistry, EventStore, Keyspace
 from rsaga.deadletters import DeadLetters
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, TimeoutFired
+from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, ProcessFailed, TimeoutFired
 from rsaga.testing import RedisServer
 from rsaga.worker import TIMEOUTS_GROUP
 
@@ -49,7 +49,7 @@ class WorkerProcess:
                 **os.environ,
                 "RSAGA_REDIS_URL": url,
                 "RSAGA_PREFIX": prefix,
-                "RSAGA_HANDLERS": f"worker_plugins:{handler}",
+                **({"RSAGA_HANDLERS": f"worker_plugins:{handler}"} if handler else {}),
                 "PYTHONPATH": str(ROOT / "tests"),
                 "TEST_CLAIM_TIMEOUT": "1",
                 "RSAGA_SHUTDOWN_TIMEOUT": "10",
@@ -301,3 +301,61 @@ async def _group_drained(redis: Redis, key: str, group: str) -> bool:
         if info["name"] == group.encode():
             return bool(info["pending"] == 0)
     return False
+
+
+@pytest.mark.parametrize("kill_after", [3, 6, 9, 12, 15, 18, 21])
+async def test_a_saga_ends_the_same_wherever_its_worker_is_killed(
+    redis_server: RedisServer, prefix: str, tmp_path: Path, workers: list[WorkerProcess],
+    kill_after: int,
+) -> None:
+    """Hotel and flight book, the car fails: always compensated, each effect once."""
+    from handlers.travel import TRAVEL_EVENTS, TripRequested
+    from rsaga.sagas import SAGA_EVENTS, SagaCompensated
+
+    redis = connect(redis_server.url)
+    registry = EventRegistry([*TRAVEL_EVENTS, *FRAMEWORK_EVENTS, *SAGA_EVENTS])
+    store = EventStore(redis, registry, keyspace=Keyspace(prefix=prefix))
+    handlers = ["travel-booking", "hotel-service", "flight-service", "car-service"]
+
+    def worker() -> WorkerProcess:
+        args = ["worker"] + [a for h in handlers for a in ("--handler", h)]
+        return WorkerProcess(
+            redis_server.url, prefix, tmp_path, "", command=args,
+            RSAGA_CLAIM_TIMEOUT="1", RSAGA_SERVICE_LATENCY_MS="40",
+        )
+
+    saga = "travel-booking-k"
+    workers.append(worker())
+    await store.append("trip-k", [TripRequested("k", fail_at="car")])
+
+    async def reached() -> bool:
+        return await store.version(saga) >= kill_after
+
+    await wait_for(
+        reached, 30, f"the saga to write {kill_after} events", lambda: _output(workers)
+    )
+    workers[-1].process.kill()
+    workers.append(worker())
+
+    async def finished() -> bool:
+        events = (await store.read(saga)).events
+        return bool(events) and isinstance(events[-1].data, ProcessFailed | ProcessCompleted)
+
+    await wait_for(finished, 30, "the saga to end", lambda: _output(workers))
+    events = (await store.read(saga)).events
+    assert any(isinstance(e.data, SagaCompensated) for e in events)
+    services = {
+        s: [e.type.removeprefix("travel.") for e in (await store.read(f"{s}-k")).events]
+        for s in ("hotel", "flight", "car")
+    }
+    booked_then_cancelled = ["BookingRequested", "Booked", "CancellationRequested", "Cancelled"]
+    assert services == {
+        "hotel": booked_then_cancelled,
+        "flight": booked_then_cancelled,
+        "car": ["BookingRequested", "BookingFailed"],
+    }
+    await redis.aclose()
+
+
+async def _output(workers: list[WorkerProcess]) -> str:
+    return "\n".join(f"--- exit={w.process.poll()}\n{w.output[-2000:]}" for w in workers)
