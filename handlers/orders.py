@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import msgspec
 
-from rsaga import Command, RecordedEvent, StreamId, Writes
+from rsaga import Command, RecordedEvent, StatelessCommand, StreamId, Writes
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.processes import (
     Decision,
@@ -115,17 +115,12 @@ WORLD_EVENTS = (
 # --- commands the process issues ---------------------------------------------------------
 
 
-class _Request(Command[None], frozen=True):
+class _Request(StatelessCommand, frozen=True):
     """Append one request event to a service's stream."""
 
     stream: StreamId
     order_id: str
 
-    def initial_state(self) -> None:
-        return None
-
-    def apply(self, state: None, event: RecordedEvent) -> None:
-        return None
 
     def request(self) -> msgspec.Struct:
         raise NotImplementedError
@@ -293,17 +288,12 @@ _NEXT = {"payment": "inventory", "inventory": "shipping", "shipping": "delivery"
 # --- simulated services ------------------------------------------------------------------
 
 
-class _Reply(Command[None], frozen=True):
+class _Reply(StatelessCommand, frozen=True):
     """Append a reply event to a service stream."""
 
     stream: StreamId
     reply: msgspec.Struct
 
-    def initial_state(self) -> None:
-        return None
-
-    def apply(self, state: None, event: RecordedEvent) -> None:
-        return None
 
     def handle(self, state: None) -> Writes:
         return {self.stream: [self.reply]}

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import anyio
 import msgspec
 
-from rsaga import Command, RecordedEvent, StreamId, Writes
+from rsaga import Command, RecordedEvent, StatelessCommand, StreamId, Writes
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.sagas import Saga, Step
@@ -96,16 +96,11 @@ TRAVEL_EVENTS = (
 )
 
 
-class _Append(Command[None], frozen=True):
+class _Append(StatelessCommand, frozen=True):
     """Append one event to one stream."""
 
     stream: StreamId
 
-    def initial_state(self) -> None:
-        return None
-
-    def apply(self, state: None, event: RecordedEvent) -> None:
-        return None
 
     def event(self) -> msgspec.Struct:
         raise NotImplementedError

@@ -6,7 +6,7 @@ The public API is what this module exports; everything else is internal.
 from importlib.metadata import PackageNotFoundError, version
 
 from rsaga.clock import Clock, ManualClock, SystemClock
-from rsaga.commands import Command, StreamId, Writes
+from rsaga.commands import Command, StatelessCommand, StreamId, Writes
 from rsaga.config import Settings, load_settings
 from rsaga.errors import (
     ConcurrencyConflict,
@@ -61,6 +61,7 @@ __all__ = [
     "RetryPolicy",
     "RsagaError",
     "Settings",
+    "StatelessCommand",
     "StreamId",
     "StreamWrite",
     "SystemClock",

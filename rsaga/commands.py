@@ -93,3 +93,19 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     def handle(self, state: S) -> Writes | WritePlan:
         """Decide: return the new events per stream, or raise a `DomainError`."""
         raise NotImplementedError(f"{type(self).__name__} must define handle()")
+
+
+class StatelessCommand(Command[None], frozen=True):
+    """A command that decides without state: it only writes (requests, replies, notes).
+
+    Its streams are still read for the version check, but nothing is folded;
+    subclasses define `handle` alone.
+    """
+
+    def initial_state(self) -> None:
+        """No state."""
+        return
+
+    def apply(self, state: None, event: RecordedEvent) -> None:
+        """Nothing to fold."""
+        return

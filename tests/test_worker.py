@@ -12,12 +12,12 @@ from redis.asyncio import Redis
 from worker_plugins import Flaky, Other, Ping, Recorder, Seen
 
 from rsaga import (
-    Command,
     EventRegistry,
     EventStore,
     Executor,
     Keyspace,
     RecordedEvent,
+    StatelessCommand,
     StreamId,
     ValidationError,
 )
@@ -431,16 +431,11 @@ def test_handler_names_are_validated() -> None:
         Bad.validate()
 
 
-class Note(Command[None], frozen=True):
+class Note(StatelessCommand, frozen=True):
     """Always appends: applying it twice would show as two events."""
 
     target: StreamId
 
-    def initial_state(self) -> None:
-        return None
-
-    def apply(self, state: None, event: RecordedEvent) -> None:
-        return None
 
     def handle(self, state: None) -> dict[str, list[msgspec.Struct]]:
         return {self.target: [Seen(version=0)]}

@@ -16,7 +16,7 @@ import anyio
 import msgspec
 from redis.asyncio import Redis
 
-from rsaga import Command, RecordedEvent, StreamId, Writes
+from rsaga import Command, RecordedEvent, StatelessCommand, StreamId, Writes
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.processes import (
     Decision,
@@ -126,17 +126,12 @@ class Rang(msgspec.Struct, frozen=True):
     alarm_id: str
 
 
-class Ring(Command[None], frozen=True, tag="tests.Ring"):
+class Ring(StatelessCommand, frozen=True, tag="tests.Ring"):
     """Append Rang to the bell stream (applied once per ring by its idempotency key)."""
 
     bell: StreamId
     alarm_id: str
 
-    def initial_state(self) -> None:
-        return None
-
-    def apply(self, state: None, event: RecordedEvent) -> None:
-        return None
 
     def handle(self, state: None) -> Writes:
         return {self.bell: [Rang(self.alarm_id)]}
