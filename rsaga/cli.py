@@ -7,6 +7,7 @@ failed), 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import anyio
 import msgspec
 
 import rsaga
+from rsaga import logs
 from rsaga.config import Settings, load_settings, redact_url
 from rsaga.connection import connect, embedded, ping
 from rsaga.deadletters import DeadLetters
@@ -25,8 +27,20 @@ from rsaga.errors import ConfigError, RsagaError
 from rsaga.events import EventRegistry
 from rsaga.executor import Executor
 from rsaga.handlers import InstalledHandler, discover_handlers
+from rsaga.health import health_report, report_lines
+from rsaga.inspect import (
+    STATES,
+    list_processes,
+    list_timeouts,
+    process_types,
+    read_events,
+    show_process,
+)
 from rsaga.keyspace import Keyspace
-from rsaga.processes import ProcessManager
+from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
+from rsaga.observe import NO_OBSERVER
+from rsaga.processes import FRAMEWORK_EVENTS, ProcessManager
+from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
 from rsaga.scripts import all_scripts
 from rsaga.store import EventStore
@@ -164,8 +178,9 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         worker_settings = msgspec.structs.replace(worker_settings, concurrency=args.concurrency)
     store = _store(settings)
     await ping(store.redis, redact_url(settings.redis.url))
+    observer = PrometheusObserver() if args.metrics_port else None
     worker = Worker(
-        Executor(store, retry=settings.executor.retry),
+        Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
         [item.handler() for item in selected],
         settings=worker_settings,
     )
@@ -173,6 +188,16 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
+            if observer is not None:
+                types = worker.runner.managers if worker.runner else {}
+                groups = [(sub.consumer.log, sub.consumer.group) for sub in worker.subscriptions]
+                tg.start_soon(serve_metrics, observer.registry, args.metrics_port, stop)
+                tg.start_soon(
+                    functools.partial(
+                        refresh_loop, observer, store.redis, store.keyspace, stop,
+                        process_types=list(types), groups=groups,
+                    )
+                )
             await worker.run(stop)
             tg.cancel_scope.cancel()
     finally:
@@ -184,21 +209,135 @@ async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     """Move due timeouts to the due streams until SIGTERM or SIGINT."""
     store = _store(settings)
     await ping(store.redis, redact_url(settings.redis.url))
+    observer = PrometheusObserver() if args.metrics_port else None
     scheduler = Scheduler(
         store.redis,
         store.keyspace,
         batch_size=args.batch_size or settings.scheduler.batch_size,
         max_sleep=settings.scheduler.max_sleep,
         heartbeat_ttl=settings.scheduler.heartbeat_ttl,
+        observer=observer or NO_OBSERVER,
     )
     stop = anyio.Event()
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
+            if observer is not None:
+                tg.start_soon(serve_metrics, observer.registry, args.metrics_port, stop)
+                tg.start_soon(
+                    functools.partial(
+                        refresh_loop, observer, store.redis, store.keyspace, stop, scheduler=True
+                    )
+                )
             await scheduler.run(stop)
             tg.cancel_scope.cancel()
     finally:
         await store.redis.aclose()
+    return 0
+
+
+def _inspection_store(settings: Settings) -> EventStore:
+    """A store whose registry knows every installed handler's and process's events."""
+    store = _store(settings)
+    registry = store.registry
+    registry.register(*FRAMEWORK_EVENTS, *SAGA_EVENTS)
+    for item in discover_handlers(settings.worker.handlers):
+        handler: Any = item.handler
+        if issubclass(handler, ProcessManager):
+            handler.validate()
+            registry.register(*handler.state_events)
+        registry.register(*handler.events, *handler.decodes)
+    return store
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value, enc_hook=str).decode()
+
+
+async def _health(args: argparse.Namespace, settings: Settings) -> int:
+    """Health from Redis; exit 0 ok, 1 warning, 2 critical."""
+    store = _store(settings)
+    try:
+        await ping(store.redis, redact_url(settings.redis.url))
+        report = await health_report(store.redis, store.keyspace, settings.health)
+    finally:
+        await store.redis.aclose()
+    if args.json:
+        _print(_json(report))
+    else:
+        _print(*report_lines(report))
+    return report.exit_code
+
+
+async def _process(args: argparse.Namespace, settings: Settings) -> int:
+    """List processes, or show one."""
+    store = _inspection_store(settings)
+    try:
+        if args.action == "show":
+            view = await show_process(store, args.id)
+            if view is None:
+                print(f"rsaga: no process with stream {args.id!r}", file=sys.stderr)
+                return 1
+            if args.json:
+                _print(_json(view))
+                return 0
+            _print(f"process {view.stream_id}: {view.status}")
+            for t in view.pending_timeouts:
+                _print(f"  waiting for timeout {t.name} (attempt {t.attempt}) due {t.due_at:%c}")
+            for e in view.events:
+                at = f"{e.occurred_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] if e.occurred_at else "?"
+                _print(f"  {e.version:>4}  {at}  {e.type:<32} {e.data}")
+            return 0
+        types = [args.type] if args.type else await process_types(store.redis, store.keyspace)
+        rows = await list_processes(
+            store.redis, store.keyspace, types=types, state=args.state, limit=args.limit,
+            stuck_after=settings.health.stuck_after,
+        )
+        if args.json:
+            _print(_json(rows))
+        elif not rows:
+            _print(f"no {args.state} processes")
+        for row in [] if args.json else rows:
+            _print(f"{row.stream_id:<48} {row.state:<10} {row.at:%Y-%m-%d %H:%M:%S}")
+        return 0
+    finally:
+        await store.redis.aclose()
+
+
+async def _timeouts(args: argparse.Namespace, settings: Settings) -> int:
+    """List the next timeouts due."""
+    store = _store(settings)
+    try:
+        rows = await list_timeouts(store.redis, store.keyspace, limit=args.limit)
+    finally:
+        await store.redis.aclose()
+    if args.json:
+        _print(_json(rows))
+    elif not rows:
+        _print("no timeouts scheduled")
+    for r in [] if args.json else rows:
+        late = f"  OVERDUE {r.overdue_ms} ms" if r.overdue_ms else ""
+        _print(f"{r.due_at:%Y-%m-%d %H:%M:%S}  {r.process:<40} {r.name} #{r.attempt}{late}")
+    return 0
+
+
+async def _stream(args: argparse.Namespace, settings: Settings) -> int:
+    """Show the events of one stream."""
+    store = _inspection_store(settings)
+    try:
+        rows = await read_events(store, args.id, from_version=args.from_version, limit=args.limit)
+    finally:
+        await store.redis.aclose()
+    if args.json:
+        _print(_json(rows))
+        return 0
+    if not rows:
+        print(f"rsaga: stream {args.id!r} has no events from version {args.from_version}",
+              file=sys.stderr)
+        return 1
+    for e in rows:
+        at = f"{e.occurred_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] if e.occurred_at else "?"
+        _print(f"{e.version:>5}  {at}  {e.type:<32} {e.data}  corr={e.correlation_id}")
     return 0
 
 
@@ -298,13 +437,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--handler", action="append", metavar="NAME", help="run only this handler (repeatable)"
     )
     worker.add_argument("--concurrency", type=_positive, help="events handled at once")
+    worker.add_argument(
+        "--metrics-port", type=_positive, help="serve Prometheus metrics on this port"
+    )
     worker.set_defaults(run=_worker)
 
     scheduler = commands.add_parser(
         "scheduler", help="move due timeouts to the workers until SIGTERM or SIGINT"
     )
     scheduler.add_argument("--batch-size", type=_positive, help="timeouts moved per call")
+    scheduler.add_argument(
+        "--metrics-port", type=_positive, help="serve Prometheus metrics on this port"
+    )
     scheduler.set_defaults(run=_scheduler)
+
+    health = commands.add_parser(
+        "health", help="health from Redis; exit 0 ok, 1 warning, 2 critical"
+    )
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(run=_health)
+
+    process = commands.add_parser("process", help="list processes or show one")
+    process_actions = process.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = process_actions.add_parser("list", help="processes by state")
+    listing.add_argument("--type", help="one process type (default: all)")
+    listing.add_argument("--state", choices=STATES, default="active")
+    listing.add_argument("--limit", type=_positive, default=50)
+    listing.add_argument("--json", action="store_true")
+    showing = process_actions.add_parser("show", help="one process: history, state, timeouts")
+    showing.add_argument("id", help="the process's stream id, e.g. order-fulfilment-17")
+    showing.add_argument("--json", action="store_true")
+    process.set_defaults(run=_process)
+
+    timeouts = commands.add_parser("timeouts", help="scheduled timeouts")
+    timeouts.add_argument("action", choices=["list"])
+    timeouts.add_argument("--limit", type=_positive, default=50)
+    timeouts.add_argument("--json", action="store_true")
+    timeouts.set_defaults(run=_timeouts)
+
+    stream = commands.add_parser("stream", help="the events of one stream")
+    stream.add_argument("action", choices=["show"])
+    stream.add_argument("id", help="stream id")
+    stream.add_argument("--from", dest="from_version", type=_positive, default=1)
+    stream.add_argument("--limit", type=_positive, default=100)
+    stream.add_argument("--json", action="store_true")
+    stream.set_defaults(run=_stream)
 
     dlq = commands.add_parser("dlq", help="list, replay or drop dead letters")
     dlq.add_argument("action", choices=["list", "replay", "drop"])
@@ -319,18 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rsaga`` console script; returns the exit code."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `rsaga ... | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=os.environ.get("RSAGA_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
     try:
         settings = load_settings(args.config)
+        logs.configure(settings.logging.format, settings.logging.level)
         run: Handler = args.run
         return anyio.run(run, args, settings)
     except ConfigError as exc:

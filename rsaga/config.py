@@ -136,6 +136,40 @@ class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
+class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Thresholds of `rsaga health` (warning: exit 1, critical: exit 2)."""
+
+    stuck_after: float = 3600.0
+    """Seconds without progress after which an active process counts as stuck (warning)."""
+    overdue_after: float = 60.0
+    """Seconds past due after which an unmoved timeout is overdue (critical)."""
+    lag_warning: int = 1000
+    """Undelivered entries of a consumer group that make a warning."""
+    lag_critical: int = 100_000
+    """Undelivered entries of a consumer group that make it critical."""
+    dead_letters_warning: int = 1
+    """Dead letters that make a warning."""
+    failure_rate_warning: float = 0.5
+    """Share of failed processes (of a type) that makes a warning..."""
+    min_finished: int = 20
+    """...once at least this many processes of the type have finished."""
+
+
+class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Logs of every rsaga command."""
+
+    format: str = "kv"
+    """"kv" (key=value) or "json" (one object per line)."""
+    level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("kv", "json"):
+            raise ValueError(f"format: must be 'kv' or 'json', got {self.format!r}")
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"level: must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """All of rsaga's settings."""
 
@@ -144,6 +178,8 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     executor: ExecutorSettings = msgspec.field(default_factory=ExecutorSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
     def __post_init__(self) -> None:
         if self.worker.block_ms >= self.redis.socket_timeout * 1000:
@@ -164,6 +200,9 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RSAGA_CONCURRENCY": ("worker", "concurrency"),
     "RSAGA_SHUTDOWN_TIMEOUT": ("worker", "shutdown_timeout"),
     "RSAGA_CLAIM_TIMEOUT": ("worker", "claim_timeout"),
+    "RSAGA_STUCK_AFTER": ("health", "stuck_after"),
+    "RSAGA_LOG_FORMAT": ("logging", "format"),
+    "RSAGA_LOG_LEVEL": ("logging", "level"),
 }
 """Environment variables and the setting each overrides."""
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import anyio
 import msgspec
 
 from rsaga.commands import Command, WritePlan
-from rsaga.errors import ConcurrencyConflict, RetriesExhausted, UndeclaredStream, ValidationError
+from rsaga.errors import (
+    ConcurrencyConflict,
+    DomainError,
+    RetriesExhausted,
+    UndeclaredStream,
+    ValidationError,
+)
 from rsaga.events import RecordedEvent, new_id
 from rsaga.keyspace import validate_stream_id
+from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.store import EventStore, StreamSlice, StreamWrite
 
@@ -45,9 +53,11 @@ class Executor:
         *,
         retry: RetryPolicy = DEFAULT_COMMAND_RETRY,
         rng: random.Random | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.store = store
         self.retry = retry
+        self.observer = observer
         self._rng = rng or random.Random()
 
     async def execute(
@@ -72,18 +82,40 @@ class Executor:
         if not isinstance(command, Command):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
         correlation = correlation_id or new_id()
+        name = type(command).__name__
+        started = time.perf_counter()
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._attempt(
+                result = await self._attempt(
                     command, correlation, causation_id, idempotency_key, attempt
                 )
             except ConcurrencyConflict as conflict:
                 delay = self.retry.delay(attempt, self._rng)
                 if delay is None:
+                    self.observer.command_executed(
+                        name, seconds=time.perf_counter() - started, attempts=attempt,
+                        outcome="gave up",
+                    )
                     raise RetriesExhausted(attempt, conflict) from conflict
                 await anyio.sleep(delay)
+            except DomainError:
+                self.observer.command_executed(
+                    name, seconds=time.perf_counter() - started, attempts=attempt,
+                    outcome="refused",
+                )
+                raise
+            else:
+                outcome = (
+                    "duplicate" if result.duplicate else "written" if result.events
+                    else "unchanged"
+                )
+                self.observer.command_executed(
+                    name, seconds=time.perf_counter() - started, attempts=attempt,
+                    outcome=outcome,
+                )
+                return result
 
     async def _attempt(
         self,

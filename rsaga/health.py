@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import anyio
 import msgspec
@@ -86,3 +87,191 @@ async def keep_heartbeat(
             contextlib.suppress(*REDIS_DOWN),
         ):
             await redis.delete(key)
+
+
+# --- the health report (`rsaga health`) --------------------------------------------------
+
+
+class ProcessTypeHealth(msgspec.Struct):
+    """Lifecycle figures of one process type, over every shard."""
+
+    process_type: str
+    started: int = 0
+    completed: int = 0
+    failed: int = 0
+    active: int = 0
+    stuck: int = 0
+    failure_rate: float = 0.0
+    mean_duration_ms: float = 0.0
+    p99_duration_ms: float = 0.0
+
+
+class GroupHealth(msgspec.Struct):
+    """One consumer group on one stream."""
+
+    group: str
+    stream: str
+    lag: int
+    pending: int
+
+
+class HealthReport(msgspec.Struct):
+    """What `rsaga health` found in Redis, and the verdict."""
+
+    status: str
+    """"ok", "warning" or "critical"."""
+    problems: list[str]
+    workers: list[Heartbeat]
+    schedulers: list[Heartbeat]
+    processes: list[ProcessTypeHealth]
+    groups: list[GroupHealth]
+    dead_letters: int
+    overdue_timeouts: int
+
+    @property
+    def exit_code(self) -> int:
+        """0 ok, 1 warning, 2 critical: usable as a container health check."""
+        return {"ok": 0, "warning": 1, "critical": 2}[self.status]
+
+
+async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthReport:
+    """Compute the health of a deployment from Redis alone (not one process's memory).
+
+    `settings` is a `HealthSettings`; `keyspace` a `Keyspace`.
+    """
+    now_ms = await _server_ms(redis)
+    beats: list[Heartbeat] = []
+    async for key in redis.scan_iter(match=keyspace.heartbeat_pattern(), count=500):
+        blob = await redis.get(key)
+        if blob:
+            with contextlib.suppress(msgspec.DecodeError):
+                beats.append(msgspec.json.decode(blob, type=Heartbeat))
+    types: set[str] = set()
+    async for key in redis.scan_iter(match=keyspace.stats_pattern(), count=500):
+        types.add(key.decode().split(":stats:", 1)[1])
+    stuck_before = now_ms - int(settings.stuck_after * 1000)
+    processes = []
+    for process_type in sorted(types):
+        figures = ProcessTypeHealth(process_type)
+        durations: list[int] = []
+        for shard in range(keyspace.shards):
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keyspace.process_stats(shard, process_type))
+                pipe.zcard(keyspace.active_processes(shard, process_type))
+                pipe.zcount(keyspace.active_processes(shard, process_type), "-inf", stuck_before)
+                pipe.lrange(keyspace.process_durations(shard, process_type), 0, -1)
+                stats, active, stuck, recent = await pipe.execute()
+            figures.started += int(stats.get(b"started", 0))
+            figures.completed += int(stats.get(b"completed", 0))
+            figures.failed += int(stats.get(b"failed", 0))
+            figures.mean_duration_ms += int(stats.get(b"duration_ms_total", 0))
+            figures.active += int(active)
+            figures.stuck += int(stuck)
+            durations += [int(d) for d in recent]
+        finished = figures.completed + figures.failed
+        figures.mean_duration_ms = figures.mean_duration_ms / finished if finished else 0.0
+        figures.failure_rate = figures.failed / finished if finished else 0.0
+        if durations:
+            durations.sort()
+            figures.p99_duration_ms = float(durations[min(len(durations) - 1,
+                                                          int(len(durations) * 0.99))])
+        processes.append(figures)
+    groups: list[GroupHealth] = []
+    dead_letters = overdue = 0
+    overdue_before = now_ms - int(settings.overdue_after * 1000)
+    for shard in range(keyspace.shards):
+        for stream in (keyspace.log(shard), keyspace.due_timeouts(shard)):
+            try:
+                infos = await redis.xinfo_groups(stream)
+            except ResponseError:
+                continue  # no such stream yet
+            for info in infos:
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                groups.append(GroupHealth(name, stream, int(info.get("lag") or 0),
+                                          int(info["pending"])))
+        dead_letters += int(await redis.xlen(keyspace.dead_letters(shard)))
+        overdue += int(await redis.zcount(keyspace.timeouts(shard), "-inf", overdue_before))
+    return _verdict(
+        settings,
+        workers=[b for b in beats if b.kind == "worker"],
+        schedulers=[b for b in beats if b.kind == "scheduler"],
+        processes=processes,
+        groups=groups,
+        dead_letters=dead_letters,
+        overdue=overdue,
+    )
+
+
+def _verdict(
+    settings: Any,
+    *,
+    workers: list[Heartbeat],
+    schedulers: list[Heartbeat],
+    processes: list[ProcessTypeHealth],
+    groups: list[GroupHealth],
+    dead_letters: int,
+    overdue: int,
+) -> HealthReport:
+    critical: list[str] = []
+    warning: list[str] = []
+    if (processes or groups) and not workers:
+        critical.append("no live worker (no heartbeat)")
+    if overdue:
+        critical.append(
+            f"{overdue} timeouts overdue by more than {settings.overdue_after:g}s "
+            "(is a scheduler running?)"
+        )
+    for p in processes:
+        if p.stuck:
+            warning.append(
+                f"{p.stuck} {p.process_type} processes stuck "
+                f"(no progress for {settings.stuck_after:g}s)"
+            )
+        finished = p.completed + p.failed
+        if finished >= settings.min_finished and p.failure_rate >= settings.failure_rate_warning:
+            warning.append(f"{p.process_type} failure rate {p.failure_rate:.0%}")
+    for g in groups:
+        if g.lag >= settings.lag_critical:
+            critical.append(f"group {g.group} is {g.lag} entries behind")
+        elif g.lag >= settings.lag_warning:
+            warning.append(f"group {g.group} is {g.lag} entries behind")
+    if dead_letters >= settings.dead_letters_warning:
+        warning.append(f"{dead_letters} dead letters")
+    status = "critical" if critical else "warning" if warning else "ok"
+    return HealthReport(
+        status, critical + warning, workers, schedulers, processes, groups, dead_letters, overdue
+    )
+
+
+async def _server_ms(redis: Redis) -> int:
+    now: Any = await redis.time()
+    seconds, micros = now
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def report_lines(report: HealthReport) -> list[str]:
+    """`report` as a readable table."""
+    lines = [f"status: {report.status.upper()}"]
+    lines += [f"  - {problem}" for problem in report.problems]
+    lines.append(f"workers: {len(report.workers)} live, schedulers: {len(report.schedulers)} live")
+    for beat in [*report.workers, *report.schedulers]:
+        lines.append(f"  {beat.kind:<9} {beat.consumer}  pid {beat.pid} on {beat.host}")
+    if report.processes:
+        lines.append(
+            f"{'process type':<22}{'started':>9}{'done':>9}{'failed':>8}{'rate':>7}{'active':>8}"
+            f"{'stuck':>7}{'mean ms':>10}{'p99 ms':>10}"
+        )
+        for p in report.processes:
+            lines.append(
+                f"{p.process_type:<22}{p.started:>9}{p.completed:>9}{p.failed:>8}"
+                f"{p.failure_rate:>7.0%}{p.active:>8}{p.stuck:>7}{p.mean_duration_ms:>10.0f}"
+                f"{p.p99_duration_ms:>10.0f}"
+            )
+    if report.groups:
+        lines.append(f"{'consumer group':<28}{'lag':>8}{'pending':>9}  stream")
+        for g in report.groups:
+            lines.append(f"{g.group:<28}{g.lag:>8}{g.pending:>9}  {g.stream}")
+    lines.append(
+        f"dead letters: {report.dead_letters}, overdue timeouts: {report.overdue_timeouts}"
+    )
+    return lines

@@ -125,6 +125,28 @@ class Keyspace:
         """Hash: started, completed, failed, duration_ms_total of a process type."""
         return f"{self._tag(shard)}:stats:{process_type}"
 
+    def process_durations(self, shard: int, process_type: str) -> str:
+        """List: the last 1000 durations (ms) of finished processes of a type."""
+        return f"{self._tag(shard)}:durations:{process_type}"
+
+    def finished_processes(self, shard: int, process_type: str, outcome: str) -> str:
+        """Sorted set: the last 10000 completed (or failed) processes by end time."""
+        return f"{self._tag(shard)}:{outcome}:{process_type}"
+
+    def process_index(self, shard: int, process_type: str) -> list[str]:
+        """Every key of a process type's lifecycle index, in the order commit.lua takes them."""
+        return [
+            self.active_processes(shard, process_type),
+            self.process_stats(shard, process_type),
+            self.process_durations(shard, process_type),
+            self.finished_processes(shard, process_type, "completed"),
+            self.finished_processes(shard, process_type, "failed"),
+        ]
+
+    def stats_pattern(self) -> str:
+        """SCAN pattern matching the stats hash of every process type on every shard."""
+        return f"{self.prefix}:*:stats:*"
+
     # --- keys outside any shard -------------------------------------------------
 
     def heartbeat(self, consumer: str) -> str:

@@ -37,6 +37,7 @@ from rsaga.errors import DomainError, RsagaError, ValidationError
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
 from rsaga.keyspace import validate_stream_id
+from rsaga.observe import Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.store import Effects, IndexUpdate, TimeoutWrite
 
@@ -122,11 +123,14 @@ class RetryScheduled(msgspec.Struct, frozen=True, tag="rsaga.RetryScheduled"):
 class ProcessCompleted(msgspec.Struct, frozen=True, tag="rsaga.ProcessCompleted"):
     """The process finished successfully."""
 
+    duration_ms: int = 0
+
 
 class ProcessFailed(msgspec.Struct, frozen=True, tag="rsaga.ProcessFailed"):
     """The process finished unsuccessfully."""
 
     reason: str
+    duration_ms: int = 0
 
 
 FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
@@ -304,6 +308,9 @@ class ProcessManager(Generic[S]):
     def decide(self, state: S, trigger: Trigger, process: ProcessInfo) -> Decision:
         """What to do about `trigger`; a finished process is never asked."""
         raise NotImplementedError
+
+    def report(self, event: msgspec.Struct, observer: Observer) -> None:
+        """Tell `observer` about one of this process's own new events (none by default)."""
 
     @classmethod
     def stream_id(cls, process_id: str) -> str:
@@ -536,10 +543,14 @@ class _Plan:
             self.events.append(
                 CommandsIssued([self.registry.encode(c) for c in decision.commands])
             )
+        started = info.started_at_ms or self.now_ms
+        duration = max(0, self.now_ms - started)
         if fail is not None or decision.complete:
             for name in list(self.pending):
                 self._cancel(name)
-            self.events.append(ProcessFailed(fail) if fail is not None else ProcessCompleted())
+            self.events.append(
+                ProcessFailed(fail, duration) if fail is not None else ProcessCompleted(duration)
+            )
             transition = "fail" if fail is not None else "complete"
         letters = []
         if fail is not None and decision.escalate:
@@ -551,12 +562,11 @@ class _Plan:
                 "failed_at_ms": str(self.now_ms),
                 "process_id": info.process_id,
             })
-        started = info.started_at_ms or self.now_ms
         index = IndexUpdate(
             info.process_type,
             info.stream_id,
             transition,
-            max(0, self.now_ms - started) if transition in ("complete", "fail") else 0,
+            duration if transition in ("complete", "fail") else 0,
         )
         return WritePlan(
             {info.stream_id: self.events},
@@ -666,6 +676,8 @@ class ProcessRunner:
         result = await self.executor.execute(
             step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key
         )
+        if not result.duplicate:
+            self._observe(manager, trigger, result.events)
         events = result.events
         if result.duplicate:
             events = [
@@ -675,6 +687,29 @@ class ProcessRunner:
         for event in events:
             if isinstance(event.data, CommandsIssued):
                 await self._run_commands(manager, process_id, event.data, key, correlation)
+
+    def _observe(
+        self, manager: ProcessManager[Any], trigger: Trigger, events: list[RecordedEvent]
+    ) -> None:
+        observer = self.executor.observer
+        process_type = manager.name
+        if isinstance(trigger, TimeoutTrigger) and not events:
+            observer.timeout_event(process_type, "discarded")
+        for event in events:
+            match event.data:
+                case ProcessStarted():
+                    observer.process_transition(process_type, "start", 0)
+                case ProcessCompleted(duration_ms=ms):
+                    observer.process_transition(process_type, "complete", ms)
+                case ProcessFailed(duration_ms=ms):
+                    observer.process_transition(process_type, "fail", ms)
+                case TimeoutScheduled():
+                    observer.timeout_event(process_type, "scheduled")
+                case TimeoutFired(due_ms=due):
+                    lateness = self.clock.now_ms() - due
+                    observer.timeout_event(process_type, "fired", float(max(0, lateness)))
+                case data:
+                    manager.report(data, observer)
 
     async def _run_commands(
         self,

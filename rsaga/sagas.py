@@ -25,6 +25,7 @@ import msgspec
 from rsaga.commands import Command
 from rsaga.errors import ValidationError
 from rsaga.events import RecordedEvent
+from rsaga.observe import Observer
 from rsaga.processes import (
     Decision,
     EventTrigger,
@@ -388,6 +389,13 @@ class Saga(ProcessManager[_SagaState]):
                     cancel=[*decision.cancel, f"compensate:{step.name}"],
                 )
         return Decision()
+
+    def report(self, event: msgspec.Struct, observer: Observer) -> None:
+        """Compensations and compensation failures, for metrics."""
+        if isinstance(event, StepCompensated):
+            observer.saga_event(self.name, "compensated")
+        elif isinstance(event, SagaCompensationFailed):
+            observer.saga_event(self.name, "compensation_failed")
 
     def state_of(self, state: _SagaState) -> SagaProgress:
         """The progress part of a folded saga state (for inspection and tests)."""

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from rsaga.clock import Clock
 from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.keyspace import Keyspace
+from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.scripts import script
 from rsaga.worker import consumer_name
 
@@ -50,6 +51,7 @@ class Scheduler:
         max_sleep: float = 5.0,
         heartbeat_ttl: float = 15.0,
         name: str | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -58,6 +60,7 @@ class Scheduler:
         self.max_sleep = max_sleep
         self.heartbeat_ttl = heartbeat_ttl
         self.name = name or f"scheduler-{consumer_name()}"
+        self.observer = observer
 
     async def tick(self, shard: int) -> Tick:
         """Move up to `batch_size` due timeouts of `shard` (one atomic script call)."""
@@ -68,6 +71,8 @@ class Scheduler:
             [ks.timeouts(shard), ks.timeout_data(shard), ks.due_timeouts(shard)],
             [self.batch_size, now],
         )
+        if int(moved):
+            self.observer.timeouts_moved(shard, int(moved))
         return Tick(int(moved), None if int(next_due) < 0 else int(next_due), int(now_ms))
 
     async def drain(self, shard: int) -> int:

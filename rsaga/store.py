@@ -395,10 +395,7 @@ class EventStore:
         for update in effects.index:
             if update.transition not in ("start", "progress", "complete", "fail"):
                 raise ValidationError(f"unknown process transition {update.transition!r}")
-            keys += [
-                ks.active_processes(shard, update.process_type),
-                ks.process_stats(shard, update.process_type),
-            ]
+            keys += ks.process_index(shard, update.process_type)
             args += [update.transition, update.stream_id, update.duration_ms]
         args.append(len(effects.dead_letters))
         for letter in effects.dead_letters:

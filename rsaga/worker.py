@@ -35,6 +35,8 @@ from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.health import keep_heartbeat, redis_down, this_process
+from rsaga.logs import event_fields
+from rsaga.observe import Observer
 from rsaga.processes import (
     IncompatibleDefinition,
     ProcessManager,
@@ -257,6 +259,7 @@ class _Subscription:
         settings: WorkerSettings,
         limiter: anyio.CapacityLimiter,
         isolation: _Isolation,
+        observer: Observer,
     ) -> None:
         self.source = source
         self.consumer = consumer
@@ -264,6 +267,7 @@ class _Subscription:
         self.limiter = limiter
         self.isolation = isolation
         isolation.subscriptions.append(self)
+        self._observer = observer
         self._delivery_lock = anyio.Lock()
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
@@ -473,6 +477,7 @@ class _Subscription:
             await self._dead_letter(entry, exc, attempts=0, tb="")
             return False
         if item is None:
+            self._observer.entry_handled(self.source.name, seconds=0.0, outcome="skipped")
             return True
         if entry.deliveries > self.settings.max_deliveries:
             reason = RuntimeError(
@@ -483,6 +488,7 @@ class _Subscription:
             return False
         attempt = 0
         backoff = _Backoff()
+        started = time.perf_counter()
         while True:
             attempt += 1
             try:
@@ -499,18 +505,34 @@ class _Subscription:
                 if self._stopping:
                     return False
                 if delay is None:
-                    await self._dead_letter(entry, exc, attempt, traceback.format_exc(limit=8))
+                    await self._dead_letter(
+                        entry, exc, attempt, traceback.format_exc(limit=8), item
+                    )
                     return False
                 log.info(
                     "%s: %s failed (attempt %d): %r; retrying in %.2fs",
                     self.name, entry.log_id, attempt, exc, delay,
+                    extra=self._log_fields(item, entry),
+                )
+                self._observer.entry_handled(
+                    self.source.name, seconds=time.perf_counter() - started, outcome="retried"
                 )
                 await anyio.sleep(delay)
                 continue
+            self._observer.entry_handled(
+                self.source.name, seconds=time.perf_counter() - started, outcome="handled"
+            )
             return True
 
+    def _log_fields(self, item: Any, entry: RawEntry) -> dict[str, Any]:
+        fields = {"group": self.source.name, "stream_id": entry.stream_id or None}
+        event = getattr(item, "event", None)
+        if event is not None:
+            fields.update(event_fields(event))
+        return fields
+
     async def _dead_letter(
-        self, entry: RawEntry, exc: BaseException, attempts: int, tb: str
+        self, entry: RawEntry, exc: BaseException, attempts: int, tb: str, item: Any = None
     ) -> None:
         fields: dict[str, EncodableArg] = {
             "handler": self.source.name,
@@ -529,7 +551,9 @@ class _Subscription:
         log.error(
             "%s: %s dead-lettered after %d attempts: %s: %s",
             self.name, entry.log_id, attempts, type(exc).__name__, exc,
+            extra=self._log_fields(item, entry),
         )
+        self._observer.entry_handled(self.source.name, seconds=0.0, outcome="dead_lettered")
         dead_id = await self._retrying(
             "dead-lettering",
             self.consumer.dead_letter, entry, fields, self.settings.dead_letter_max_len,
@@ -642,6 +666,7 @@ class Worker:
                 self.settings,
                 limiter,
                 isolation,
+                executor.observer,
             )
             for source, stream, claim_timeout in sources
             for shard in range(ks.shards)

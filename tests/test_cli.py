@@ -187,3 +187,49 @@ async def test_a_second_signal_exits_at_once(
     finally:
         process.kill()
         await redis.aclose()
+
+
+def test_process_show_of_an_unknown_id_says_so_and_exits_1(
+    env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    real_redis_url: str,
+) -> None:
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+    assert main(["process", "show", "order-fulfilment-nope"]) == 1
+    assert "no process with stream 'order-fulfilment-nope'" in capsys.readouterr().err
+
+
+def test_health_of_an_empty_deployment_is_ok_and_lists_nothing(
+    env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    real_redis_url: str,
+) -> None:
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+    assert main(["health"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("status: OK")
+    assert "workers: 0 live" in out
+    assert main(["timeouts", "list"]) == 0
+    assert "no timeouts scheduled" in capsys.readouterr().out
+    assert main(["process", "list", "--state", "stuck"]) == 0
+
+
+def test_logs_are_key_value_or_json(
+    env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import logging
+
+    from rsaga import logs
+
+    logs.configure("json", "INFO")
+    logging.getLogger("rsaga.test").warning(
+        "handled", extra={"correlation_id": "c1", "causation_id": "e0"}
+    )
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert (line["msg"], line["correlation_id"], line["causation_id"]) == ("handled", "c1", "e0")
+    logs.configure("kv", "INFO")
+    logging.getLogger("rsaga.test").warning("two words", extra={"correlation_id": "c2"})
+    assert 'msg="two words" correlation_id=c2' in capsys.readouterr().err

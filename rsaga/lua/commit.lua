@@ -18,7 +18,8 @@
     KEYS[2 .. n+1]       the n checked streams
     then, if any timeout is scheduled or cancelled: the shard's timeouts
                          sorted set, timeout data hash and wake stream
-    then, per index update: the process type's active set and stats hash
+    then, per index update: the process type's active set, stats hash,
+                         durations list, completed set and failed set
     then, if any dead letter is added: the shard's dead-letter stream
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
@@ -90,8 +91,9 @@ local updates = tonumber(ARGV[arg] or 0)
 if updates > 0 then
   local now = now_ms()
   for _ = 1, updates do
-    update_process_index(KEYS[key], KEYS[key + 1], ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], now)
-    key = key + 2
+    local index_keys = {KEYS[key], KEYS[key + 1], KEYS[key + 2], KEYS[key + 3], KEYS[key + 4]}
+    update_process_index(index_keys, ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], now)
+    key = key + 5
     arg = arg + 3
   end
 end

@@ -1,19 +1,26 @@
 --[[
-  The lifecycle index of one process type on one shard: a sorted set of active
-  processes scored by their last progress (server ms), and counters of
-  started, completed and failed processes plus the total duration of the
-  finished ones.
+  The lifecycle index of one process type on one shard:
+  - active: sorted set of active processes scored by last progress (server ms);
+  - stats: counters started, completed, failed, and duration_ms_total;
+  - durations: the last 1000 durations (ms) of finished processes, for p99;
+  - completed / failed: the last 10000 finished processes scored by end time.
   transition is 'start', 'progress', 'complete' or 'fail'.
 ]]
-local function update_process_index(active, stats, transition, member, duration_ms, now)
+local function update_process_index(keys, transition, member, duration_ms, now)
+  local active, stats, durations, completed, failed = keys[1], keys[2], keys[3], keys[4], keys[5]
   if transition == 'start' then
     redis.call('ZADD', active, now, member)
     redis.call('HINCRBY', stats, 'started', 1)
   elseif transition == 'progress' then
     redis.call('ZADD', active, 'XX', now, member)
   else
+    local finished = transition == 'complete' and completed or failed
     redis.call('ZREM', active, member)
     redis.call('HINCRBY', stats, transition == 'complete' and 'completed' or 'failed', 1)
     redis.call('HINCRBY', stats, 'duration_ms_total', duration_ms)
+    redis.call('LPUSH', durations, duration_ms)
+    redis.call('LTRIM', durations, 0, 999)
+    redis.call('ZADD', finished, now, member)
+    redis.call('ZREMRANGEBYRANK', finished, 0, -10001)
   end
 end

@@ -1,0 +1,267 @@
+"""Prometheus metrics: an `Observer` that counts, gauges read from Redis, and `/metrics`.
+
+Counters and histograms count what *this* process did; run one endpoint per
+worker or scheduler process (each its own port) and let Prometheus sum them.
+Gauges that describe shared state (active processes, consumer lag and pending,
+scheduler backlog) are read from Redis, so every process reports the same
+truth and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+from anyio.abc import SocketStream
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from redis.asyncio import Redis
+
+from rsaga.health import redis_down
+from rsaga.keyspace import Keyspace
+from rsaga.observe import Observer
+
+log = logging.getLogger("rsaga.metrics")
+
+_DURATIONS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_PROCESS_DURATIONS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 86400)
+
+
+class PrometheusObserver(Observer):
+    """Counts what the runtime reports, in its own `CollectorRegistry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.started = Counter(
+            "rsaga_processes_started", "Processes started.", ["process_type"], registry=r
+        )
+        self.completed = Counter(
+            "rsaga_processes_completed", "Processes completed.", ["process_type"], registry=r
+        )
+        self.failed = Counter(
+            "rsaga_processes_failed", "Processes failed.", ["process_type"], registry=r
+        )
+        self.duration = Histogram(
+            "rsaga_process_duration_seconds", "Start to completion or failure.",
+            ["process_type"], buckets=_PROCESS_DURATIONS, registry=r,
+        )
+        self.active = Gauge(
+            "rsaga_active_processes", "Active processes (read from Redis).", ["process_type"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "rsaga_commands", "Commands executed, by outcome.", ["command", "outcome"], registry=r
+        )
+        self.conflicts = Counter(
+            "rsaga_command_conflicts", "Version conflicts (each one retried).", ["command"],
+            registry=r,
+        )
+        self.handled = Counter(
+            "rsaga_handler_events", "Entries finished by handlers, by outcome "
+            "(handled, skipped, retried, dead_lettered).", ["handler", "outcome"], registry=r,
+        )
+        self.handler_failures = Counter(
+            "rsaga_handler_failures", "Handler attempts that raised.", ["handler"], registry=r
+        )
+        self.handler_duration = Histogram(
+            "rsaga_handler_duration_seconds", "Time to handle an entry, retries included.",
+            ["handler"], buckets=_DURATIONS, registry=r,
+        )
+        self.lag = Gauge(
+            "rsaga_consumer_lag", "Entries not yet delivered to a group (read from Redis).",
+            ["group", "stream"], registry=r,
+        )
+        self.pending = Gauge(
+            "rsaga_consumer_pending", "Entries delivered, not yet acknowledged (from Redis).",
+            ["group", "stream"], registry=r,
+        )
+        self.timeouts = Counter(
+            "rsaga_timeouts", "Timeouts scheduled, fired and discarded.",
+            ["process_type", "event"], registry=r,
+        )
+        self.lateness = Histogram(
+            "rsaga_timeout_lateness_seconds", "Fired time minus due time.", ["process_type"],
+            buckets=_DURATIONS, registry=r,
+        )
+        self.moved = Counter(
+            "rsaga_timeouts_moved", "Due timeouts moved by this scheduler.", ["shard"], registry=r
+        )
+        self.backlog = Gauge(
+            "rsaga_scheduler_backlog", "Timeouts due but not yet moved (read from Redis).",
+            ["shard"], registry=r,
+        )
+        self.compensations = Counter(
+            "rsaga_saga_compensations", "Saga steps compensated.", ["saga"], registry=r
+        )
+        self.compensation_failures = Counter(
+            "rsaga_saga_compensation_failures", "Sagas whose compensation failed for good.",
+            ["saga"], registry=r,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def command_executed(
+        self, command: str, *, seconds: float, attempts: int, outcome: str
+    ) -> None:
+        """Count a command by outcome, and its conflicts."""
+        self._child(self.commands, command, outcome).inc()
+        if attempts > 1:
+            self._child(self.conflicts, command).inc(attempts - 1)
+
+    def entry_handled(self, group: str, *, seconds: float, outcome: str) -> None:
+        """Count an entry by outcome; time the handled ones."""
+        self._child(self.handled, group, outcome).inc()
+        if outcome in ("retried", "dead_lettered"):
+            self._child(self.handler_failures, group).inc()
+        if outcome == "handled":
+            self._child(self.handler_duration, group).observe(seconds)
+
+    def process_transition(self, process_type: str, transition: str, duration_ms: int) -> None:
+        """Count starts, completions and failures; time the finished ones."""
+        if transition == "start":
+            self._child(self.started, process_type).inc()
+            return
+        counter = self.completed if transition == "complete" else self.failed
+        self._child(counter, process_type).inc()
+        self._child(self.duration, process_type).observe(duration_ms / 1000)
+
+    def timeout_event(self, process_type: str, kind: str, lateness_ms: float = 0.0) -> None:
+        """Count timeouts; record the lateness of fired ones."""
+        self._child(self.timeouts, process_type, kind).inc()
+        if kind == "fired":
+            self._child(self.lateness, process_type).observe(lateness_ms / 1000)
+
+    def saga_event(self, saga: str, kind: str) -> None:
+        """Count compensations and compensation failures."""
+        counter = self.compensations if kind == "compensated" else self.compensation_failures
+        self._child(counter, saga).inc()
+
+    def timeouts_moved(self, shard: int, moved: int) -> None:
+        """Count moved timeouts."""
+        self._child(self.moved, str(shard)).inc(moved)
+
+    # --- gauges read from Redis ---------------------------------------------------------
+
+    async def refresh(
+        self,
+        redis: Redis,
+        keyspace: Keyspace,
+        *,
+        process_types: Iterable[str] = (),
+        groups: Iterable[tuple[str, str]] = (),
+        scheduler: bool = False,
+    ) -> None:
+        """Read the shared gauges from Redis (one pipelined round trip)."""
+        types = list(process_types)
+        streams = sorted({stream for stream, _ in groups})
+        wanted = set(groups)
+        async with redis.pipeline(transaction=False) as pipe:
+            for process_type in types:
+                for shard in range(keyspace.shards):
+                    pipe.zcard(keyspace.active_processes(shard, process_type))
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            if scheduler:
+                pipe.time()
+                for shard in range(keyspace.shards):
+                    pipe.zrange(keyspace.timeouts(shard), 0, 0, withscores=True)
+            replies = await pipe.execute(raise_on_error=False)
+        at = 0
+        for process_type in types:
+            counts = replies[at : at + keyspace.shards]
+            at += keyspace.shards
+            self._child(self.active, process_type).set(
+                sum(int(c) for c in counts if not isinstance(c, Exception))
+            )
+        for stream in streams:
+            infos = replies[at]
+            at += 1
+            if isinstance(infos, Exception):
+                continue
+            for info in infos:
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                if (stream, name) in wanted:
+                    self._child(self.lag, name, stream).set(info.get("lag") or 0)
+                    self._child(self.pending, name, stream).set(info["pending"])
+        if scheduler:
+            seconds, micros = replies[at]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            for shard in range(keyspace.shards):
+                head = replies[at + 1 + shard]
+                due = bool(head) and head[0][1] <= now_ms
+                count = await redis.zcount(keyspace.timeouts(shard), "-inf", now_ms) if due else 0
+                self._child(self.backlog, str(shard)).set(count)
+
+
+async def serve_metrics(
+    registry: CollectorRegistry, port: int, stop: anyio.Event, host: str = "0.0.0.0"
+) -> None:
+    """Serve the registry on ``http://host:port/metrics`` until `stop` is set."""
+
+    async def answer(client: SocketStream) -> None:
+        async with client:
+            try:
+                request = await client.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
+            if path.split(b"?")[0] == b"/metrics":
+                body, status, kind = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST
+            else:
+                body, status, kind = b"see /metrics\n", b"404 Not Found", "text/plain"
+            head = (
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind.encode()
+                + b"\r\nContent-Length: " + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+            )
+            with contextlib.suppress(anyio.BrokenResourceError):
+                await client.send(head + body)
+
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    log.info("serving metrics on http://%s:%d/metrics", host, port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, answer)
+        await stop.wait()
+        tg.cancel_scope.cancel()
+
+
+async def refresh_loop(
+    observer: PrometheusObserver,
+    redis: Redis,
+    keyspace: Keyspace,
+    stop: anyio.Event,
+    *,
+    interval: float = 5.0,
+    process_types: Iterable[str] = (),
+    groups: Iterable[tuple[str, str]] = (),
+    scheduler: bool = False,
+) -> None:
+    """Refresh the Redis-backed gauges every `interval` seconds until `stop` is set."""
+    types, pairs = list(process_types), list(groups)
+    while not stop.is_set():
+        try:
+            await observer.refresh(
+                redis, keyspace, process_types=types, groups=pairs, scheduler=scheduler
+            )
+        except Exception as exc:
+            if not redis_down(exc):
+                raise
+            log.warning("could not refresh metrics from Redis: %s", exc)
+        with anyio.move_on_after(interval):
+            await stop.wait()
