@@ -205,7 +205,7 @@ from rsaga.processes import (
 from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
 from rsaga.scripts import Script, script
-from rsaga.testing import RedisServer
+from rsaga.testing import RedisServer, free_port
 
 Metric = float | int | str | None
 Metrics = dict[str, Metric]
@@ -1127,11 +1127,16 @@ async def raw_group(bench: Bench, *, events: int) -> Metrics:
 HANDLERS = {"noop": ("NoopHandler", "bench-noop"), "command": ("CommandHandler", "bench-command")}
 
 
-async def handler_throughput(bench: Bench, *, kind: str, workers: int) -> Metrics:
-    """Events/s from append to acknowledged through `workers` real `rsaga worker` processes."""
+async def handler_throughput(
+    bench: Bench, *, kind: str, workers: int, metrics: bool = False
+) -> Metrics:
+    """Events/s from append to acknowledged through `workers` real `rsaga worker` processes.
+
+    With `metrics`, each worker also serves Prometheus metrics (`--metrics-port`).
+    """
     class_name, group = HANDLERS[kind]
     redis = bench.redis
-    keyspace = bench.keyspace(f"{kind}{workers}")
+    keyspace = bench.keyspace(f"{kind}{workers}{'m' if metrics else ''}")
     store = EventStore(redis, EventRegistry([Ping, Seen]), keyspace=keyspace)
     streams = [f"s-{n}" for n in range(HANDLER_STREAMS)]
 
@@ -1143,7 +1148,8 @@ async def handler_throughput(bench: Bench, *, kind: str, workers: int) -> Metric
 
     with Fleet(bench.url, keyspace) as fleet:
         for _ in range(workers):
-            fleet.start("worker", "--handler", group, handlers=f"plugins:{class_name}")
+            extra = ("--metrics-port", str(free_port())) if metrics else ()
+            fleet.start("worker", "--handler", group, *extra, handlers=f"plugins:{class_name}")
         startup = await fleet.ready(redis)
         await append_fast(store, [ping(i) for i in range(HANDLER_WARMUP_EVENTS)])
         await fleet.wait("the warm-up events", done)
@@ -1590,6 +1596,16 @@ for _kind in HANDLERS:
             kind=_kind,
             workers=_workers,
         )(handler_throughput)
+scenario(
+    "handler_command_metrics_p1",
+    ratios={"ratio_to_metrics_off": "handler_command_p1"},
+    rate="events_per_s",
+    timeout=180,
+    doc="handler_command_p1 with Prometheus metrics on (target: within 10% of off)",
+    kind="command",
+    workers=1,
+    metrics=True,
+)(handler_throughput)
 scenario(
     "timeout_lateness_idle",
     rate="fired_per_s",
