@@ -25,9 +25,27 @@ from rsaga.errors import (
 )
 from rsaga.events import EventRegistry, RecordedEvent
 from rsaga.executor import ExecutionResult, Executor
+from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.keyspace import Keyspace
+from rsaga.observe import Observer
+from rsaga.processes import (
+    AdvanceTrigger,
+    Decision,
+    EventTrigger,
+    ProcessInfo,
+    ProcessManager,
+    ProcessRunner,
+    RejectedTrigger,
+    StartTrigger,
+    Timeout,
+    TimeoutTrigger,
+    Trigger,
+)
 from rsaga.retry import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
+from rsaga.sagas import Saga, Step
+from rsaga.scheduler import Scheduler
 from rsaga.store import CommitResult, EventStore, ExpectedVersion, StreamWrite
+from rsaga.worker import Worker
 
 try:
     __version__ = version("rsaga")
@@ -35,39 +53,57 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "AdvanceTrigger",
     "Clock",
     "Command",
     "CommitResult",
     "ConcurrencyConflict",
     "ConfigError",
     "CrossShardWrite",
+    "Decision",
     "DomainError",
     "EventDecodeError",
+    "EventHandler",
     "EventRegistry",
     "EventStore",
     "EventTooLarge",
+    "EventTrigger",
     "ExecutionResult",
     "Executor",
     "ExpectedVersion",
     "ExponentialBackoff",
     "FixedDelay",
+    "HandlerContext",
     "InvalidStreamId",
     "Keyspace",
     "LinearBackoff",
     "ManualClock",
+    "Observer",
+    "ProcessInfo",
+    "ProcessManager",
+    "ProcessRunner",
     "RecordedEvent",
     "RedisUnavailable",
+    "RejectedTrigger",
     "RetriesExhausted",
     "RetryPolicy",
     "RsagaError",
+    "Saga",
+    "Scheduler",
     "Settings",
+    "StartTrigger",
     "StatelessCommand",
+    "Step",
     "StreamId",
     "StreamWrite",
     "SystemClock",
+    "Timeout",
+    "TimeoutTrigger",
+    "Trigger",
     "UndeclaredStream",
     "UnknownEventType",
     "ValidationError",
+    "Worker",
     "Writes",
     "__version__",
     "load_settings",
