@@ -84,6 +84,12 @@ async def test_metrics_scraped_over_http_match_what_happened(redis: Redis, prefi
                 if int(stats.get(b"completed", 0)) + int(stats.get(b"failed", 0)) == orders:
                     break
                 await anyio.sleep(0.05)
+            while True:  # the payment group reads the whole log (it skips most types)
+                infos = await redis.xinfo_groups(store.keyspace.log(0))
+                mine = [i for i in infos if i["name"] == b"payment-service"]
+                if mine and not mine[0]["lag"] and not mine[0]["pending"]:
+                    break
+                await anyio.sleep(0.05)
             await observer.refresh(
                 redis, store.keyspace, process_types=["order-fulfilment"],
                 groups=[(store.keyspace.log(0), "payment-service")],
