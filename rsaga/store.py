@@ -10,6 +10,7 @@ can skip unwanted types inside Redis) and ``d`` (envelope).
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -161,6 +162,7 @@ class EventStore:
         self.page_size = page_size
         self.clock: Clock = clock or SystemClock()
         self._commit = script("commit")
+        self._read = functools.partial(script("read_streams"), redis)
 
     @contextmanager
     def _talking_to_redis(self) -> Iterator[None]:
@@ -186,41 +188,47 @@ class EventStore:
         if from_version < 1:
             raise ValidationError(f"from_version must be >= 1, got {from_version}")
         ids = list(dict.fromkeys(stream_ids))
+        if len({self.keyspace.shard_of(s) for s in ids}) > 1:
+            return await self._read_across_shards(ids, from_version)
         events: dict[str, list[RecordedEvent]] = {s: [] for s in ids}
+        versions: dict[str, int] = {}
         next_version = dict.fromkeys(ids, from_version)
         pending = ids
-        lengths: list[int] = []
+        decode = self.codec.decode
         with self._talking_to_redis():
             while pending:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for stream_id in pending:
-                        pipe.xrange(
-                            self.keyspace.stream(stream_id),
-                            f"{next_version[stream_id]}-0",
-                            "+",
-                            count=self.page_size,
-                        )
-                    if from_version > 1 and not lengths:
-                        # Reading from the middle: the version is not the last event read.
-                        for stream_id in ids:
-                            pipe.xlen(self.keyspace.stream(stream_id))
-                    replies: list[Any] = await pipe.execute()
-                pages: list[list[tuple[bytes, dict[bytes, bytes]]]] = replies[: len(pending)]
-                if len(replies) > len(pending):
-                    lengths = [int(n) for n in replies[len(pending) :]]
+                replies = await self._read(
+                    [self.keyspace.stream(s) for s in pending],
+                    [self.page_size, *(next_version[s] for s in pending)],
+                )
                 full = []
-                for stream_id, page in zip(pending, pages, strict=True):
-                    decoded = self._decode_page(stream_id, page)
-                    events[stream_id].extend(decoded)
-                    if len(page) == self.page_size:
-                        next_version[stream_id] = decoded[-1].version + 1
+                for stream_id, flat in zip(pending, replies, strict=True):
+                    versions.setdefault(stream_id, int(flat[0]))
+                    mine = events[stream_id]
+                    for at in range(1, len(flat), 2):
+                        blob = flat[at + 1]
+                        if blob is None:
+                            raise EventDecodeError(
+                                f"an entry of stream {stream_id!r} has no 'd' field"
+                            )
+                        mine.append(decode(stream_id, int(flat[at]), blob))
+                    if len(flat) // 2 == self.page_size:
+                        next_version[stream_id] = mine[-1].version + 1
                         full.append(stream_id)
                 pending = full
-        if lengths:
-            return {
-                s: StreamSlice(s, length, events[s]) for s, length in zip(ids, lengths, strict=True)
-            }
-        return {s: StreamSlice(s, evs[-1].version if evs else 0, evs) for s, evs in events.items()}
+        return {s: StreamSlice(s, versions[s], events[s]) for s in ids}
+
+    async def _read_across_shards(
+        self, ids: list[str], from_version: int
+    ) -> dict[str, StreamSlice]:
+        """Streams in different shards cannot share a script: read each shard apart."""
+        by_shard: dict[int, list[str]] = {}
+        for stream_id in ids:
+            by_shard.setdefault(self.keyspace.shard_of(stream_id), []).append(stream_id)
+        found: dict[str, StreamSlice] = {}
+        for group in by_shard.values():
+            found.update(await self.read_streams(group, from_version=from_version))
+        return {s: found[s] for s in ids}
 
     def _decode_page(
         self, stream_id: str, page: list[tuple[bytes, dict[bytes, bytes]]]

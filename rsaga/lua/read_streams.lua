@@ -1,0 +1,34 @@
+--[[
+  Read a page of events from each of several streams of one shard, and each
+  stream's version, in one round trip (a command's read).
+
+  Input:
+    KEYS[1 .. n]   the streams
+    ARGV[1]        page size
+    ARGV[2 .. n+1] the version to start from, per stream
+
+  Output:
+    per stream: {version, v_1, d_1, v_2, d_2, ...}   the stream's current version,
+                then up to a page of (version, envelope) pairs from the start
+]]
+-- @include "stream_version"
+
+local out = {}
+for i, key in ipairs(KEYS) do
+  local page = redis.call('XRANGE', key, ARGV[i + 1] .. '-0', '+', 'COUNT', ARGV[1])
+  local flat = {stream_version(key)}
+  for _, entry in ipairs(page) do
+    flat[#flat + 1] = tonumber(string.match(entry[1], '^(%d+)'))
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'd' then
+        flat[#flat + 1] = fields[j + 1]
+      end
+    end
+    if #flat % 2 == 0 then
+      flat[#flat + 1] = false
+    end
+  end
+  out[i] = flat
+end
+return out
