@@ -1,4 +1,4 @@
-"""One consumer of one consumer group on one shard log: the Redis side of a worker.
+"""One consumer of one consumer group on one stream: the Redis side of a worker.
 
 Every call is one script (one round trip) that changes the group's state
 atomically; see the headers of the ``.lua`` files for what each one does. The
@@ -6,7 +6,9 @@ key idea is *stream ownership*: a consumer that holds in-flight entries of a
 stream owns that stream for its group, and entries of that stream read by
 other consumers are handed over to the owner inside the same script. So the
 events of one stream reach a handler in version order even with many worker
-processes, while different streams spread over all of them.
+processes, while different streams spread over all of them. A consumer that
+falls silent for its claim timeout (by the server's clock) is taken over
+whole: all its pending entries and streams at once, in log order.
 """
 
 from __future__ import annotations

@@ -397,10 +397,6 @@ class Saga(ProcessManager[_SagaState]):
         elif isinstance(event, SagaCompensationFailed):
             observer.saga_event(self.name, "compensation_failed")
 
-    def state_of(self, state: _SagaState) -> SagaProgress:
-        """The progress part of a folded saga state (for inspection and tests)."""
-        return state.progress
-
 
 def _failed(
     p: SagaProgress, step: str, reason: str, *, timed_out: bool, saga: Saga

@@ -230,18 +230,6 @@ class EventStore:
             found.update(await self.read_streams(group, from_version=from_version))
         return {s: found[s] for s in ids}
 
-    def _decode_page(
-        self, stream_id: str, page: list[tuple[bytes, dict[bytes, bytes]]]
-    ) -> list[RecordedEvent]:
-        decode = self.codec.decode
-        try:
-            return [
-                decode(stream_id, int(entry_id.partition(b"-")[0]), fields[b"d"])
-                for entry_id, fields in page
-            ]
-        except KeyError:
-            raise EventDecodeError(f"an entry of stream {stream_id!r} has no 'd' field") from None
-
     async def version(self, stream_id: str) -> int:
         """The current version of `stream_id` (0 if it has no events)."""
         validate_stream_id(stream_id)

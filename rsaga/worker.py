@@ -72,9 +72,6 @@ class _Backoff:
         await anyio.sleep(self.delay)
         self.delay = min(self.delay * 2, 5.0)
 
-    def reset(self) -> None:
-        self.delay = 0.1
-
 
 class _Gate:
     """Entries normally run side by side (shared); a suspect entry runs alone (exclusive).
