@@ -150,17 +150,32 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
     async for key in redis.scan_iter(match=keyspace.stats_pattern(), count=500):
         types.add(key.decode().split(":stats:", 1)[1])
     stuck_before = now_ms - int(settings.stuck_after * 1000)
+    overdue_before = now_ms - int(settings.overdue_after * 1000)
+    ordered = sorted(types)
+    shards = range(keyspace.shards)
+    streams = [s for shard in shards for s in (keyspace.log(shard), keyspace.due_timeouts(shard))]
+    async with redis.pipeline(transaction=False) as pipe:  # one round trip for everything
+        for process_type in ordered:
+            for shard in shards:
+                active = keyspace.active_processes(shard, process_type)
+                pipe.hgetall(keyspace.process_stats(shard, process_type))
+                pipe.zcard(active)
+                pipe.zcount(active, "-inf", stuck_before)
+                pipe.lrange(keyspace.process_durations(shard, process_type), 0, -1)
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        for shard in shards:
+            pipe.xlen(keyspace.dead_letters(shard))
+            pipe.zcount(keyspace.timeouts(shard), "-inf", overdue_before)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    at = 0
     processes = []
-    for process_type in sorted(types):
+    for process_type in ordered:
         figures = ProcessTypeHealth(process_type)
         durations: list[int] = []
-        for shard in range(keyspace.shards):
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(keyspace.process_stats(shard, process_type))
-                pipe.zcard(keyspace.active_processes(shard, process_type))
-                pipe.zcount(keyspace.active_processes(shard, process_type), "-inf", stuck_before)
-                pipe.lrange(keyspace.process_durations(shard, process_type), 0, -1)
-                stats, active, stuck, recent = await pipe.execute()
+        for _ in shards:
+            stats, active, stuck, recent = replies[at : at + 4]
+            at += 4
             figures.started += int(stats.get(b"started", 0))
             figures.completed += int(stats.get(b"completed", 0))
             figures.failed += int(stats.get(b"failed", 0))
@@ -173,24 +188,26 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
         figures.failure_rate = figures.failed / finished if finished else 0.0
         if durations:
             durations.sort()
-            figures.p99_duration_ms = float(durations[min(len(durations) - 1,
-                                                          int(len(durations) * 0.99))])
+            figures.p99_duration_ms = float(
+                durations[min(len(durations) - 1, int(len(durations) * 0.99))]
+            )
         processes.append(figures)
     groups: list[GroupHealth] = []
+    for stream in streams:
+        infos = replies[at]
+        at += 1
+        if isinstance(infos, Exception):
+            continue  # no such stream yet
+        for info in infos:
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            groups.append(
+                GroupHealth(name, stream, int(info.get("lag") or 0), int(info["pending"]))
+            )
     dead_letters = overdue = 0
-    overdue_before = now_ms - int(settings.overdue_after * 1000)
-    for shard in range(keyspace.shards):
-        for stream in (keyspace.log(shard), keyspace.due_timeouts(shard)):
-            try:
-                infos = await redis.xinfo_groups(stream)
-            except ResponseError:
-                continue  # no such stream yet
-            for info in infos:
-                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-                groups.append(GroupHealth(name, stream, int(info.get("lag") or 0),
-                                          int(info["pending"])))
-        dead_letters += int(await redis.xlen(keyspace.dead_letters(shard)))
-        overdue += int(await redis.zcount(keyspace.timeouts(shard), "-inf", overdue_before))
+    for _ in shards:
+        dead_letters += int(replies[at])
+        overdue += int(replies[at + 1])
+        at += 2
     return _verdict(
         settings,
         workers=[b for b in beats if b.kind == "worker"],

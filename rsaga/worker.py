@@ -163,12 +163,6 @@ class _Source(Protocol):
         ...
 
 
-def _addressed_elsewhere(entry: RawEntry, group: str) -> bool:
-    """A replayed dead letter names the one group it is for."""
-    target = entry.fields.get(b"g")
-    return target is not None and target.decode(errors="replace") != group
-
-
 class _HandlerSource:
     """An `EventHandler` over a shard log."""
 
@@ -182,8 +176,9 @@ class _HandlerSource:
         }
 
     def decode(self, entry: RawEntry) -> LogEntry | None:
-        if _addressed_elsewhere(entry, self.name):
-            return None
+        # Entries of unwanted types, and replays for other groups, were already
+        # acknowledged inside read_batch.lua; `wanted` still covers entries
+        # without a type field.
         return self.executor.store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
 
     async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
@@ -209,8 +204,6 @@ class _ProcessSource:
         self.wanted: set[str] | None = {registry.name_of_type(t) for t in manager.events}
 
     def decode(self, entry: RawEntry) -> LogEntry | None:
-        if _addressed_elsewhere(entry, self.name):
-            return None
         store = self.runner.executor.store
         return store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
 
