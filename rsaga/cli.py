@@ -66,7 +66,7 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
         await redis.aclose()
     _print(
         f"redis      {where}",
-        f"server     Redis {info.get('redis_version', '?')} ({info.get('redis_mode', '?')})",
+        f"server     Redis {info.version} ({info.mode})",
         f"prefix     {settings.store.prefix}",
         f"shards     {settings.store.shards}",
         f"scripts    {len(all_scripts())} loaded",

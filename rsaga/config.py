@@ -10,8 +10,8 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -25,27 +25,77 @@ DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
 
 
 class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to reach Redis."""
+    """How to reach Redis: address, credentials, TLS files and time limits.
+
+    The password never shows in a message or a ``repr`` (``***``).
+    """
 
     url: str = ""
     """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; empty: none."""
+    username: str = ""
+    """ACL user (instead of the one in `url`); empty: the URL's, or ``default``."""
+    password: str = ""
+    """Password (instead of the one in `url`); prefer `password_file`."""
+    password_file: str = ""
+    """File holding the password (one line), read at every new connection."""
+    tls_ca: str = ""
+    """PEM file of the CA that signed the server's certificate (``rediss://`` only)."""
+    tls_cert: str = ""
+    """PEM file of this client's certificate, for servers that require one (mutual TLS)."""
+    tls_key: str = ""
+    """PEM file of the private key of `tls_cert` (if not in the same file)."""
     socket_timeout: float = 5.0
     """Seconds before a Redis call without a blocking timeout gives up."""
+    connect_timeout: float = 60.0
+    """Seconds a starting worker or scheduler waits for Redis to answer before it exits 1."""
     max_connections: int = 1000
     """Ceiling on the connection pool of one process (connections open as needed)."""
 
     def __post_init__(self) -> None:
-        if self.url:
-            parts = urlsplit(self.url)
-            if parts.scheme not in ("redis", "rediss", "unix"):
-                raise ValueError(
-                    f"url: scheme must be redis://, rediss:// or unix://, "
-                    f"got {redact_url(self.url)!r}"
-                )
+        address = parse_redis_url(self.url) if self.url else None
+        if address is not None and self.username and address.username:
+            raise ValueError("username: given twice, in redis.url and redis.username")
+        passwords = [
+            name
+            for name, given in (
+                ("redis.url", address is not None and address.password is not None),
+                ("redis.password", bool(self.password)),
+                ("redis.password_file", bool(self.password_file)),
+            )
+            if given
+        ]
+        if len(passwords) > 1:
+            raise ValueError(f"password: given more than once, in {' and '.join(passwords)}")
+        if self.password_file and not Path(self.password_file).is_file():
+            raise ValueError(f"password_file: no such file: {self.password_file}")
+        self._check_tls(address)
         if self.socket_timeout <= 0:
             raise ValueError(f"socket_timeout: must be > 0, got {self.socket_timeout}")
+        if self.connect_timeout < 0:
+            raise ValueError(f"connect_timeout: must be >= 0, got {self.connect_timeout}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections: must be >= 1, got {self.max_connections}")
+
+    def _check_tls(self, address: RedisAddress | None) -> None:
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if not path:
+                continue
+            if address is None or address.scheme != "rediss":
+                where = redact_url(self.url) if self.url else "empty"
+                raise ValueError(f"{name}: TLS needs a rediss:// url, redis.url is {where}")
+            if not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key: set redis.tls_cert too (the certificate of this key)")
+
+    def __repr__(self) -> str:
+        shown = {
+            name: "***" if name == "password" and value else value
+            for name, value in msgspec.structs.asdict(self).items()
+        }
+        shown["url"] = redact_url(self.url)
+        return "RedisSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -193,6 +243,9 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RSAGA_REDIS_URL": ("redis", "url"),
     "RSAGA_REDIS_SOCKET_TIMEOUT": ("redis", "socket_timeout"),
     "RSAGA_REDIS_MAX_CONNECTIONS": ("redis", "max_connections"),
+    "RSAGA_REDIS_USERNAME": ("redis", "username"),
+    "RSAGA_REDIS_PASSWORD": ("redis", "password"),
+    "RSAGA_REDIS_PASSWORD_FILE": ("redis", "password_file"),
     "RSAGA_PREFIX": ("store", "prefix"),
     "RSAGA_SHARDS": ("store", "shards"),
     "RSAGA_MAX_EVENT_BYTES": ("store", "max_event_bytes"),
@@ -207,15 +260,88 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 """Environment variables and the setting each overrides."""
 
 
+class RedisAddress(NamedTuple):
+    """A Redis URL split into the address (no credentials in it) and the credentials."""
+
+    scheme: str
+    address: str
+    """The URL without its user part: safe to print, parse and hand to redis-py."""
+    username: str | None
+    password: str | None
+
+
+def _split_user_part(url: str) -> tuple[str, str | None, str]:
+    """(scheme://, user part or None, the rest), split without parsing.
+
+    The user part ends at the *last* ``@``: a password may hold ``@``, ``/``,
+    ``?`` or ``#`` unencoded, which would make a URL parser read part of it as
+    the host, port or path (and print it in the error).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head = scheme + sep
+    if "@" not in rest:
+        return head, None, rest
+    user_part, _, rest = rest.rpartition("@")
+    return head, user_part, rest
+
+
 def redact_url(url: str) -> str:
-    """`url` with its password (in the user part or the query) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        netloc = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-    if "password=" in parts.query:
-        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
-    return urlunsplit(parts)
+    """`url` with its password (in the user part or the query) replaced by ``***``.
+
+    Never raises, whatever `url` holds.
+    """
+    head, user_part, rest = _split_user_part(url)
+    if user_part is not None:
+        user, has_password, _ = user_part.partition(":")
+        user_part = f"{user}:***" if has_password else user
+        head += user_part + "@"
+    return head + re.sub(r"([?&]password=)[^&#]*", r"\1***", rest)
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Split and check a Redis URL; `ValueError` ("url: ...", password redacted) if bad.
+
+    The user part is taken off before anything parses the URL, so a password
+    with unencoded ``/``, ``#`` or ``?`` is read as a password, never printed.
+    """
+    head, user_part, rest = _split_user_part(url)
+    scheme = head.removesuffix("://")
+    shown = redact_url(url)
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"url: scheme must be redis://, rediss:// or unix://, got {shown!r}")
+    username = password = None
+    if user_part is not None:
+        user, has_password, secret = user_part.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    address = head + rest
+    parts = urlsplit(address)
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"url: unix:// needs the socket's path, got {shown!r}")
+    else:
+        if not parts.hostname:
+            raise ValueError(f"url: no host in {shown!r}")
+        try:
+            parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+        except ValueError:
+            raise ValueError(f"url: port must be a number, got {shown!r}") from None
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(
+                f"url: database must be a number (redis://host:port/0), got {shown!r}"
+            )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = [value for name, value in query if name == "password"]
+    if in_query:
+        if password is not None:
+            raise ValueError(f"url: password given twice (user part and query) in {shown!r}")
+        password = in_query[0]
+        rest_of_query = urlencode([(name, value) for name, value in query if name != "password"])
+        address = urlunsplit(parts._replace(query=rest_of_query))
+    return RedisAddress(scheme, address, username, password)
 
 
 _AT_PATH = re.compile(r"^(.*) - at `\$\.?(.*)`$")

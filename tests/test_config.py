@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 from rsaga import ConfigError, ExponentialBackoff, FixedDelay, LinearBackoff, load_settings
-from rsaga.config import ENV_OVERRIDES, RedisSettings, Settings, redact_url
+from rsaga.config import ENV_OVERRIDES, RedisSettings, Settings, parse_redis_url, redact_url
 from rsaga.executor import DEFAULT_COMMAND_RETRY
 
 
@@ -257,6 +259,11 @@ def test_bad_url_scheme_is_refused_without_leaking_the_password() -> None:
         ("redis://user:p@ss@host/0", "redis://user:***@host/0"),
         ("redis://host:6379/0", "redis://host:6379/0"),
         ("redis://user@host:6379/0", "redis://user@host:6379/0"),
+        ("redis://app:Zx9/Qw+7Lk==@host:6379/0", "redis://app:***@host:6379/0"),
+        ("rediss://app:a#b?c@host:6380", "rediss://app:***@host:6380"),
+        ("unix://:p/w@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("redis://h:6379/0?password=s3&db=1", "redis://h:6379/0?password=***&db=1"),
+        ("not a url", "not a url"),
     ],
 )
 def test_redact_url_hides_the_password(url: str, redacted: str) -> None:
@@ -275,3 +282,95 @@ def test_retry_policy_from_file_kinds(tmp_path: Path) -> None:
     assert load_settings(path, environ={}).executor.retry == ExponentialBackoff(
         base=0.5, cap=2.0, multiplier=3.0
     )
+
+
+SLASHY_PASSWORDS = ["Zx9/Qw+7Lk==", "Ab3#Cd4?Ef5", "Pq7@Rs8/Tu9#Vw0?Xy1", "Mn2%2FOp3"]
+
+
+@pytest.mark.parametrize("password", SLASHY_PASSWORDS)
+def test_a_password_with_reserved_characters_is_read_as_a_password(password: str) -> None:
+    settings = load_settings(environ={"RSAGA_REDIS_URL": f"redis://app:{password}@host:6380/2"})
+    address = parse_redis_url(settings.redis.url)
+    assert address.address == "redis://host:6380/2"
+    assert address.username == "app"
+    assert address.password == unquote(password)
+    assert password not in repr(settings)
+
+
+@pytest.mark.parametrize("password", SLASHY_PASSWORDS)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:{}@host:port/0",
+        "redis://app:{}@host:6379/abc",
+        "redis://app:{}@:6379/0",
+        "http://app:{}@host:6379/0",
+    ],
+)
+def test_a_bad_url_never_prints_its_password(url: str, password: str) -> None:
+    message = config_error(environ={"RSAGA_REDIS_URL": url.format(password)})
+    assert "RSAGA_REDIS_URL" in message
+    assert "app:***@" in message
+    for piece in re.split(r"[/#?@%]", password):
+        assert piece not in message
+
+
+def test_a_non_numeric_database_is_a_config_error() -> None:
+    message = config_error(environ={"RSAGA_REDIS_URL": "redis://host:6379/abc"})
+    assert "redis.url (from RSAGA_REDIS_URL): database must be a number" in message
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/0", "redis://h:6379/", "redis://h:6379", "redis://h/15"]
+)
+def test_numeric_or_no_database_is_accepted(url: str) -> None:
+    assert load_settings(environ={"RSAGA_REDIS_URL": url}).redis.url == url
+
+
+def test_password_settings_from_the_environment(tmp_path: Path) -> None:
+    secret = write(tmp_path / "secret", "from-file\n")
+    settings = load_settings(
+        environ={
+            "RSAGA_REDIS_URL": "redis://host:6379/0",
+            "RSAGA_REDIS_USERNAME": "app",
+            "RSAGA_REDIS_PASSWORD_FILE": str(secret),
+        }
+    )
+    assert settings.redis.username == "app"
+    assert settings.redis.password_file == str(secret)
+    settings = load_settings(
+        environ={"RSAGA_REDIS_URL": "redis://host:6379/0", "RSAGA_REDIS_PASSWORD": "hunter2"}
+    )
+    assert settings.redis.password == "hunter2"
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.redis)
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        (
+            {"RSAGA_REDIS_URL": "redis://:inurl@h/0", "RSAGA_REDIS_PASSWORD": "hunter2"},
+            "redis.password (from RSAGA_REDIS_PASSWORD): given more than once, in redis.url and",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "redis://h/0?password=inurl", "RSAGA_REDIS_PASSWORD": "hunter2"},
+            "redis.password (from RSAGA_REDIS_PASSWORD): given more than once, in redis.url and",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "redis://u@h/0", "RSAGA_REDIS_USERNAME": "other"},
+            "redis.username (from RSAGA_REDIS_USERNAME): given twice",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "redis://h/0", "RSAGA_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
+            "redis.password_file (from RSAGA_REDIS_PASSWORD_FILE): no such file: /nonexistent/pw",
+        ),
+    ],
+)
+def test_conflicting_or_missing_credentials_are_config_errors(
+    environ: dict[str, str], needle: str
+) -> None:
+    message = config_error(environ=environ)
+    assert needle in message
+    assert "hunter2" not in message
+    assert "inurl" not in message
