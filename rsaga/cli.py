@@ -177,7 +177,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.concurrency:
         worker_settings = msgspec.structs.replace(worker_settings, concurrency=args.concurrency)
     store = _store(settings)
-    await ping(store.redis, redact_url(settings.redis.url))
+    await ping(store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout)
     observer = PrometheusObserver() if args.metrics_port else None
     worker = Worker(
         Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
@@ -208,7 +208,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
 async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     """Move due timeouts to the due streams until SIGTERM or SIGINT."""
     store = _store(settings)
-    await ping(store.redis, redact_url(settings.redis.url))
+    await ping(store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout)
     observer = PrometheusObserver() if args.metrics_port else None
     scheduler = Scheduler(
         store.redis,

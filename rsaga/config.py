@@ -242,6 +242,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RSAGA_REDIS_URL": ("redis", "url"),
     "RSAGA_REDIS_SOCKET_TIMEOUT": ("redis", "socket_timeout"),
+    "RSAGA_REDIS_CONNECT_TIMEOUT": ("redis", "connect_timeout"),
     "RSAGA_REDIS_MAX_CONNECTIONS": ("redis", "max_connections"),
     "RSAGA_REDIS_USERNAME": ("redis", "username"),
     "RSAGA_REDIS_PASSWORD": ("redis", "password"),
