@@ -153,13 +153,15 @@ async def ping(redis: Redis, where: str, *, wait: float = 0.0) -> ServerInfo:
         except Exception as exc:
             if not redis_down(exc):
                 raise
-            problem = _explain(redis, exc)
+            mistake = _tls_mistake(redis, exc)
+            if mistake:
+                raise RedisUnavailable(f"cannot use Redis at {where}: {mistake}") from None
             left = deadline - time.monotonic()
             if left <= 0:
                 waited = f" (waited {wait:g} s)" if wait else ""
-                raise RedisUnavailable(f"cannot reach Redis at {where}{waited}: {problem}") from exc
+                raise RedisUnavailable(f"cannot reach Redis at {where}{waited}: {exc}") from exc
             if time.monotonic() >= next_log:
-                log.warning("waiting for Redis at %s (%.0f s left): %s", where, left, problem)
+                log.warning("waiting for Redis at %s (%.0f s left): %s", where, left, exc)
                 next_log = time.monotonic() + LOG_EVERY
             await anyio.sleep(min(delay, left))
             delay = min(delay * 2, 1.0)
@@ -169,22 +171,27 @@ LOG_EVERY = 5.0
 """Seconds between log lines while a starting process waits for Redis."""
 
 
-def _explain(redis: Redis, exc: BaseException) -> str:
-    """The error, with the likely cause when a TLS server dropped a client without
-    a certificate (which redis-py reports only as a reset or closed connection)."""
+def _tls_mistake(redis: Redis, exc: BaseException) -> str | None:
+    """What is wrong with the TLS settings, if `exc` says so (waiting will not fix it).
+
+    A server that requires a client certificate checks it after the handshake
+    (TLS 1.3) and just drops a client without one, which redis-py reports as
+    a reset connection: say what that means.
+    """
+    if redis.connection_pool.connection_class is not SSLConnection:
+        return None
     kwargs = redis.connection_pool.connection_kwargs
-    tls = redis.connection_pool.connection_class is SSLConnection
-    if tls and not kwargs.get("ssl_certfile") and _dropped(exc):
-        return (
-            f"{exc} (the server closed the TLS connection: it probably requires a "
-            "client certificate; set redis.tls_cert and redis.tls_key)"
-        )
-    return str(exc)
-
-
-def _dropped(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(
-        sign in text
-        for sign in ("reset by peer", "closed by server", "certificate required", "eof occurred")
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        hint = "" if kwargs.get("ssl_ca_certs") else "; set redis.tls_ca to the CA that signed it"
+        return f"the server's certificate is not trusted{hint} ({text})"
+    dropped = any(
+        sign in text.lower()
+        for sign in ("reset by peer", "closed by server", "certificate required")
     )
+    if dropped and not kwargs.get("ssl_certfile"):
+        return (
+            "the server closed the TLS connection: it requires a client certificate; "
+            f"set redis.tls_cert and redis.tls_key ({text})"
+        )
+    return None

@@ -374,3 +374,44 @@ def test_conflicting_or_missing_credentials_are_config_errors(
     assert needle in message
     assert "hunter2" not in message
     assert "inurl" not in message
+
+
+def test_tls_files_from_the_environment(tmp_path: Path) -> None:
+    ca, cert, key = (write(tmp_path / name, "PEM") for name in ("ca.pem", "c.pem", "k.pem"))
+    settings = load_settings(
+        environ={
+            "RSAGA_REDIS_URL": "rediss://host:6380/0",
+            "RSAGA_REDIS_TLS_CA": str(ca),
+            "RSAGA_REDIS_TLS_CERT": str(cert),
+            "RSAGA_REDIS_TLS_KEY": str(key),
+        }
+    )
+    assert (settings.redis.tls_ca, settings.redis.tls_cert, settings.redis.tls_key) == (
+        str(ca), str(cert), str(key)
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        (
+            {"RSAGA_REDIS_URL": "redis://:pw@host/0", "RSAGA_REDIS_TLS_CA": "{ca}"},
+            "redis.tls_ca (from RSAGA_REDIS_TLS_CA): TLS needs a rediss:// url, "
+            "redis.url is redis://:***@host/0",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "rediss://host/0", "RSAGA_REDIS_TLS_CERT": "/nonexistent.pem"},
+            "redis.tls_cert (from RSAGA_REDIS_TLS_CERT): no such file: /nonexistent.pem",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "rediss://host/0", "RSAGA_REDIS_TLS_KEY": "{ca}"},
+            "redis.tls_key (from RSAGA_REDIS_TLS_KEY): set redis.tls_cert too",
+        ),
+    ],
+)
+def test_bad_tls_settings_are_config_errors(
+    tmp_path: Path, environ: dict[str, str], needle: str
+) -> None:
+    ca = write(tmp_path / "ca.pem", "PEM")
+    message = config_error(environ={k: v.format(ca=ca) for k, v in environ.items()})
+    assert needle in message
