@@ -20,6 +20,8 @@ from redis.retry import Retry
 from rsaga.config import RedisAddress, RedisSettings, parse_redis_url, redact_url
 from rsaga.errors import ConfigError, RedisUnavailable
 from rsaga.health import redis_down
+from rsaga.keyspace import Keyspace
+from rsaga.permissions import MissingPermissions, missing_permissions
 
 log = logging.getLogger("rsaga.connection")
 
@@ -134,12 +136,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def ping(redis: Redis, where: str, *, wait: float = 0.0) -> ServerInfo:
+async def ping(
+    redis: Redis, where: str, *, wait: float = 0.0, keyspace: Keyspace | None = None
+) -> ServerInfo:
     """PING Redis (waiting up to `wait` seconds for it to come up) and say what it is.
 
     While it is unreachable (refused, timed out, loading) a warning is logged
     every few seconds; then `RedisUnavailable` names `where` (never a
     password). Refused credentials fail at once: waiting will not fix them.
+    With `keyspace`, the user's ACL permissions on it are checked too
+    (`MissingPermissions`, one line).
     """
     deadline = time.monotonic() + wait
     next_log = time.monotonic()
@@ -147,7 +153,11 @@ async def ping(redis: Redis, where: str, *, wait: float = 0.0) -> ServerInfo:
     while True:
         try:
             await redis.ping()
-            return await server_info(redis)
+            info = await server_info(redis)
+            missing = await missing_permissions(redis, keyspace) if keyspace else []
+            if missing:
+                raise MissingPermissions(missing, keyspace.prefix if keyspace else "")
+            return info
         except RedisAuthenticationError as exc:
             raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from None
         except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,13 +11,17 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from worker_plugins import AlarmSet, Ping, Rang, Seen
 
+from rsaga import EventRegistry, EventStore, Keyspace
 from rsaga.config import RedisSettings
 from rsaga.connection import connect, ping
 from rsaga.errors import RedisUnavailable
+from rsaga.permissions import minimal_acl
 from rsaga.testing import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,3 +202,134 @@ def test_start_up_gives_up_after_connect_timeout_with_one_line(
     assert "Traceback" not in command.output
     assert "pa/ss" not in command.output
     assert any("waiting for Redis" in line for line in lines[:-1]), command.output
+
+
+def run_rsaga(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run one short ``rsaga`` command to its end."""
+    command = Command(tmp, list(args), **env)
+    command.process.wait(60)
+    return subprocess.CompletedProcess(args, command.process.returncode, command.output, "")
+
+
+def lua_commands() -> set[str]:
+    """Every command rsaga's Lua scripts call, as ACL names (``xgroup|create``)."""
+    called = re.compile(r"redis\.p?call\(\s*'([A-Za-z]+)'(?:\s*,\s*'([A-Za-z]+)')?")
+    names = set()
+    for path in (ROOT / "rsaga" / "lua").rglob("*.lua"):
+        for command, first_arg in called.findall(path.read_text(encoding="utf-8")):
+            command = command.lower()
+            subcommand = command in ("xgroup", "xinfo", "script", "client", "object")
+            names.add(f"{command}|{first_arg.lower()}" if subcommand else command)
+    return names
+
+
+def test_the_permission_check_covers_every_command_the_scripts_call() -> None:
+    probed = set(minimal_acl("rsaga").split())
+    assert lua_commands(), "no Lua commands found: is the pattern stale?"
+    assert {f"+{name}" for name in lua_commands()} <= probed
+
+
+def test_the_readme_documents_the_minimal_acl() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"ACL SETUSER rsaga on >PASSWORD {minimal_acl('rsaga')}" in " ".join(readme.split())
+
+
+@pytest.fixture
+async def acl_env(redis_server: RedisServer, admin: Redis, prefix: str) -> dict[str, str]:
+    """The environment of an rsaga process logged in as ``app``, the README's minimal user."""
+    await add_user(admin, "app", "app/pw", *minimal_acl(prefix).split())
+    url = f"redis://app:app/pw@127.0.0.1:{redis_server.port}/0"
+    return {"RSAGA_REDIS_URL": url, "RSAGA_PREFIX": prefix, "TEST_CLAIM_TIMEOUT": "5"}
+
+
+@pytest.mark.slow
+async def test_the_minimal_acl_user_runs_check_worker_scheduler_and_inspection(
+    redis_server: RedisServer, admin: Redis, acl_env: dict[str, str], prefix: str,
+    tmp_path: Path, commands: list[Command],
+) -> None:
+    assert await admin.execute_command("ACL", "DRYRUN", "app", "INFO") != b"OK"  # no INFO
+    check = run_rsaga(tmp_path, "check", **acl_env)
+    assert check.returncode == 0, check.stdout
+    assert check.stdout.strip().endswith("ok")
+    handlers = {"RSAGA_HANDLERS": "worker_plugins:Recorder,worker_plugins:Alarm"}
+    worker = Command(
+        tmp_path, ["worker", "--handler", "recorder", "--handler", "alarm"], **acl_env, **handlers
+    )
+    scheduler = Command(tmp_path, ["scheduler"], **acl_env)
+    commands.extend([worker, scheduler])
+    store = EventStore(
+        admin, EventRegistry([Ping, Seen, AlarmSet, Rang]), keyspace=Keyspace(prefix=prefix)
+    )
+    due = int(time.time() * 1000) + 1000
+    for n in range(5):
+        await store.append(f"acl-{n}", [Ping(n=v) for v in range(4)])
+        await store.append(f"alarm-set-{n}", [AlarmSet(f"a{n}", due)])
+
+    async def all_done() -> bool:
+        seen = await store.read_streams([f"seen-acl-{n}" for n in range(5)])
+        bells = await store.read_streams([f"bell-a{n}" for n in range(5)])
+        return all(s.version == 4 for s in seen.values()) and all(
+            b.version == 1 for b in bells.values()
+        )
+
+    deadline = time.monotonic() + 60
+    while not await all_done():
+        assert time.monotonic() < deadline, worker.output + scheduler.output
+        assert worker.process.poll() is None, worker.output
+        assert scheduler.process.poll() is None, scheduler.output
+        await anyio.sleep(0.1)
+    for args in (["health"], ["process", "list"], ["timeouts", "list"], ["dlq", "list"]):
+        result = run_rsaga(tmp_path, *args, **acl_env, **handlers)
+        assert result.returncode in (0, 1), result.stdout  # 1: a health warning at most
+        assert "Traceback" not in result.stdout, (args, result.stdout[-1500:])
+    for process in (worker, scheduler):
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(30) == 0, process.output
+        assert "Traceback" not in process.output
+        assert "NOPERM" not in process.output
+
+
+async def missing_lines(
+    admin: Redis, acl_env: dict[str, str], tmp_path: Path, *rules: str
+) -> list[str]:
+    """The ``missing`` lines of `rsaga check` once `rules` are applied to the user ``app``."""
+    await admin.execute_command("ACL", "SETUSER", "app", *rules)
+    result = run_rsaga(tmp_path, "check", **acl_env)
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stdout
+    grant = f"grant      ACL SETUSER <user> {minimal_acl(acl_env['RSAGA_PREFIX'])}"
+    assert grant in result.stdout
+    return [line for line in result.stdout.splitlines() if line.startswith("missing")]
+
+
+async def test_check_lists_each_missing_permission_on_one_line(
+    admin: Redis, acl_env: dict[str, str], tmp_path: Path
+) -> None:
+    assert await missing_lines(admin, acl_env, tmp_path, "-xadd", "-time") == [
+        "missing    command TIME: not allowed (grant +time)",
+        "missing    command XADD: not allowed (grant +xadd)",
+    ]
+
+
+async def test_check_names_the_keys_a_user_may_not_touch(
+    admin: Redis, acl_env: dict[str, str], prefix: str, tmp_path: Path
+) -> None:
+    missing = await missing_lines(admin, acl_env, tmp_path, "resetkeys", "~elsewhere:*")
+    assert missing
+    assert all(line.startswith(f"missing    key {prefix}:") for line in missing), missing
+    assert all(line.endswith(f"(grant ~{prefix}:*)") for line in missing), missing
+
+
+@pytest.mark.parametrize("args", [*START_UP, ["health"]], ids=["worker", "scheduler", "health"])
+async def test_a_user_without_permissions_gets_one_line(
+    args: list[str], admin: Redis, acl_env: dict[str, str], tmp_path: Path
+) -> None:
+    await admin.execute_command("ACL", "SETUSER", "app", "-xreadgroup")
+    result = run_rsaga(tmp_path, *args, **acl_env)
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith(
+        "rsaga: the Redis user lacks 1 permission(s) rsaga needs: command XREADGROUP: not "
+        "allowed (grant +xreadgroup)"
+    ), result.stdout
+    assert "Traceback" not in result.stdout
