@@ -6,11 +6,16 @@ one `ConfigError` line naming the key and the problem; the CLI exits 2 on it.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import inspect
+import itertools
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -31,7 +36,8 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     url: str = ""
-    """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; empty: none."""
+    """``redis://[user:password@]host:port/db``, ``rediss://`` for TLS or ``unix://``;
+    empty: no server (`rsaga demo` then runs on embedded fakeredis)."""
     username: str = ""
     """ACL user (instead of the one in `url`); empty: the URL's, or ``default``."""
     password: str = ""
@@ -104,7 +110,8 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefix: str = "rsaga"
     """Prefix of every key."""
     shards: int = 1
-    """Number of shards; each stream id maps to one. Changing it remaps streams."""
+    """Number of shards; each stream id maps to one (``crc32 % shards``) and its keys carry
+    the shard as a hash tag. Changing it remaps streams."""
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     """Largest encoded event accepted."""
     read_page_size: int = DEFAULT_PAGE_SIZE
@@ -122,7 +129,7 @@ class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The command executor."""
 
     retry: RetryPolicy = DEFAULT_COMMAND_RETRY
-    """Retry policy on version conflicts."""
+    """Retry policy on version conflicts: ``kind`` "fixed", "exponential" or "linear"."""
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -143,8 +150,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_ttl: float = 15.0
     """Seconds a worker's heartbeat lives unless renewed."""
     claim_timeout: float | None = None
-    """Seconds a silent worker keeps its entries before others take over; None: each
-    handler's own `claim_timeout`."""
+    """Seconds a silent worker keeps its entries before others take over; None (empty in
+    the environment): each handler's own `claim_timeout`."""
     max_deliveries: int = 5
     """Deliveries without acknowledgement (crashes) before an entry goes to dead letters."""
     dead_letter_max_len: int = 100_000
@@ -239,29 +246,78 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
 
 
-ENV_OVERRIDES: dict[str, tuple[str, str]] = {
-    "RSAGA_REDIS_URL": ("redis", "url"),
-    "RSAGA_REDIS_SOCKET_TIMEOUT": ("redis", "socket_timeout"),
-    "RSAGA_REDIS_CONNECT_TIMEOUT": ("redis", "connect_timeout"),
-    "RSAGA_REDIS_MAX_CONNECTIONS": ("redis", "max_connections"),
-    "RSAGA_REDIS_USERNAME": ("redis", "username"),
-    "RSAGA_REDIS_PASSWORD": ("redis", "password"),
-    "RSAGA_REDIS_PASSWORD_FILE": ("redis", "password_file"),
-    "RSAGA_REDIS_TLS_CA": ("redis", "tls_ca"),
-    "RSAGA_REDIS_TLS_CERT": ("redis", "tls_cert"),
-    "RSAGA_REDIS_TLS_KEY": ("redis", "tls_key"),
-    "RSAGA_PREFIX": ("store", "prefix"),
-    "RSAGA_SHARDS": ("store", "shards"),
-    "RSAGA_MAX_EVENT_BYTES": ("store", "max_event_bytes"),
-    "RSAGA_HANDLERS": ("worker", "handlers"),
-    "RSAGA_CONCURRENCY": ("worker", "concurrency"),
-    "RSAGA_SHUTDOWN_TIMEOUT": ("worker", "shutdown_timeout"),
-    "RSAGA_CLAIM_TIMEOUT": ("worker", "claim_timeout"),
-    "RSAGA_STUCK_AFTER": ("health", "stuck_after"),
-    "RSAGA_LOG_FORMAT": ("logging", "format"),
-    "RSAGA_LOG_LEVEL": ("logging", "level"),
+_SHORT_NAMES: dict[tuple[str, str], str] = {
+    ("store", "prefix"): "RSAGA_PREFIX",
+    ("store", "shards"): "RSAGA_SHARDS",
+    ("store", "max_event_bytes"): "RSAGA_MAX_EVENT_BYTES",
+    ("worker", "handlers"): "RSAGA_HANDLERS",
+    ("worker", "concurrency"): "RSAGA_CONCURRENCY",
+    ("worker", "shutdown_timeout"): "RSAGA_SHUTDOWN_TIMEOUT",
+    ("worker", "claim_timeout"): "RSAGA_CLAIM_TIMEOUT",
+    ("health", "stuck_after"): "RSAGA_STUCK_AFTER",
+    ("logging", "format"): "RSAGA_LOG_FORMAT",
+    ("logging", "level"): "RSAGA_LOG_LEVEL",
 }
-"""Environment variables and the setting each overrides."""
+"""Established names of the most used settings; every other one is RSAGA_<SECTION>_<KEY>."""
+
+
+def _setting_keys() -> list[tuple[str, str]]:
+    return [
+        (section.name, field.name)
+        for section in msgspec.structs.fields(Settings)
+        for field in msgspec.structs.fields(section.type)
+    ]
+
+
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    _SHORT_NAMES.get(key, f"RSAGA_{key[0]}_{key[1]}".upper()): key for key in _setting_keys()
+}
+"""Environment variables and the setting each overrides: one for every setting."""
+
+OTHER_VARIABLES: dict[str, str] = {
+    "RSAGA_CONFIG": "the config file",
+    "RSAGA_REQUIRE_REDIS": "the test kit: fail, not skip, without redis-server",
+    "RSAGA_TEST_REDIS_URL": "the test kit: the Redis of real-Redis tests",
+    "RSAGA_SERVICE_LATENCY_MS": "the example application: simulated service latency",
+    "RSAGA_TRAVEL_STEP_TIMEOUT": "the example application: travel saga step timeout",
+}
+"""``RSAGA_*`` variables that are not settings but are read by someone (never an error)."""
+
+_LIST_SEPARATOR = ","
+
+
+def _field(section: str, key: str) -> msgspec.structs.FieldInfo:
+    section_type = next(f.type for f in msgspec.structs.fields(Settings) if f.name == section)
+    return next(f for f in msgspec.structs.fields(section_type) if f.name == key)
+
+
+def _from_env(section: str, key: str, text: str) -> Any:
+    """An environment variable's text as the value the setting's type wants:
+    a list is comma-separated, a table (the retry policy) JSON, empty is None
+    where None is allowed; msgspec converts the rest from the text."""
+    default = getattr(getattr(Settings(), section), key)
+    if isinstance(default, list):
+        return [item.strip() for item in text.split(_LIST_SEPARATOR) if item.strip()]
+    if isinstance(default, msgspec.Struct):
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"expected a JSON object ({exc})") from None
+    if text == "" and type(None) in get_args(_field(section, key).type):
+        return None
+    return text
+
+
+def _unknown_variables(env: Mapping[str, str]) -> None:
+    known = [*ENV_OVERRIDES, *OTHER_VARIABLES]
+    for var in sorted(env):
+        if var.startswith("RSAGA_") and var not in known:
+            # Compared without the prefix every candidate shares, or all look close.
+            close = difflib.get_close_matches(
+                var.removeprefix("RSAGA_"), [k.removeprefix("RSAGA_") for k in known], n=1
+            )
+            hint = f"did you mean RSAGA_{close[0]}?" if close else "see the README's Configuration"
+            raise ConfigError(f"environment: {var} is not a known variable; {hint}")
 
 
 class RedisAddress(NamedTuple):
@@ -384,13 +440,17 @@ def load_settings(
     elif explicit:
         raise ConfigError(f"{config_path}: config file not found")
     source = str(config_path) if config_path.exists() else "defaults"
+    _unknown_variables(env)
     from_env: dict[str, str] = {}
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in env:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: {section}: expected a table")
-            table[key] = env[var].split(",") if key == "handlers" else env[var]
+            try:
+                table[key] = _from_env(section, key, env[var])
+            except ValueError as exc:
+                raise ConfigError(f"environment: {section}.{key} (from {var}): {exc}") from None
             from_env[f"{section}.{key}"] = var
     if from_env:
         source += " + environment"
@@ -398,3 +458,52 @@ def load_settings(
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_one_line(exc, source, from_env)) from None
+
+
+def settings_table() -> str:
+    """The README's table of every setting: key, environment variable, default, meaning.
+
+    Meanings are the settings' own docstrings in this module, so the table
+    cannot drift from the code (a test compares it with the README).
+    """
+    meanings = _field_docstrings()
+    defaults = Settings()
+    rows = [
+        "| setting | env | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for var, (section, key) in ENV_OVERRIDES.items():
+        default = getattr(getattr(defaults, section), key)
+        env = f"`{var}`"
+        if isinstance(default, list):
+            env += " (comma-separated)"
+        elif isinstance(default, msgspec.Struct):
+            env += " (JSON)"
+        shown = msgspec.json.encode(default).decode()
+        meaning = meanings[(section, key)].replace("``", "`").replace("|", "\\|")
+        rows.append(f"| `{section}.{key}` | {env} | `{shown}` | {meaning} |")
+    return "\n".join(rows)
+
+
+def _field_docstrings() -> dict[tuple[str, str], str]:
+    """(section, key) -> the docstring under the field, joined into one line."""
+    classes = {
+        cls.__name__: section.name
+        for section in msgspec.structs.fields(Settings)
+        for cls in [section.type]
+    }
+    found: dict[tuple[str, str], str] = {}
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef) or node.name not in classes:
+            continue
+        for field, doc in itertools.pairwise(node.body):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                found[(classes[node.name], field.target.id)] = " ".join(doc.value.value.split())
+    return found

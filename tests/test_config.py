@@ -6,10 +6,19 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
+import msgspec
 import pytest
 
 from rsaga import ConfigError, ExponentialBackoff, FixedDelay, LinearBackoff, load_settings
-from rsaga.config import ENV_OVERRIDES, RedisSettings, Settings, parse_redis_url, redact_url
+from rsaga.config import (
+    ENV_OVERRIDES,
+    OTHER_VARIABLES,
+    RedisSettings,
+    Settings,
+    parse_redis_url,
+    redact_url,
+    settings_table,
+)
 from rsaga.executor import DEFAULT_COMMAND_RETRY
 
 
@@ -415,3 +424,73 @@ def test_bad_tls_settings_are_config_errors(
     ca = write(tmp_path / "ca.pem", "PEM")
     message = config_error(environ={k: v.format(ca=ca) for k, v in environ.items()})
     assert needle in message
+
+
+def test_every_setting_has_exactly_one_environment_variable() -> None:
+    every = [
+        (section.name, field.name)
+        for section in msgspec.structs.fields(Settings)
+        for field in msgspec.structs.fields(section.type)
+    ]
+    assert sorted(ENV_OVERRIDES.values()) == sorted(every)
+    assert all(var.startswith("RSAGA_") for var in ENV_OVERRIDES)
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "expected"),
+    [
+        ("RSAGA_HANDLERS", "a.b:C, d:E", ["a.b:C", "d:E"]),
+        ("RSAGA_EXECUTOR_RETRY", '{"kind": "fixed", "interval": 0.5}', FixedDelay(interval=0.5)),
+        ("RSAGA_CLAIM_TIMEOUT", "", None),
+        ("RSAGA_CLAIM_TIMEOUT", "2.5", 2.5),
+        ("RSAGA_WORKER_BATCH_SIZE", "7", 7),
+        ("RSAGA_WORKER_START", "new", "new"),
+        ("RSAGA_HEALTH_FAILURE_RATE_WARNING", "0.25", 0.25),
+        ("RSAGA_SCHEDULER_MAX_SLEEP", "1", 1.0),
+        ("RSAGA_REDIS_CONNECT_TIMEOUT", "0", 0.0),
+    ],
+)
+def test_environment_values_of_every_kind(var: str, text: str, expected: object) -> None:
+    section, key = ENV_OVERRIDES[var]
+    settings = load_settings(environ={var: text})
+    assert getattr(getattr(settings, section), key) == expected
+
+
+def test_a_retry_policy_that_is_not_json_is_one_line() -> None:
+    message = config_error(environ={"RSAGA_EXECUTOR_RETRY": "fixed"})
+    assert "executor.retry (from RSAGA_EXECUTOR_RETRY): expected a JSON object" in message
+
+
+@pytest.mark.parametrize(
+    ("var", "closest"),
+    [
+        ("RSAGA_SHARD", "RSAGA_SHARDS"),
+        ("RSAGA_REDIS_PASWORD", "RSAGA_REDIS_PASSWORD"),
+        ("RSAGA_LOGLEVEL", "RSAGA_LOG_LEVEL"),
+        ("RSAGA_WORKER_CONCURRENCY", "RSAGA_CONCURRENCY"),
+    ],
+)
+def test_an_unknown_variable_is_an_error_naming_the_closest(var: str, closest: str) -> None:
+    message = config_error(environ={var: "2"})
+    assert message == f"environment: {var} is not a known variable; did you mean {closest}?"
+
+
+def test_an_unknown_variable_far_from_any_known_one_points_at_the_readme() -> None:
+    message = config_error(environ={"RSAGA_XYZZY": "1"})
+    assert message == (
+        "environment: RSAGA_XYZZY is not a known variable; see the README's Configuration"
+    )
+
+
+def test_variables_that_are_not_settings_are_accepted() -> None:
+    environ = dict.fromkeys(OTHER_VARIABLES, "1")
+    environ.pop("RSAGA_CONFIG")
+    assert load_settings(environ={**environ, "OTHER_APP_SHARD": "x"}) == Settings()
+
+
+def test_the_readme_configuration_table_matches_the_settings() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, (
+        "README's configuration table is stale; regenerate it with "
+        "python -c 'from rsaga.config import settings_table; print(settings_table())'"
+    )
