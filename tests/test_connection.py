@@ -321,15 +321,22 @@ async def test_check_names_the_keys_a_user_may_not_touch(
 
 
 @pytest.mark.parametrize("args", [*START_UP, ["health"]], ids=["worker", "scheduler", "health"])
+@pytest.mark.parametrize(
+    ("rules", "problem"),
+    [
+        (["-xreadgroup"], "command XREADGROUP: not allowed (grant +xreadgroup)"),
+        (["resetkeys", "~elsewhere:*"], "key {prefix}:"),
+    ],
+    ids=["command", "keys"],
+)
 async def test_a_user_without_permissions_gets_one_line(
-    args: list[str], admin: Redis, acl_env: dict[str, str], tmp_path: Path
+    args: list[str], rules: list[str], problem: str,
+    admin: Redis, acl_env: dict[str, str], prefix: str, tmp_path: Path,
 ) -> None:
-    await admin.execute_command("ACL", "SETUSER", "app", "-xreadgroup")
+    await admin.execute_command("ACL", "SETUSER", "app", *rules)
     result = run_rsaga(tmp_path, *args, **acl_env)
     assert result.returncode == 1, result.stdout
-    lines = result.stdout.strip().splitlines()
-    assert lines[-1].startswith(
-        "rsaga: the Redis user lacks 1 permission(s) rsaga needs: command XREADGROUP: not "
-        "allowed (grant +xreadgroup)"
-    ), result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("rsaga: the Redis user lacks "), result.stdout
+    assert problem.format(prefix=prefix) in last
     assert "Traceback" not in result.stdout
