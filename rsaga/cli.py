@@ -56,7 +56,7 @@ def _print(*lines: str) -> None:
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    """Connect, load every script, and print what this deployment looks like."""
+    """Connect, check the user's permissions, load every script, print the deployment."""
     redis = connect(settings.redis)
     where = redact_url(settings.redis.url)
     keyspace = Keyspace(prefix=settings.store.prefix, shards=settings.store.shards)

@@ -147,17 +147,22 @@ async def ping(
     With `keyspace`, the user's ACL permissions on it are checked too
     (`MissingPermissions`, one line).
     """
+    info = await _reachable(redis, where, wait)
+    if keyspace is not None:
+        missing = await missing_permissions(redis, keyspace)
+        if missing:
+            raise MissingPermissions(missing, keyspace.prefix)
+    return info
+
+
+async def _reachable(redis: Redis, where: str, wait: float) -> ServerInfo:
     deadline = time.monotonic() + wait
     next_log = time.monotonic()
     delay = 0.1
     while True:
         try:
             await redis.ping()
-            info = await server_info(redis)
-            missing = await missing_permissions(redis, keyspace) if keyspace else []
-            if missing:
-                raise MissingPermissions(missing, keyspace.prefix if keyspace else "")
-            return info
+            return await server_info(redis)
         except RedisAuthenticationError as exc:
             raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from None
         except Exception as exc:
