@@ -39,6 +39,7 @@ from rsaga.inspect import (
 from rsaga.keyspace import Keyspace
 from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
 from rsaga.observe import NO_OBSERVER
+from rsaga.permissions import minimal_acl, missing_permissions
 from rsaga.processes import FRAMEWORK_EVENTS, ProcessManager
 from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
@@ -55,18 +56,24 @@ def _print(*lines: str) -> None:
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    """Connect, load every script, and print what this deployment looks like."""
+    """Connect, check the user's permissions, load every script, print the deployment."""
     redis = connect(settings.redis)
     where = redact_url(settings.redis.url)
+    keyspace = Keyspace(prefix=settings.store.prefix, shards=settings.store.shards)
     try:
         info = await ping(redis, where)
-        for script in all_scripts():
+        missing = await missing_permissions(redis, keyspace)
+        for script in [] if missing else all_scripts():
             await script.load(redis)
     finally:
         await redis.aclose()
+    if missing:
+        _print(*(f"missing    {line}" for line in missing))
+        _print(f"grant      ACL SETUSER <user> {minimal_acl(settings.store.prefix)}")
+        return 1
     _print(
         f"redis      {where}",
-        f"server     Redis {info.get('redis_version', '?')} ({info.get('redis_mode', '?')})",
+        f"server     Redis {info.version} ({info.mode})",
         f"prefix     {settings.store.prefix}",
         f"shards     {settings.store.shards}",
         f"scripts    {len(all_scripts())} loaded",
@@ -177,7 +184,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.concurrency:
         worker_settings = msgspec.structs.replace(worker_settings, concurrency=args.concurrency)
     store = _store(settings)
-    await ping(store.redis, redact_url(settings.redis.url))
+    await ping(
+        store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
+        keyspace=store.keyspace,
+    )
     observer = PrometheusObserver() if args.metrics_port else None
     worker = Worker(
         Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
@@ -208,7 +218,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
 async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     """Move due timeouts to the due streams until SIGTERM or SIGINT."""
     store = _store(settings)
-    await ping(store.redis, redact_url(settings.redis.url))
+    await ping(
+        store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
+        keyspace=store.keyspace,
+    )
     observer = PrometheusObserver() if args.metrics_port else None
     scheduler = Scheduler(
         store.redis,
@@ -258,7 +271,7 @@ async def _health(args: argparse.Namespace, settings: Settings) -> int:
     """Health from Redis; exit 0 ok, 1 warning, 2 critical."""
     store = _store(settings)
     try:
-        await ping(store.redis, redact_url(settings.redis.url))
+        await ping(store.redis, redact_url(settings.redis.url), keyspace=store.keyspace)
         report = await health_report(store.redis, store.keyspace, settings.health)
     finally:
         await store.redis.aclose()
