@@ -170,6 +170,21 @@ class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"level: must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
 
 
+class WebSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The operator console (`rsaga web`, needs the ``web`` extra)."""
+
+    host: str = "127.0.0.1"
+    """Address the console listens on; loopback by default."""
+    port: int = 8080
+    """Port the console listens on."""
+    token: str = ""
+    """Operator token that enables actions (replay, drop, terminate...); empty: read-only."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: must be in 1..65535, got {self.port}")
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """All of rsaga's settings."""
 
@@ -180,6 +195,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    web: WebSettings = msgspec.field(default_factory=WebSettings)
 
     def __post_init__(self) -> None:
         if self.worker.block_ms >= self.redis.socket_timeout * 1000:
@@ -203,6 +219,9 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "RSAGA_STUCK_AFTER": ("health", "stuck_after"),
     "RSAGA_LOG_FORMAT": ("logging", "format"),
     "RSAGA_LOG_LEVEL": ("logging", "level"),
+    "RSAGA_WEB_HOST": ("web", "host"),
+    "RSAGA_WEB_PORT": ("web", "port"),
+    "RSAGA_WEB_TOKEN": ("web", "token"),
 }
 """Environment variables and the setting each overrides."""
 
