@@ -393,6 +393,18 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
         await store.redis.aclose()
 
 
+async def _web(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the operator console until SIGTERM or SIGINT."""
+    try:
+        from rsaga.web import serve
+    except ImportError as exc:
+        raise ConfigError(
+            f"rsaga web needs the web extra: pip install 'rsaga[web]' ({exc.name} is missing)"
+        ) from None
+    await serve(settings, host=args.host, port=args.port)
+    return 0
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -504,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--limit", type=_positive, default=100)
     dlq.add_argument("--json", action="store_true")
     dlq.set_defaults(run=_dlq)
+
+    web = commands.add_parser(
+        "web", help="serve the operator console (read-only unless web.token is set)"
+    )
+    web.add_argument("--host", help="address to listen on (default: web.host, 127.0.0.1)")
+    web.add_argument("--port", type=_positive, help="port to listen on (default: web.port, 8080)")
+    web.set_defaults(run=_web)
     return parser
 
 

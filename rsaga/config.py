@@ -227,6 +227,40 @@ class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"level: must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
 
 
+class WebSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The operator console (`rsaga web`, needs the ``web`` extra)."""
+
+    host: str = "127.0.0.1"
+    """Address the console listens on; loopback by default."""
+    port: int = 8080
+    """Port the console listens on."""
+    token: str = ""
+    """Operator token that enables actions (replay, drop, terminate...); empty: read-only."""
+    token_file: str = ""
+    """File holding the operator token (one line), instead of `token`."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: must be in 1..65535, got {self.port}")
+        if self.token and self.token_file:
+            raise ValueError("token: given twice, in web.token and web.token_file")
+        if self.token_file and not Path(self.token_file).is_file():
+            raise ValueError(f"token_file: no such file: {self.token_file}")
+
+    def operator_token(self) -> str | None:
+        """The operator token (from `token` or `token_file`), or None: the console is read-only."""
+        if self.token_file:
+            return Path(self.token_file).read_text().strip() or None
+        return self.token or None
+
+    def __repr__(self) -> str:
+        token = "***" if self.token else ""
+        return (
+            f"WebSettings(host={self.host!r}, port={self.port!r}, token={token!r}, "
+            f"token_file={self.token_file!r})"
+        )
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """All of rsaga's settings."""
 
@@ -237,6 +271,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    web: WebSettings = msgspec.field(default_factory=WebSettings)
 
     def __post_init__(self) -> None:
         if self.worker.block_ms >= self.redis.socket_timeout * 1000:
@@ -278,6 +313,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "RSAGA_CONFIG": "the config file",
     "RSAGA_REQUIRE_REDIS": "the test kit: fail, not skip, without redis-server",
     "RSAGA_TEST_REDIS_URL": "the test kit: the Redis of real-Redis tests",
+    "RSAGA_UPDATE_SCREENSHOTS": "the test suite: refresh the console screenshots in docs/",
     "RSAGA_SERVICE_LATENCY_MS": "the example application: simulated service latency",
     "RSAGA_TRAVEL_STEP_TIMEOUT": "the example application: travel saga step timeout",
 }
