@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
 import os
 import signal
@@ -75,9 +76,22 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _examples_demo() -> Any:
+    """The example application's demo module; a `ConfigError` saying how to install it."""
+    try:
+        return importlib.import_module("rsaga_examples.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("rsaga_examples", "rsaga_examples.demo"):
+            raise
+        raise ConfigError(
+            "the demo runs rsaga's example application, which is not installed: "
+            "from a clone of rsaga, pip install -e ./handlers"
+        ) from None
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     """Run order fulfilment processes and travel sagas end to end, then summarise."""
-    from handlers.demo import run_demo
+    run_demo = _examples_demo().run_demo
 
     if "RSAGA_LOG_LEVEL" not in os.environ:
         logging.getLogger("rsaga").setLevel(logging.WARNING)  # the table tells the story

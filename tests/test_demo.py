@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from handlers.demo import plan, run_demo
+from rsaga_examples.demo import plan, run_demo
+
 from rsaga.testing import fake_redis
 
 

@@ -7,8 +7,7 @@ import random
 import msgspec
 import pytest
 from redis.asyncio import Redis
-
-from handlers.travel import (
+from rsaga_examples.travel import (
     SERVICES,
     TRAVEL_EVENTS,
     Booked,
@@ -20,6 +19,7 @@ from handlers.travel import (
     TravelBooking,
     TripRequested,
 )
+
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent
 from rsaga.deadletters import DeadLetters
 from rsaga.processes import (

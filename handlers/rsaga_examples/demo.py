@@ -25,23 +25,6 @@ import anyio
 import msgspec
 from redis.asyncio import Redis
 
-from handlers.orders import (
-    WORLD_EVENTS,
-    InventoryService,
-    OrderFulfilment,
-    OrderPlaced,
-    PaymentService,
-    ShippingService,
-)
-from handlers.travel import (
-    SERVICES,
-    TRAVEL_EVENTS,
-    CarService,
-    FlightService,
-    HotelService,
-    TravelBooking,
-    TripRequested,
-)
 from rsaga.config import WorkerSettings
 from rsaga.events import EventRegistry, new_id
 from rsaga.executor import Executor
@@ -52,6 +35,23 @@ from rsaga.sagas import SAGA_EVENTS, SagaCompensated, SagaCompleted, StepFailed
 from rsaga.scheduler import Scheduler
 from rsaga.store import EventStore
 from rsaga.worker import Worker
+from rsaga_examples.orders import (
+    WORLD_EVENTS,
+    InventoryService,
+    OrderFulfilment,
+    OrderPlaced,
+    PaymentService,
+    ShippingService,
+)
+from rsaga_examples.travel import (
+    SERVICES,
+    TRAVEL_EVENTS,
+    CarService,
+    FlightService,
+    HotelService,
+    TravelBooking,
+    TripRequested,
+)
 
 
 class DemoOrders(OrderFulfilment):
