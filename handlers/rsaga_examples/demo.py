@@ -10,7 +10,9 @@ reached the terminal state its inputs call for:
 - a trip whose services all book completes; one where a service refuses is
   compensated; one where a service never answers times out and is compensated.
 
-Timeouts are short here (3 s) so the demo runs in seconds.
+In this process the timeouts are demo-sized (3 s) so the demo runs in seconds;
+with `drive_only` the workers run the installed definitions, and the demo waits
+as long as their timeouts and retries can take (`settle_time`).
 """
 
 from __future__ import annotations
@@ -18,20 +20,23 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import msgspec
 from redis.asyncio import Redis
 
+from rsaga.app import framework_registry
 from rsaga.config import WorkerSettings
-from rsaga.events import EventRegistry, new_id
+from rsaga.events import new_id
 from rsaga.executor import Executor
+from rsaga.health import live_heartbeats
 from rsaga.keyspace import Keyspace
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, ProcessFailed, ProcessStarted
-from rsaga.retry import ExponentialBackoff, FixedDelay
-from rsaga.sagas import SAGA_EVENTS, SagaCompensated, SagaCompleted, StepFailed
+from rsaga.processes import ProcessCompleted, ProcessFailed, ProcessManager, ProcessStarted
+from rsaga.retry import ExponentialBackoff, FixedDelay, RetryPolicy
+from rsaga.sagas import Saga, SagaCompensated, SagaCompleted, StepFailed
 from rsaga.scheduler import Scheduler
 from rsaga.store import EventStore
 from rsaga.worker import Worker
@@ -67,10 +72,64 @@ class DemoTravel(TravelBooking):
     compensation_retry = ExponentialBackoff(base=0.2, cap=2.0, max_retries=4)
     steps = tuple(msgspec.structs.replace(step, timeout=3.0) for step in TravelBooking.steps)
 
+
 DEMO_HANDLERS = (
     DemoOrders, PaymentService, InventoryService, ShippingService,
     DemoTravel, HotelService, FlightService, CarService,
 )
+"""What the worker in this process runs."""
+
+HEARTBEAT_CHECK_EVERY = 2.0
+"""Seconds between looks for live workers and schedulers when they run elsewhere."""
+
+
+def _retries_total(policy: RetryPolicy) -> float:
+    return sum(policy.base_delay(n) for n in range(1, policy.max_retries + 1))
+
+
+def settle_time(definition: type[Any]) -> float:
+    """Seconds the slowest process of `definition` takes when a service never answers:
+    every wait and retry of an order, or every step timeout and compensation retry of
+    a saga (jitter only shortens the delays)."""
+    if issubclass(definition, Saga):
+        steps: float = sum(step.timeout for step in definition.steps)
+        return steps + _retries_total(definition.compensation_retry)
+    wait: float = getattr(definition, "wait_timeout", 0.0)
+    retry: RetryPolicy = definition.retry
+    return wait * (retry.max_retries + 1) + _retries_total(retry)
+
+
+def demo_deadline(orders: type[Any], trips: type[Any]) -> float:
+    """How long the demo waits for every process to end: the slower definition's
+    settle time, with room for a loaded machine."""
+    return 1.5 * max(settle_time(orders), settle_time(trips)) + 30.0
+
+
+def demo_store(
+    redis: Redis, prefix: str, definitions: Sequence[type[Any]] = DEMO_HANDLERS
+) -> EventStore:
+    """A store whose registry knows every event of the demo and of `definitions`
+    (what they handle and read, and a process's own events)."""
+    registry = framework_registry([*WORLD_EVENTS, *TRAVEL_EVENTS])
+    for definition in definitions:
+        if issubclass(definition, ProcessManager):
+            registry.register(*definition.state_events)
+        registry.register(*definition.events, *definition.decodes)
+    return EventStore(redis, registry, keyspace=Keyspace(prefix=prefix))
+
+
+async def clean(redis: Redis, prefix: str) -> int:
+    """Delete every key under `prefix` (the demo's own keyspace); the number deleted."""
+    removed = 0
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        removed += await redis.unlink(*batch)
+    return removed
 
 
 @dataclass
@@ -123,12 +182,6 @@ class DemoReport:
         return out
 
 
-def demo_store(redis: Redis, prefix: str) -> EventStore:
-    """A store whose registry knows every event of the demo."""
-    registry = EventRegistry([*WORLD_EVENTS, *TRAVEL_EVENTS, *FRAMEWORK_EVENTS, *SAGA_EVENTS])
-    return EventStore(redis, registry, keyspace=Keyspace(prefix=prefix))
-
-
 def plan(orders: int, trips: int, failure_rate: float, timeout_rate: float, seed: int | None
          ) -> tuple[list[OrderPlaced], list[TripRequested], list[Outcome]]:
     """The inputs, and what each should end as."""
@@ -162,7 +215,7 @@ def plan(orders: int, trips: int, failure_rate: float, timeout_rate: float, seed
 
 async def _observe(store: EventStore, outcome: Outcome) -> None:
     """Fill in how a process ended (if it did) and how long it took."""
-    name = DemoOrders.name if outcome.kind == "order" else DemoTravel.name
+    name = OrderFulfilment.name if outcome.kind == "order" else TravelBooking.name
     events = (await store.read(f"{name}-{outcome.id}")).events
     if not events or not isinstance(events[-1].data, ProcessCompleted | ProcessFailed):
         return
@@ -179,6 +232,36 @@ async def _observe(store: EventStore, outcome: Outcome) -> None:
         outcome.actual = "timed out" if "gave up after" in reason else "failed"
 
 
+def missing_runners(beats: Sequence[Any], handlers: Sequence[str]) -> list[str]:
+    """What the demo needs that no live heartbeat in `beats` provides: a worker running
+    each of `handlers`, and a scheduler."""
+    running = {name for beat in beats if beat.kind == "worker" for name in beat.handlers}
+    missing = [f"worker running {name}" for name in handlers if name not in running]
+    if not any(beat.kind == "scheduler" for beat in beats):
+        missing.append("scheduler")
+    return missing
+
+
+async def _watch_runners(
+    store: EventStore, handlers: Sequence[str], notice: Callable[[str], None]
+) -> None:
+    """Say when the workers and scheduler the demo relies on are not alive, and when
+    they come back."""
+    said: list[str] = []
+    while True:
+        missing = missing_runners(await live_heartbeats(store.redis, store.keyspace), handlers)
+        if missing and missing != said:
+            notice(
+                f"no live {', no '.join(missing)} under prefix {store.keyspace.prefix!r} "
+                "(no heartbeat): nothing moves these processes until they start, e.g. "
+                "`honcho start` with the same RSAGA_REDIS_URL and RSAGA_PREFIX"
+            )
+        elif said and not missing:
+            notice("workers and a scheduler are alive now")
+        said = missing
+        await anyio.sleep(HEARTBEAT_CHECK_EVERY)
+
+
 async def run_demo(
     redis: Redis,
     *,
@@ -189,41 +272,73 @@ async def run_demo(
     seed: int | None = None,
     prefix: str = "rsaga-demo",
     drive_only: bool = False,
-    deadline: float = 120.0,
+    definitions: Sequence[type[Any]] | None = None,
+    deadline: float | None = None,
     progress: Callable[[str], None] = print,
+    notice: Callable[[str], None] = print,
+    tick: float = 0.25,
 ) -> DemoReport:
-    """Run the demo on `redis`; with `drive_only`, workers and a scheduler run elsewhere."""
-    store = demo_store(redis, prefix)
+    """Run the demo on `redis`; with `drive_only`, workers and a scheduler run elsewhere.
+
+    `definitions` are the handler and process classes the workers run (by default the
+    demo-sized `DEMO_HANDLERS`, which with `drive_only` are only read); the deadline
+    follows their timeouts unless given. `progress` gets a status line every `tick`
+    seconds from the start; `notice` gets lines worth keeping, such as that no worker
+    is alive (checked at once and every `HEARTBEAT_CHECK_EVERY` seconds).
+    """
+    definitions = tuple(definitions or DEMO_HANDLERS)
+    by_name = {d.name: d for d in definitions}
+    order_definition = by_name.get(OrderFulfilment.name, DemoOrders)
+    trip_definition = by_name.get(TravelBooking.name, DemoTravel)
+    if deadline is None:
+        deadline = demo_deadline(order_definition, trip_definition)
+    store = demo_store(redis, prefix, (*definitions, order_definition, trip_definition))
     placed, requested, outcomes = plan(orders, trips, failure_rate, timeout_rate, seed)
     report = DemoReport(outcomes)
-    stop = anyio.Event()
     started = time.perf_counter()
-    async with anyio.create_task_group() as tg:
+    appended = 0
+
+    def status() -> str:
+        done = Counter(o.kind for o in outcomes if o.actual != "running")
+        line = (
+            f"{time.perf_counter() - started:5.1f}s  orders {done['order']}/{orders}"
+            f"  trips {done['trip']}/{trips}"
+        )
+        return line if appended == len(outcomes) else f"{line}  (starting {appended})"
+
+    async def show() -> None:
+        while True:
+            progress(status())
+            await anyio.sleep(tick)
+
+    stop = anyio.Event()
+    async with anyio.create_task_group() as runners:
         if not drive_only:
             worker = Worker(
                 Executor(store),
-                [cls() for cls in DEMO_HANDLERS],
+                [cls() for cls in definitions],
                 settings=WorkerSettings(concurrency=64, block_ms=200, shutdown_timeout=2),
             )
-            tg.start_soon(worker.run, stop)
-            tg.start_soon(Scheduler(redis, store.keyspace, max_sleep=0.5).run, stop)
-        for order in placed:
-            await store.append(f"order-{order.order_id}", [order])
-        for trip in requested:
-            await store.append(f"trip-{trip.trip_id}", [trip])
-        with anyio.move_on_after(deadline):
-            while True:
-                await anyio.sleep(0.5)
-                for outcome in outcomes:
-                    if outcome.actual == "running":
+            runners.start_soon(worker.run, stop)
+            runners.start_soon(Scheduler(redis, store.keyspace, max_sleep=0.5).run, stop)
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(show)
+            if drive_only:
+                names = [order_definition.name, trip_definition.name]
+                watchers.start_soon(_watch_runners, store, names, notice)
+            for order in placed:
+                await store.append(f"order-{order.order_id}", [order])
+                appended += 1
+            for trip in requested:
+                await store.append(f"trip-{trip.trip_id}", [trip])
+                appended += 1
+            with anyio.move_on_after(deadline):
+                while running := [o for o in outcomes if o.actual == "running"]:
+                    for outcome in running:
                         await _observe(store, outcome)
-                done = Counter(o.kind for o in outcomes if o.actual != "running")
-                progress(
-                    f"  {time.perf_counter() - started:5.1f}s  orders {done['order']}/{orders}"
-                    f"  trips {done['trip']}/{trips}"
-                )
-                if sum(done.values()) == len(outcomes):
-                    break
-        report.seconds = time.perf_counter() - started
+                    await anyio.sleep(tick)
+            report.seconds = time.perf_counter() - started
+            progress(status())
+            watchers.cancel_scope.cancel()
         stop.set()
     return report
