@@ -64,6 +64,26 @@ def bash(script: str, cwd: Path, env: dict[str, str], timeout: float
     )
 
 
+def wait_for_heartbeats(url: str, *, workers: int, schedulers: int,
+                        honcho: subprocess.Popen[str]) -> None:
+    """Wait, as a person watching terminal 1 would, until the processes are up."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            assert honcho.poll() is None, "honcho exited"
+            kinds = [b'"kind":"worker"' in (client.get(key) or b"")
+                     for key in client.scan_iter(match="rsaga:heartbeat:*")]
+            if kinds.count(True) >= workers and kinds.count(False) >= schedulers:
+                return
+            time.sleep(0.2)
+    finally:
+        client.close()
+    raise AssertionError("the Procfile's workers and scheduler never showed a heartbeat")
+
+
 def show(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
 
@@ -112,6 +132,7 @@ def test_the_readme_commands_and_the_procfile_recipe_as_a_new_user(tmp_path: Pat
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         try:
+            wait_for_heartbeats(server.url, workers=2, schedulers=1, honcho=honcho)
             started = time.monotonic()
             result = bash("\n".join([both, *parts["terminal 2"]]), clone, env, timeout=300)
             took = time.monotonic() - started
