@@ -159,5 +159,6 @@ def test_the_readme_commands_and_the_procfile_recipe_as_a_new_user(tmp_path: Pat
     result = bash(".venv/bin/rsaga demo", clone, env, timeout=60)
     assert result.returncode == 2, show(result)
     assert "pip install -e ./handlers" in result.stderr, show(result)
-    result = bash(".venv/bin/python -c 'import handlers'", clone / "..", env, timeout=60)
+    # Nothing called `handlers` is installed for a user's own package to collide with.
+    result = bash(f"{clone}/.venv/bin/python -c 'import handlers'", tmp_path, env, timeout=60)
     assert "No module named 'handlers'" in result.stderr, show(result)
