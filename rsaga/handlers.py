@@ -160,6 +160,10 @@ def import_handler(path: str) -> InstalledHandler:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"handler {path!r} cannot be imported: {exc}") from None
+    except Exception as exc:  # the module itself raised while being imported
+        raise ConfigError(
+            f"handler {path!r} failed at import: {type(exc).__name__}: {exc}"
+        ) from exc
     return _load(target, f"import path {path}")
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from rsaga_examples.demo import demo_store, run_demo
 
-from handlers.demo import demo_store, run_demo
 from rsaga.config import Settings, StoreSettings
 from rsaga.processes import ProcessStarted
 from rsaga.store import EventStore
