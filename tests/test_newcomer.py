@@ -116,7 +116,7 @@ def test_the_readme_commands_and_the_procfile_recipe_as_a_new_user(tmp_path: Pat
     assert result.returncode == 0, show(result)
 
     # The Procfile recipe, both terminals, against a private redis-server.
-    [recipe] = sh_blocks("Against a real Redis, with honcho as the Procfile runner")
+    recipe = sh_blocks("Against a real Redis, with honcho as the Procfile runner")[0]
     parts = recipe_parts(recipe)
     assert set(parts) == {"once", "in both terminals", "terminal 1", "terminal 2"}
     with RedisServer() as server:
