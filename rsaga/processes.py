@@ -26,14 +26,16 @@ delivery, whatever order triggers arrive in.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NoReturn, TypeVar
 
 import msgspec
 
 from rsaga.clock import Clock, SystemClock
 from rsaga.commands import Command, StreamId, WritePlan, Writes
-from rsaga.errors import DomainError, RsagaError, ValidationError
+from rsaga.errors import DomainError, InvalidStreamId, RsagaError, ValidationError
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
 from rsaga.keyspace import validate_stream_id
@@ -53,6 +55,16 @@ class UnknownProcessType(RsagaError):
 
 class IncompatibleDefinition(RsagaError):
     """A running process was started by a definition version this one cannot continue."""
+
+
+class DefinitionError(RsagaError):
+    """A process definition failed in a way no retry can fix.
+
+    `decide` returned an invalid decision or raised a `DomainError`, or
+    `correlate` returned something that is not a process id. Nothing of the
+    step is written; the trigger goes to dead letters at once, with this
+    message, for replay once the definition is fixed.
+    """
 
 
 # --- events the framework writes on a process stream -------------------------------
@@ -230,6 +242,102 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+MAX_TIMEOUT_SECONDS = 10 * 366 * 86400.0
+"""The longest `Timeout.after` accepted: ten years."""
+MAX_DUE_MS = 253402300799999
+"""The latest `Timeout.at_ms` accepted: the end of the year 9999."""
+# A timeout name becomes part of a timeout id, "<stream id>|<name>": stream id
+# characters without the separator.
+_TIMEOUT_NAME = re.compile(r"[A-Za-z0-9._:@/+=~!$%&()<>,;^#-]{1,100}")
+
+
+def _refuse(where: str, field: str, problem: str) -> NoReturn:
+    raise DefinitionError(f"{where}: {field} {problem}")
+
+
+def _check_name(where: str, field: str, name: object) -> str:
+    if not isinstance(name, str) or _TIMEOUT_NAME.fullmatch(name) is None:
+        _refuse(
+            where, field,
+            f"must be a timeout name of 1-100 stream-id characters without '|', got {name!r}",
+        )
+    return name
+
+
+def _check_list(where: str, field: str, value: object) -> Sequence[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        _refuse(where, field, f"must be a list or tuple, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_timeout(where: str, field: str, timeout: object) -> Timeout:
+    if not isinstance(timeout, Timeout):
+        _refuse(where, field, f"must be a Timeout, got {type(timeout).__name__}")
+    _check_name(where, f"{field}.name", timeout.name)
+    after = timeout.after
+    if isinstance(after, bool) or not isinstance(after, (int, float)):
+        _refuse(where, f"{field}.after", f"must be a number of seconds, got {after!r}")
+    if math.isnan(after) or after == -math.inf or after > MAX_TIMEOUT_SECONDS:
+        _refuse(where, f"{field}.after", f"must be at most {MAX_TIMEOUT_SECONDS:g}s, got {after!r}")
+    attempt = timeout.attempt
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        _refuse(where, f"{field}.attempt", f"must be an int >= 1, got {attempt!r}")
+    at_ms = timeout.at_ms
+    if at_ms is not None and (
+        isinstance(at_ms, bool) or not isinstance(at_ms, int) or not 0 <= at_ms <= MAX_DUE_MS
+    ):
+        _refuse(where, f"{field}.at_ms", f"must be None or an int of ms since the epoch, "
+                f"got {at_ms!r}")
+    return timeout
+
+
+def check_decision(
+    decision: object, where: str, events: EventRegistry, commands: CommandRegistry
+) -> Decision:
+    """Return `decision` if every part of it can be written and read back, else raise.
+
+    `where` names the process ("process <type> <id>") in the `DefinitionError`,
+    which also names the field. A schedule and a cancel of the same name are
+    allowed: the cancel applies first, so the new timeout replaces the pending one.
+    """
+    if not isinstance(decision, Decision):
+        _refuse(where, "decide()", f"returned {type(decision).__name__}, not a Decision")
+    for i, event in enumerate(_check_list(where, "Decision.events", decision.events)):
+        if not isinstance(event, msgspec.Struct) or type(event) not in events:
+            _refuse(where, f"Decision.events[{i}]", f"is a {type(event).__qualname__}, not a "
+                    "registered event type (list it in the process's `state_events`)")
+        if isinstance(event, FRAMEWORK_EVENTS):
+            _refuse(where, f"Decision.events[{i}]", f"is the framework's {type(event).__name__}; "
+                    "use Decision.complete, fail, schedule or cancel instead")
+    for i, command in enumerate(_check_list(where, "Decision.commands", decision.commands)):
+        if not isinstance(command, Command) or not commands.knows(command):
+            _refuse(where, f"Decision.commands[{i}]", f"is a {type(command).__qualname__}, not a "
+                    "command type of the process (list it in the process's `commands`)")
+    names: set[str] = set()
+    for i, timeout in enumerate(_check_list(where, "Decision.schedule", decision.schedule)):
+        name = _check_timeout(where, f"Decision.schedule[{i}]", timeout).name
+        if name in names:
+            _refuse(where, f"Decision.schedule[{i}].name", f"{name!r} is scheduled twice")
+        names.add(name)
+    for i, name in enumerate(_check_list(where, "Decision.cancel", decision.cancel)):
+        _check_name(where, f"Decision.cancel[{i}]", name)
+    if decision.retry is not None:
+        _check_name(where, "Decision.retry", decision.retry)
+        if decision.retry in names:
+            _refuse(where, "Decision.retry", f"{decision.retry!r} is also in Decision.schedule")
+    for flag in ("complete", "escalate"):
+        if not isinstance(getattr(decision, flag), bool):
+            _refuse(where, f"Decision.{flag}", f"must be a bool, got {getattr(decision, flag)!r}")
+    if decision.fail is not None and (not isinstance(decision.fail, str) or not decision.fail):
+        _refuse(where, "Decision.fail", f"must be None or a reason (a non-empty str), "
+                f"got {decision.fail!r}")
+    if decision.escalate and decision.fail is None:
+        _refuse(where, "Decision.escalate", "needs Decision.fail (the failure to escalate)")
+    if decision.complete and decision.fail is not None:
+        _refuse(where, "Decision.complete", "and Decision.fail cannot both end the process")
+    return decision
+
+
 Status = Literal["new", "active", "completed", "failed"]
 
 
@@ -370,6 +478,10 @@ class CommandRegistry:
                 raise ValidationError(f"command name {name!r} is taken by {known.__qualname__}")
             self._by_name[name] = cls
 
+    def knows(self, command: Command[Any]) -> bool:
+        """Whether `command`'s type is the registered one of its name."""
+        return self._by_name.get(str(type(command).__struct_config__.tag)) is type(command)
+
     def encode(self, command: Command[Any]) -> IssuedCommand:
         """The stored form of `command`; its type must be registered."""
         name = str(type(command).__struct_config__.tag)
@@ -411,6 +523,7 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     trigger: Any
     now_ms: int
     commands: Any
+    events: Any
 
     def initial_state(self) -> _Loaded:
         manager: ProcessManager[Any] = self.manager
@@ -463,7 +576,12 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
         if isinstance(trigger, TimeoutTrigger) and trigger.name == DEADLINE:
             decision = Decision(fail=f"deadline of {manager.deadline:g}s passed")
         else:
-            decision = manager.decide(state.state, trigger, info)
+            where = f"process {manager.name} {info.process_id}"
+            try:
+                decided = manager.decide(state.state, trigger, info)
+            except DomainError as exc:
+                raise DefinitionError(f"{where}: decide() raised {exc!r}") from exc
+            decision = check_decision(decided, where, self.events, self.commands)
         if decision.is_empty() and not plan.events:
             return {}
         return plan.build(decision)
@@ -495,9 +613,12 @@ class _Plan:
         info = self.info
         self.events.append(TimeoutScheduled(name, token, due_ms, attempt))
         payload = TimeoutPayload(info.process_type, info.process_id, name, token, attempt, due_ms)
-        self.schedule[name] = TimeoutWrite(
-            timeout_id(info.stream_id, name), due_ms, _payload_encoder.encode(payload)
-        )
+        tid = timeout_id(info.stream_id, name)
+        if tid in self.cancel:
+            # commit.lua schedules before it cancels: a cancel of the same id
+            # would remove the new timeout, and the new one replaces the old anyway.
+            self.cancel.remove(tid)
+        self.schedule[name] = TimeoutWrite(tid, due_ms, _payload_encoder.encode(payload))
         self.pending[name] = token
 
     def _cancel(self, name: str) -> None:
@@ -612,7 +733,7 @@ class ProcessRunner:
 
     async def on_event(self, manager: ProcessManager[Any], event: RecordedEvent) -> None:
         """Apply `event` to the process it correlates to, if any."""
-        process_id = manager.correlate(event)
+        process_id = self.correlate(manager, event)
         if process_id is None or event.stream_id == manager.stream_id(process_id):
             return  # not for a process, or the process's own event (no echo)
         await self.step(
@@ -623,6 +744,28 @@ class ProcessRunner:
             correlation_id=event.correlation_id,
             causation_id=event.event_id,
         )
+
+    @staticmethod
+    def correlate(manager: ProcessManager[Any], event: RecordedEvent) -> str | None:
+        """`manager.correlate(event)`, checked: None or a usable process id.
+
+        Anything else, and a `DomainError` or `InvalidStreamId` it raises, is a
+        `DefinitionError` naming the process type and the event.
+        """
+        where = f"process {manager.name}: correlate() of {event.type} {event.event_id}"
+        try:
+            process_id = manager.correlate(event)
+            if process_id is None:
+                return None
+            if not isinstance(process_id, str):
+                raise DefinitionError(
+                    f"{where} returned {type(process_id).__name__} {process_id!r}; "
+                    "expected None or a process id (str)"
+                )
+            manager.stream_id(process_id)
+        except (DomainError, InvalidStreamId) as exc:
+            raise DefinitionError(f"{where} failed: {exc}") from exc
+        return process_id
 
     async def on_timeout(self, payload: TimeoutPayload) -> None:
         """Apply a due timeout (discarded if its process moved on)."""
@@ -672,6 +815,7 @@ class ProcessRunner:
             trigger=trigger,
             now_ms=self.clock.now_ms(),
             commands=self.commands,
+            events=self.executor.store.registry,
         )
         result = await self.executor.execute(
             step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key

@@ -17,6 +17,7 @@ the replies it received, and the process lifecycle events.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -27,6 +28,7 @@ from rsaga.errors import ValidationError
 from rsaga.events import RecordedEvent
 from rsaga.observe import Observer
 from rsaga.processes import (
+    MAX_TIMEOUT_SECONDS,
     Decision,
     EventTrigger,
     ProcessInfo,
@@ -40,6 +42,8 @@ from rsaga.processes import (
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 
 S = TypeVar("S")
+
+_STEP_NAME = re.compile(r"[A-Za-z0-9._-]{1,60}")
 
 Action = Callable[[Any, str], Command[Any]]
 """Builds a step's command from the saga's state and the saga id."""
@@ -203,6 +207,20 @@ class Saga(ProcessManager[_SagaState]):
             raise ValidationError(f"saga {cls.name} has no steps")
         if len(set(names)) != len(names):
             raise ValidationError(f"saga {cls.name} has two steps with the same name")
+        for step in cls.steps:
+            if _STEP_NAME.fullmatch(step.name) is None:
+                raise ValidationError(
+                    f"saga {cls.name}: step name {step.name!r} must be 1-60 characters of "
+                    "[A-Za-z0-9._-] (it names the step's timeouts)"
+                )
+            timeout = step.timeout
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                0 < timeout <= MAX_TIMEOUT_SECONDS
+            ):
+                raise ValidationError(
+                    f"saga {cls.name}: step {step.name} timeout must be > 0 and at most "
+                    f"{MAX_TIMEOUT_SECONDS:g} seconds, got {timeout!r}"
+                )
         replies = [
             t for step in cls.steps
             for t in (*step.done, *step.failed, *step.compensated, *step.compensation_failed)

@@ -38,6 +38,7 @@ from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.logs import event_fields
 from rsaga.observe import Observer
 from rsaga.processes import (
+    DefinitionError,
     IncompatibleDefinition,
     ProcessManager,
     ProcessRunner,
@@ -235,7 +236,7 @@ class _TimeoutSource:
 
 
 UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType, IncompatibleDefinition,
-                 UnknownCommandType)
+                 UnknownCommandType, DefinitionError)
 """Errors that mean an entry can never be handled: it goes to dead letters at once."""
 
 
