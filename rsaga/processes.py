@@ -38,6 +38,7 @@ from rsaga.commands import Command, StreamId, WritePlan, Writes
 from rsaga.errors import DomainError, InvalidStreamId, RsagaError, ValidationError
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
+from rsaga.health import redis_down
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
@@ -115,6 +116,8 @@ class CommandsIssued(msgspec.Struct, frozen=True, tag="rsaga.CommandsIssued"):
     """Commands the step decided; they are executed after the commit, once each."""
 
     commands: list[IssuedCommand]
+    confirm: bool = False
+    """Each command's success is a `SucceededTrigger` of its own (`Decision.confirm`)."""
 
 
 class CommandRejected(msgspec.Struct, frozen=True, tag="rsaga.CommandRejected"):
@@ -189,13 +192,26 @@ class AdvanceTrigger(msgspec.Struct, frozen=True):
 
 
 class RejectedTrigger(msgspec.Struct, frozen=True):
-    """A command this process issued was refused with a domain error."""
+    """A command this process issued was refused with a domain error.
+
+    With `Decision.confirm`, also a command that kept failing with another
+    error until the process type's `handler_retry` was spent.
+    """
 
     command: Command[Any]
     reason: str
 
 
-Trigger = EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | RejectedTrigger
+class SucceededTrigger(msgspec.Struct, frozen=True):
+    """A command this process issued with `Decision.confirm` succeeded."""
+
+    command: Command[Any]
+
+
+Trigger = (
+    EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | RejectedTrigger
+    | SucceededTrigger
+)
 
 
 # --- decisions --------------------------------------------------------------------------
@@ -233,6 +249,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """Finish the process unsuccessfully with this reason."""
     escalate: bool = False
     """With `fail`: also record the failure in dead letters, for an operator to act on."""
+    confirm: bool = False
+    """Tell the process when each of `commands` succeeds: a `SucceededTrigger` step follows
+    it (a synchronous saga step is done when its command succeeds)."""
 
     def is_empty(self) -> bool:
         """True if the decision does nothing."""
@@ -325,7 +344,7 @@ def check_decision(
         _check_name(where, "Decision.retry", decision.retry)
         if decision.retry in names:
             _refuse(where, "Decision.retry", f"{decision.retry!r} is also in Decision.schedule")
-    for flag in ("complete", "escalate"):
+    for flag in ("complete", "escalate", "confirm"):
         if not isinstance(getattr(decision, flag), bool):
             _refuse(where, f"Decision.{flag}", f"must be a bool, got {getattr(decision, flag)!r}")
     if decision.fail is not None and (not isinstance(decision.fail, str) or not decision.fail):
@@ -662,7 +681,9 @@ class _Plan:
                 self._schedule(decision.retry, retry_at, attempt)
         if decision.commands:
             self.events.append(
-                CommandsIssued([self.registry.encode(c) for c in decision.commands])
+                CommandsIssued(
+                    [self.registry.encode(c) for c in decision.commands], decision.confirm
+                )
             )
         started = info.started_at_ms or self.now_ms
         duration = max(0, self.now_ms - started)
@@ -731,8 +752,14 @@ class ProcessRunner:
                 f"(installed: {', '.join(sorted(self.managers)) or 'none'})"
             ) from None
 
-    async def on_event(self, manager: ProcessManager[Any], event: RecordedEvent) -> None:
-        """Apply `event` to the process it correlates to, if any."""
+    async def on_event(
+        self, manager: ProcessManager[Any], event: RecordedEvent, *, attempt: int | None = None
+    ) -> None:
+        """Apply `event` to the process it correlates to, if any.
+
+        `attempt` is the worker's attempt at this trigger (None: not from a worker);
+        see `step`.
+        """
         process_id = self.correlate(manager, event)
         if process_id is None or event.stream_id == manager.stream_id(process_id):
             return  # not for a process, or the process's own event (no echo)
@@ -743,6 +770,7 @@ class ProcessRunner:
             key=f"{manager.name}:event:{event.event_id}",
             correlation_id=event.correlation_id,
             causation_id=event.event_id,
+            attempt=attempt,
         )
 
     @staticmethod
@@ -767,7 +795,7 @@ class ProcessRunner:
             raise DefinitionError(f"{where} failed: {exc}") from exc
         return process_id
 
-    async def on_timeout(self, payload: TimeoutPayload) -> None:
+    async def on_timeout(self, payload: TimeoutPayload, *, attempt: int | None = None) -> None:
         """Apply a due timeout (discarded if its process moved on)."""
         manager = self.manager(payload.process_type)
         await self.step(
@@ -775,6 +803,7 @@ class ProcessRunner:
             payload.process_id,
             TimeoutTrigger(payload.name, payload.attempt, payload.due_ms, payload.token),
             key=f"{manager.name}:timeout:{payload.token}",
+            attempt=attempt,
         )
 
     async def start(self, process_type: str, process_id: str, data: Any = None) -> None:
@@ -805,8 +834,15 @@ class ProcessRunner:
         key: str,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        attempt: int | None = None,
     ) -> None:
-        """Run one step (see the module docstring), then the commands it issued."""
+        """Run one step (see the module docstring), then the commands it issued.
+
+        A confirmed command (`Decision.confirm`) that raises something other than
+        a `DomainError` propagates, so the worker retries the trigger, until
+        `attempt` is the last `handler_retry` allows: then the command is
+        rejected (a `RejectedTrigger` step) instead of dead-lettering the trigger.
+        """
         stream = StreamId(manager.stream_id(process_id))
         step = _Step(
             stream=stream,
@@ -830,7 +866,9 @@ class ProcessRunner:
         correlation = events[0].correlation_id if events else correlation_id
         for event in events:
             if isinstance(event.data, CommandsIssued):
-                await self._run_commands(manager, process_id, event.data, key, correlation)
+                await self._run_commands(
+                    manager, process_id, event.data, key, correlation, attempt
+                )
 
     def _observe(
         self, manager: ProcessManager[Any], trigger: Trigger, events: list[RecordedEvent]
@@ -862,10 +900,12 @@ class ProcessRunner:
         issued: CommandsIssued,
         key: str,
         correlation_id: str | None,
+        attempt: int | None,
     ) -> None:
         for n, stored in enumerate(issued.commands):
             command = self.commands.decode(stored)
             command_key = f"{key}:command:{n}"
+            outcome: Trigger
             try:
                 await self.executor.execute(
                     command,
@@ -874,11 +914,23 @@ class ProcessRunner:
                     idempotency_key=command_key,
                 )
             except DomainError as exc:
-                await self.step(
-                    manager,
-                    process_id,
-                    RejectedTrigger(command, str(exc)),
-                    key=f"{command_key}:rejected",
-                    correlation_id=correlation_id,
-                    causation_id=key,
-                )
+                outcome = RejectedTrigger(command, str(exc))
+            except Exception as exc:
+                last = attempt is not None and manager.handler_retry.delay(attempt) is None
+                if not (issued.confirm and last) or redis_down(exc):
+                    raise
+                outcome = RejectedTrigger(command, f"failed {attempt} times: {exc!r}")
+            else:
+                if not issued.confirm:
+                    continue
+                outcome = SucceededTrigger(command)
+            suffix = "succeeded" if isinstance(outcome, SucceededTrigger) else "rejected"
+            await self.step(
+                manager,
+                process_id,
+                outcome,
+                key=f"{command_key}:{suffix}",
+                correlation_id=correlation_id,
+                causation_id=key,
+                attempt=attempt,
+            )

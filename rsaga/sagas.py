@@ -35,6 +35,7 @@ from rsaga.processes import (
     ProcessManager,
     RejectedTrigger,
     StartTrigger,
+    SucceededTrigger,
     Timeout,
     TimeoutTrigger,
     Trigger,
@@ -56,11 +57,14 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     action: Action
     compensation: Action | None = None
     done: tuple[type[msgspec.Struct], ...] = ()
-    """Reply events meaning the action succeeded; empty: the command itself is the step."""
+    """Reply events meaning the action succeeded; empty: the step is synchronous, done when
+    its command succeeds (a `DomainError` from it fails the step; another error is retried
+    per the saga's `handler_retry`, then fails the step)."""
     failed: tuple[type[msgspec.Struct], ...] = ()
     """Reply events meaning the action failed."""
     compensated: tuple[type[msgspec.Struct], ...] = ()
-    """Reply events meaning the compensation succeeded; empty: the command itself."""
+    """Reply events meaning the compensation succeeded; empty: the compensation is done when
+    its command succeeds (errors count as failed attempts, as for the action)."""
     compensation_failed: tuple[type[msgspec.Struct], ...] = ()
     """Reply events meaning the compensation failed (it is retried)."""
     timeout: float = 30.0
@@ -271,6 +275,7 @@ class Saga(ProcessManager[_SagaState]):
             events=[StepStarted(step.name)],
             commands=[step.action(data, saga_id)],
             schedule=schedule,
+            confirm=not step.done,
         )
 
     def _compensate_next(
@@ -294,6 +299,7 @@ class Saga(ProcessManager[_SagaState]):
             events=[*events, CompensationStarted(name, attempt)],
             commands=[step.compensation(data, saga_id)],
             schedule=schedule,
+            confirm=not step.compensated,
         )
 
     def _compensation_failed(
@@ -351,6 +357,17 @@ class Saga(ProcessManager[_SagaState]):
                     return self._compensation_failed(p, reason, data, saga_id)
                 if kind == "retry-compensation" and p.phase == "compensating":
                     return self._attempt_compensation(step, attempt, data, saga_id, [])
+            case SucceededTrigger():
+                current = self._step(p.current) if p.current is not None else None
+                if current is None:
+                    return Decision()
+                if p.phase == "running" and not current.done:
+                    return self._after_success(p, data, saga_id, [StepSucceeded(current.name)])
+                if p.phase == "compensating" and not current.compensated:
+                    return self._compensate_next(
+                        _compensated(p, current.name), data, saga_id,
+                        [StepCompensated(current.name)],
+                    )
             case RejectedTrigger(reason=reason):
                 if p.phase == "running" and p.current is not None:
                     step = p.current

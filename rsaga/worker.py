@@ -209,7 +209,7 @@ class _ProcessSource:
         return store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
 
     async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_event(self.manager, item.event)
+        await self.runner.on_event(self.manager, item.event, attempt=attempt)
 
 
 class _TimeoutSource:
@@ -232,7 +232,7 @@ class _TimeoutSource:
         return payload
 
     async def handle(self, item: TimeoutPayload, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_timeout(item)
+        await self.runner.on_timeout(item, attempt=attempt)
 
 
 UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType, IncompatibleDefinition,

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent, StatelessCommand, StreamId
 from rsaga.commands import Writes
 from rsaga.deadletters import DeadLetter, DeadLetters
-from rsaga.errors import DomainError, InvalidStreamId
+from rsaga.errors import DomainError, InvalidStreamId, ValidationError
 from rsaga.processes import (
     AdvanceTrigger,
     Decision,
@@ -27,6 +27,7 @@ from rsaga.processes import (
     Trigger,
 )
 from rsaga.retry import FixedDelay
+from rsaga.sagas import Saga, Step, StepFailed
 from rsaga.testing import Driver
 
 
@@ -227,3 +228,188 @@ async def test_schedule_and_cancel_of_one_name_in_one_decision_reschedule_it(
     assert done.token == scheduled[-1].token
     assert isinstance(events[-1].data, ProcessCompleted)
     assert isinstance(type(manager).triggers[0], AdvanceTrigger)
+
+
+# --- bug 1: synchronous saga steps ---------------------------------------------------------
+
+
+class Reserved(msgspec.Struct, frozen=True, tag="correctness.Reserved"):
+    """A booking service recorded a reservation (or, with `undo`, its cancellation)."""
+
+    what: str
+    undo: bool = False
+
+
+class Refused(msgspec.Struct, frozen=True, tag="correctness.Refused"):
+    """An asynchronous service refused (a failure reply)."""
+
+    trip: str
+    reason: str = "sold out"
+
+
+class Reserve(StatelessCommand, frozen=True, tag="correctness.Reserve"):
+    """Book (or cancel) `what`; `outcome` "domain" refuses, "crash" raises, else succeeds."""
+
+    stream: StreamId
+    what: str
+    undo: bool = False
+    outcome: str = "ok"
+    calls: ClassVar[list[str]] = []
+
+    def handle(self, state: None) -> Writes:
+        Reserve.calls.append(f"{'undo ' if self.undo else ''}{self.what}")
+        if self.outcome == "domain":
+            raise DomainError(f"{self.what} refused")
+        if self.outcome == "crash":
+            raise RuntimeError(f"{self.what} service down")
+        return {self.stream: [Reserved(self.what, self.undo)]}
+
+
+class TripStarted(msgspec.Struct, frozen=True, tag="correctness.TripStarted"):
+    """Starts a `SyncTrip`; `outcomes` maps a step to how its command ends."""
+
+    trip: str
+    outcomes: dict[str, str] = {}
+
+
+def _action(what: str, *, undo: bool = False) -> Any:
+    def build(data: Any, trip: str) -> Reserve:
+        outcomes = data.outcomes if data is not None else {}
+        outcome = outcomes.get(f"undo {what}" if undo else what, "ok")
+        return Reserve(stream=StreamId(f"{what}-{trip}"), what=what, undo=undo, outcome=outcome)
+
+    return build
+
+
+class SyncTrip(Saga):
+    """Hotel, flight and car, each a plain command; cancellations are plain commands too."""
+
+    name = "sync-trip"
+    steps = tuple(
+        Step(name=what, action=_action(what), compensation=_action(what, undo=True))
+        for what in ("hotel", "flight", "car")
+    )
+    starts_with = (TripStarted,)
+    commands = (Reserve,)
+    decodes = (Reserved,)
+    handler_retry = FixedDelay(interval=0.001, max_retries=2)
+    compensation_retry = FixedDelay(interval=1.0, max_retries=2)
+
+    def correlate(self, event: RecordedEvent) -> str | None:
+        trip: str | None = getattr(event.data, "trip", None)
+        return trip
+
+    def fold(self, data: Any, event: RecordedEvent) -> Any:
+        return event.data if isinstance(event.data, TripStarted) else data
+
+
+class HalfAsyncTrip(SyncTrip):
+    """The flight waits for a reply; its cancellation and the hotel's are synchronous."""
+
+    name = "half-async-trip"
+    steps = (
+        SyncTrip.steps[0],
+        Step(
+            name="flight", action=_action("flight"), compensation=_action("flight", undo=True),
+            done=(Reserved,), failed=(Refused,), timeout=60,
+        ),
+    )
+    events = (Refused,)
+
+
+def saga_steps(events: list[RecordedEvent]) -> list[str]:
+    """The saga's step events as 'Kind step'."""
+    return [
+        f"{type(e.data).__name__} {getattr(e.data, 'step', '')}".strip()
+        for e in events
+        if type(e.data).__module__ == "rsaga.sagas"
+    ]
+
+
+async def run_trip(
+    redis: Redis, prefix: str, saga: Saga, outcomes: dict[str, str]
+) -> tuple[EventStore, Driver, list[RecordedEvent]]:
+    Reserve.calls = []
+    store = EventStore(
+        redis, EventRegistry([TripStarted, Refused]), keyspace=Keyspace(prefix=prefix)
+    )
+    driver = Driver(store, [saga])
+    await store.append("trip-1", [TripStarted("1", outcomes)])
+    await driver.run_until_idle()
+    return store, driver, (await store.read(f"{saga.name}-1")).events
+
+
+async def test_a_saga_of_synchronous_steps_runs_to_completion(redis: Redis, prefix: str) -> None:
+    _, _, events = await run_trip(redis, prefix, SyncTrip(), {})
+    assert saga_steps(events) == [
+        "StepStarted hotel", "StepSucceeded hotel", "StepStarted flight",
+        "StepSucceeded flight", "StepStarted car", "StepSucceeded car", "SagaCompleted",
+    ]
+    assert Reserve.calls == ["hotel", "flight", "car"]
+    assert isinstance(events[-1].data, ProcessCompleted)
+
+
+async def test_a_synchronous_step_refused_compensates_the_steps_before_it(
+    redis: Redis, prefix: str
+) -> None:
+    _, _, events = await run_trip(redis, prefix, SyncTrip(), {"car": "domain"})
+    assert Reserve.calls == ["hotel", "flight", "car", "undo flight", "undo hotel"]
+    assert saga_steps(events)[-6:] == [
+        "StepFailed car", "CompensationStarted flight", "StepCompensated flight",
+        "CompensationStarted hotel", "StepCompensated hotel", "SagaCompensated",
+    ]
+
+
+async def test_a_synchronous_step_that_keeps_crashing_is_retried_then_fails(
+    redis: Redis, prefix: str
+) -> None:
+    store, _, events = await run_trip(redis, prefix, SyncTrip(), {"flight": "crash"})
+    retries = SyncTrip.handler_retry.max_retries
+    assert Reserve.calls == ["hotel", *["flight"] * (retries + 1), "undo hotel"]
+    [failed] = [e.data for e in events if isinstance(e.data, StepFailed)]
+    assert failed.step == "flight"
+    assert "flight service down" in failed.reason
+    assert saga_steps(events)[-1] == "SagaCompensated"
+    assert await letters_of(store) == []
+
+
+async def test_a_synchronous_compensation_that_fails_is_retried_with_backoff(
+    redis: Redis, prefix: str
+) -> None:
+    _, driver, events = await run_trip(
+        redis, prefix, SyncTrip(), {"car": "domain", "undo flight": "domain"}
+    )
+    assert saga_steps(events)[-1] == "CompensationAttemptFailed flight"
+    for _ in range(SyncTrip.compensation_retry.max_retries):
+        await driver.advance(1.0)
+    events = (await driver.store.read("sync-trip-1")).events
+    assert Reserve.calls.count("undo flight") == 3
+    assert "undo hotel" not in Reserve.calls  # escalation leaves the rest uncompensated
+    assert saga_steps(events)[-1] == "SagaCompensationFailed flight"
+
+
+async def test_an_asynchronous_step_with_a_synchronous_compensation_compensates(
+    redis: Redis, prefix: str
+) -> None:
+    store, driver, events = await run_trip(redis, prefix, HalfAsyncTrip(), {})
+    assert saga_steps(events)[-1] == "StepStarted flight"
+    await store.append("flight-1", [Refused("1")])
+    await driver.run_until_idle()
+    events = (await store.read("half-async-trip-1")).events
+    assert Reserve.calls == ["hotel", "flight", "undo hotel"]
+    assert saga_steps(events)[-4:] == [
+        "StepFailed flight", "CompensationStarted hotel", "StepCompensated hotel",
+        "SagaCompensated",
+    ]
+
+
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf])
+def test_a_step_timeout_that_is_not_positive_is_refused_when_the_saga_is_defined(
+    timeout: float,
+) -> None:
+    class Broken(SyncTrip):
+        name = "broken"
+        steps = (Step(name="x", action=_action("x"), done=(Reserved,), timeout=timeout),)
+
+    with pytest.raises(ValidationError, match="timeout must be > 0"):
+        Broken.validate()
