@@ -362,9 +362,12 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.all:
             if args.action == "replay":
-                _print(f"replayed {await letters.replay_all(shard=args.shard)}")
-            else:
-                _print(f"dropped {await letters.drop_all(shard=args.shard)}")
+                report = await letters.replay_all(shard=args.shard)
+                _print(f"replayed {len(report.replayed)}")
+                for letter_id, why in report.failed.items():
+                    _print(f"could not replay {letter_id}: {why}")
+                return 1 if report.failed else 0
+            _print(f"dropped {await letters.drop_all(shard=args.shard)}")
             return 0
         if not args.id:
             raise ConfigError(f"dlq {args.action}: give an ID or --all")

@@ -536,7 +536,7 @@ class _Subscription:
             "failed_at_ms": int(time.time() * 1000),
             "consumer": self.consumer.name,
         }
-        for name in (b"s", b"v", b"d"):
+        for name in (b"s", b"v", b"d", b"p", b"t", b"due"):  # p, t, due: a due timeout
             if name in entry.fields:
                 fields[name.decode()] = entry.fields[name]
         log.error(

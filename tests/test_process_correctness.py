@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
+import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent, StatelessCommand, StreamId
+from rsaga.cli import main
 from rsaga.commands import Writes
 from rsaga.deadletters import DeadLetter, DeadLetters
 from rsaga.errors import DomainError, InvalidStreamId, ValidationError
@@ -413,3 +415,88 @@ def test_a_step_timeout_that_is_not_positive_is_refused_when_the_saga_is_defined
 
     with pytest.raises(ValidationError, match="timeout must be > 0"):
         Broken.validate()
+
+
+# --- bug 2: dead-lettered timeouts are replayable ---------------------------------------
+
+
+async def test_a_dead_lettered_timeout_fires_again_when_replayed(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    manager = scripted(
+        Decision(schedule=[Timeout("wait", 5)]),
+        Decision(fail=123),  # type: ignore[arg-type]  # the bug, at the timeout
+        Decision(complete=True),  # the fixed definition, after the replay
+    )
+    driver = Driver(store, [manager])
+    await driver.processes.advance("scripted", "1")
+    await driver.advance(5)
+    assert await redis.zcard(store.keyspace.timeouts(0)) == 0  # moved to the due stream
+    [letter] = await letters_of(store)
+    assert (letter.stream_id, letter.timeout) == ("scripted-1", "wait")
+
+    letters = DeadLetters(redis, store.keyspace)
+    report = await letters.replay_all()
+    assert report.replayed == [letter.id]
+    assert report.failed == {}
+    await driver.run_until_idle()
+    triggers = type(manager).triggers
+    assert [type(t).__name__ for t in triggers] == [
+        "AdvanceTrigger", "TimeoutTrigger", "TimeoutTrigger",
+    ]
+    events = (await store.read("scripted-1")).events
+    assert [type(e.data).__name__ for e in events][-2:] == ["TimeoutFired", "ProcessCompleted"]
+    assert await letters.count() == 0
+
+
+async def test_replay_all_goes_on_past_a_letter_it_cannot_replay(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    manager = scripted(
+        Decision(fail="gave up", escalate=True),  # process 1: a report, not replayable
+        DomainError("not yet"),  # process 2: replayable
+        Decision(complete=True),
+    )
+    driver = Driver(store, [manager])
+    await store.append("poke-1", [Poke("1")])
+    await store.append("poke-2", [Poke("2")])
+    await driver.run_until_idle()
+    report_letter, event_letter = await letters_of(store)
+    assert report_letter.error_type == "ProcessFailed"
+
+    report = await DeadLetters(redis, store.keyspace).replay_all()
+    assert report.replayed == [event_letter.id]
+    assert list(report.failed) == [report_letter.id]
+    assert "reports a failed process" in report.failed[report_letter.id]
+    await driver.run_until_idle()
+    assert isinstance((await store.read("scripted-2")).events[-1].data, ProcessCompleted)
+
+
+def test_cli_dlq_replay_all_reports_what_it_cannot_replay_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    real_redis_url: str,
+    prefix: str,
+) -> None:
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+    monkeypatch.setenv("RSAGA_PREFIX", prefix)
+    keyspace = Keyspace(prefix=prefix)
+
+    async def seed() -> list[str]:
+        redis = Redis.from_url(real_redis_url)
+        for fields in (
+            {"handler": "h", "error_type": "ProcessFailed", "error": "report"},
+            {"handler": "h", "s": "acct", "v": "1", "d": b"x", "error_type": "ValueError"},
+        ):
+            await redis.xadd(keyspace.dead_letters(0), fields)  # type: ignore[arg-type]
+        ids = [i.decode() for i, _ in await redis.xrange(keyspace.dead_letters(0))]
+        await redis.aclose()
+        return ids
+
+    ids = anyio.run(seed)
+    assert main(["dlq", "replay", "--all"]) == 1
+    out = capsys.readouterr().out
+    assert "replayed 1" in out
+    assert f"could not replay {ids[0]}" in out
