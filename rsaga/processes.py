@@ -463,6 +463,8 @@ class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
     token: str
     attempt: int
     due_ms: int
+    correlation_id: str | None = None
+    """Of the step that scheduled it: the step it triggers continues the correlation."""
 
 
 _payload_encoder = msgspec.msgpack.Encoder()
@@ -543,6 +545,7 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     now_ms: int
     commands: Any
     events: Any
+    correlation_id: str
 
     def initial_state(self) -> _Loaded:
         manager: ProcessManager[Any] = self.manager
@@ -586,7 +589,7 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
             )
         if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
             return {}
-        plan = _Plan(manager, info, self.now_ms, self.commands)
+        plan = _Plan(manager, info, self.now_ms, self.commands, self.correlation_id)
         if isinstance(trigger, TimeoutTrigger):
             plan.fired(trigger)
         if isinstance(trigger, RejectedTrigger):
@@ -610,9 +613,15 @@ class _Plan:
     """Turns a decision into the events and effects of one atomic write."""
 
     def __init__(
-        self, manager: ProcessManager[Any], info: ProcessInfo, now_ms: int, commands: Any
+        self,
+        manager: ProcessManager[Any],
+        info: ProcessInfo,
+        now_ms: int,
+        commands: Any,
+        correlation_id: str,
     ) -> None:
         self.manager = manager
+        self.correlation_id = correlation_id
         self.info = info
         self.now_ms = now_ms
         self.registry: CommandRegistry = commands
@@ -631,7 +640,9 @@ class _Plan:
         token = new_id()
         info = self.info
         self.events.append(TimeoutScheduled(name, token, due_ms, attempt))
-        payload = TimeoutPayload(info.process_type, info.process_id, name, token, attempt, due_ms)
+        payload = TimeoutPayload(
+            info.process_type, info.process_id, name, token, attempt, due_ms, self.correlation_id
+        )
         tid = timeout_id(info.stream_id, name)
         if tid in self.cancel:
             # commit.lua schedules before it cancels: a cancel of the same id
@@ -803,6 +814,8 @@ class ProcessRunner:
             payload.process_id,
             TimeoutTrigger(payload.name, payload.attempt, payload.due_ms, payload.token),
             key=f"{manager.name}:timeout:{payload.token}",
+            correlation_id=payload.correlation_id,
+            causation_id=payload.token,
             attempt=attempt,
         )
 
@@ -844,6 +857,7 @@ class ProcessRunner:
         rejected (a `RejectedTrigger` step) instead of dead-lettering the trigger.
         """
         stream = StreamId(manager.stream_id(process_id))
+        correlation_id = correlation_id or new_id()
         step = _Step(
             stream=stream,
             manager=manager,
@@ -852,6 +866,7 @@ class ProcessRunner:
             now_ms=self.clock.now_ms(),
             commands=self.commands,
             events=self.executor.store.registry,
+            correlation_id=correlation_id,
         )
         result = await self.executor.execute(
             step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key

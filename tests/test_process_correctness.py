@@ -500,3 +500,35 @@ def test_cli_dlq_replay_all_reports_what_it_cannot_replay_and_exits_1(
     out = capsys.readouterr().out
     assert "replayed 1" in out
     assert f"could not replay {ids[0]}" in out
+
+
+# --- bug 5: timeouts keep the correlation ----------------------------------------------
+
+
+async def test_a_timeout_step_keeps_the_correlation_and_is_caused_by_the_timeout(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    manager = scripted(
+        Decision(schedule=[Timeout("wait", 5)]),
+        Decision(
+            events=[Noted("late")],
+            commands=[Note(stream=StreamId("note-1"), what="x")],
+            schedule=[Timeout("again", 5)],
+        ),
+        Decision(complete=True),
+    )
+    driver = Driver(store, [manager])
+    await store.append("poke-1", [Poke("1")], correlation_id="corr-1")
+    await driver.run_until_idle()
+    await driver.advance(5)
+    await driver.advance(5)
+    events = (await store.read("scripted-1")).events
+    tokens = {e.data.name: e.data.token for e in events if isinstance(e.data, TimeoutScheduled)}
+    assert {e.correlation_id for e in events} == {"corr-1"}
+    fired = [e for e in events if isinstance(e.data, TimeoutFired | Noted | ProcessCompleted)]
+    assert [e.causation_id for e in fired] == [
+        tokens["wait"], tokens["wait"], tokens["again"], tokens["again"],
+    ]
+    [note] = (await store.read("note-1")).events
+    assert note.correlation_id == "corr-1"
