@@ -46,7 +46,13 @@ from rsaga.config import WorkerSettings
 from rsaga.events import EventRegistry, new_id
 from rsaga.executor import Executor
 from rsaga.keyspace import Keyspace
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, ProcessFailed, ProcessStarted
+from rsaga.processes import (
+    FRAMEWORK_EVENTS,
+    ProcessCompensated,
+    ProcessCompleted,
+    ProcessFailed,
+    ProcessStarted,
+)
 from rsaga.retry import ExponentialBackoff, FixedDelay
 from rsaga.sagas import SAGA_EVENTS, SagaCompensated, SagaCompleted, StepFailed
 from rsaga.scheduler import Scheduler
@@ -164,7 +170,8 @@ async def _observe(store: EventStore, outcome: Outcome) -> None:
     """Fill in how a process ended (if it did) and how long it took."""
     name = DemoOrders.name if outcome.kind == "order" else DemoTravel.name
     events = (await store.read(f"{name}-{outcome.id}")).events
-    if not events or not isinstance(events[-1].data, ProcessCompleted | ProcessFailed):
+    ended = ProcessCompleted | ProcessFailed | ProcessCompensated
+    if not events or not isinstance(events[-1].data, ended):
         return
     started = next(e for e in events if isinstance(e.data, ProcessStarted)).occurred_at
     outcome.duration_ms = (events[-1].occurred_at - started).total_seconds() * 1000

@@ -74,6 +74,10 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
                 streams.append(value)
         return streams
 
+    def metric_label(self) -> str:
+        """The command's label in metrics: its class name."""
+        return type(self).__name__
+
     def initial_state(self) -> S:
         """The state before any event has been applied."""
         raise NotImplementedError(f"{type(self).__name__} must define initial_state()")

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from rsaga.errors import EventDecodeError, UnknownEventType
 from rsaga.keyspace import Keyspace, validate_stream_id
 from rsaga.processes import (
+    ProcessCompensated,
     ProcessCompleted,
     ProcessFailed,
     ProcessStarted,
@@ -22,7 +23,7 @@ from rsaga.processes import (
 )
 from rsaga.store import EventStore
 
-STATES = ("active", "stuck", "failed", "completed")
+STATES = ("active", "stuck", "failed", "compensated", "completed")
 
 
 def _time(ms: float) -> datetime:
@@ -36,7 +37,7 @@ class ProcessRow(msgspec.Struct):
     process_type: str
     state: str
     at: datetime
-    """Last progress (active, stuck) or end (completed, failed)."""
+    """Last progress (active, stuck) or end (completed, failed, compensated)."""
 
 
 class EventRow(msgspec.Struct):
@@ -101,7 +102,7 @@ async def list_processes(
     rows: list[ProcessRow] = []
     for process_type in types:
         for shard in range(keyspace.shards):
-            if state in ("completed", "failed"):
+            if state in ("completed", "failed", "compensated"):
                 key = keyspace.finished_processes(shard, process_type, state)
                 found: Any = await redis.zrevrange(key, 0, limit - 1, withscores=True)
             elif state == "stuck":
@@ -155,6 +156,8 @@ async def show_process(store: EventStore, stream_id: str) -> ProcessView | None:
                 status = "completed"
             case ProcessFailed():
                 status = "failed"
+            case ProcessCompensated():
+                status = "compensated"
             case TimeoutScheduled(name=name, due_ms=due, attempt=attempt):
                 pending[name] = PendingTimeout(name, _time(due), attempt)
             case TimeoutCancelled(name=name) | TimeoutFired(name=name):

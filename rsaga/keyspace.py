@@ -122,7 +122,7 @@ class Keyspace:
         return f"{self._tag(shard)}:active:{process_type}"
 
     def process_stats(self, shard: int, process_type: str) -> str:
-        """Hash: started, completed, failed, duration_ms_total of a process type."""
+        """Hash: started, completed, failed, compensated, duration_ms_total of a process type."""
         return f"{self._tag(shard)}:stats:{process_type}"
 
     def process_durations(self, shard: int, process_type: str) -> str:
@@ -130,7 +130,7 @@ class Keyspace:
         return f"{self._tag(shard)}:durations:{process_type}"
 
     def finished_processes(self, shard: int, process_type: str, outcome: str) -> str:
-        """Sorted set: the last 10000 completed (or failed) processes by end time."""
+        """Sorted set: the last 10000 completed (failed, compensated) processes by end time."""
         return f"{self._tag(shard)}:{outcome}:{process_type}"
 
     def process_index(self, shard: int, process_type: str) -> list[str]:
@@ -141,6 +141,7 @@ class Keyspace:
             self.process_durations(shard, process_type),
             self.finished_processes(shard, process_type, "completed"),
             self.finished_processes(shard, process_type, "failed"),
+            self.finished_processes(shard, process_type, "compensated"),
         ]
 
     def stats_pattern(self) -> str:

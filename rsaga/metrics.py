@@ -51,6 +51,11 @@ class PrometheusObserver(Observer):
         self.failed = Counter(
             "rsaga_processes_failed", "Processes failed.", ["process_type"], registry=r
         )
+        self.compensated = Counter(
+            "rsaga_processes_compensated",
+            "Processes that ended compensated (undid their steps cleanly; not failed).",
+            ["process_type"], registry=r,
+        )
         self.duration = Histogram(
             "rsaga_process_duration_seconds", "Start to completion or failure.",
             ["process_type"], buckets=_PROCESS_DURATIONS, registry=r,
@@ -133,11 +138,13 @@ class PrometheusObserver(Observer):
             self._child(self.handler_duration, group).observe(seconds)
 
     def process_transition(self, process_type: str, transition: str, duration_ms: int) -> None:
-        """Count starts, completions and failures; time the finished ones."""
+        """Count starts, completions, failures and compensations; time the finished ones."""
         if transition == "start":
             self._child(self.started, process_type).inc()
             return
-        counter = self.completed if transition == "complete" else self.failed
+        counter = {"complete": self.completed, "compensate": self.compensated}.get(
+            transition, self.failed
+        )
         self._child(counter, process_type).inc()
         self._child(self.duration, process_type).observe(duration_ms / 1000)
 

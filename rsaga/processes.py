@@ -148,6 +148,13 @@ class ProcessFailed(msgspec.Struct, frozen=True, tag="rsaga.ProcessFailed"):
     duration_ms: int = 0
 
 
+class ProcessCompensated(msgspec.Struct, frozen=True, tag="rsaga.ProcessCompensated"):
+    """The process did not reach its goal and undid what it had done, cleanly."""
+
+    reason: str
+    duration_ms: int = 0
+
+
 FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
     ProcessStarted,
     TimeoutScheduled,
@@ -158,6 +165,7 @@ FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
     RetryScheduled,
     ProcessCompleted,
     ProcessFailed,
+    ProcessCompensated,
 )
 
 
@@ -249,6 +257,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """Finish the process unsuccessfully with this reason."""
     escalate: bool = False
     """With `fail`: also record the failure in dead letters, for an operator to act on."""
+    compensated: str | None = None
+    """Finish the process as compensated with this reason: it did not reach its goal and
+    undid what it had done (a saga whose compensations all succeeded)."""
     confirm: bool = False
     """Tell the process when each of `commands` succeeds: a `SucceededTrigger` step follows
     it (a synchronous saga step is done when its command succeeds)."""
@@ -257,7 +268,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
         """True if the decision does nothing."""
         return not (
             self.events or self.commands or self.schedule or self.cancel or self.retry
-            or self.complete or self.fail
+            or self.complete or self.fail or self.compensated
         )
 
 
@@ -347,17 +358,22 @@ def check_decision(
     for flag in ("complete", "escalate", "confirm"):
         if not isinstance(getattr(decision, flag), bool):
             _refuse(where, f"Decision.{flag}", f"must be a bool, got {getattr(decision, flag)!r}")
-    if decision.fail is not None and (not isinstance(decision.fail, str) or not decision.fail):
-        _refuse(where, "Decision.fail", f"must be None or a reason (a non-empty str), "
-                f"got {decision.fail!r}")
+    for reason in ("fail", "compensated"):
+        value = getattr(decision, reason)
+        if value is not None and (not isinstance(value, str) or not value):
+            _refuse(where, f"Decision.{reason}", f"must be None or a reason (a non-empty str), "
+                    f"got {value!r}")
     if decision.escalate and decision.fail is None:
         _refuse(where, "Decision.escalate", "needs Decision.fail (the failure to escalate)")
-    if decision.complete and decision.fail is not None:
-        _refuse(where, "Decision.complete", "and Decision.fail cannot both end the process")
+    ends = [e for e in ("complete", "fail", "compensated") if getattr(decision, e) not in
+            (None, False)]
+    if len(ends) > 1:
+        _refuse(where, f"Decision.{ends[0]}", f"and Decision.{ends[1]} cannot both end the "
+                "process")
     return decision
 
 
-Status = Literal["new", "active", "completed", "failed"]
+Status = Literal["new", "active", "completed", "failed", "compensated"]
 
 
 class ProcessInfo(msgspec.Struct):
@@ -378,8 +394,8 @@ class ProcessInfo(msgspec.Struct):
 
     @property
     def finished(self) -> bool:
-        """Completed or failed."""
-        return self.status in ("completed", "failed")
+        """Completed, failed or compensated."""
+        return self.status in ("completed", "failed", "compensated")
 
 
 # --- the process manager API -------------------------------------------------------------
@@ -547,6 +563,10 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     events: Any
     correlation_id: str
 
+    def metric_label(self) -> str:
+        """Steps are counted per process type."""
+        return str(self.manager.name)
+
     def initial_state(self) -> _Loaded:
         manager: ProcessManager[Any] = self.manager
         info = ProcessInfo(manager.name, self.process_id, self.stream, now_ms=self.now_ms)
@@ -570,6 +590,8 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
                 info.status = "completed"
             case ProcessFailed():
                 info.status = "failed"
+            case ProcessCompensated():
+                info.status = "compensated"
             case CommandsIssued() | CommandRejected():
                 pass
             case _:
@@ -698,13 +720,18 @@ class _Plan:
             )
         started = info.started_at_ms or self.now_ms
         duration = max(0, self.now_ms - started)
-        if fail is not None or decision.complete:
+        if fail is not None or decision.complete or decision.compensated is not None:
             for name in list(self.pending):
                 self._cancel(name)
-            self.events.append(
-                ProcessFailed(fail, duration) if fail is not None else ProcessCompleted(duration)
-            )
-            transition = "fail" if fail is not None else "complete"
+            if fail is not None:
+                self.events.append(ProcessFailed(fail, duration))
+                transition = "fail"
+            elif decision.compensated is not None:
+                self.events.append(ProcessCompensated(decision.compensated, duration))
+                transition = "compensate"
+            else:
+                self.events.append(ProcessCompleted(duration))
+                transition = "complete"
         letters = []
         if fail is not None and decision.escalate:
             letters.append({
@@ -719,7 +746,7 @@ class _Plan:
             info.process_type,
             info.stream_id,
             transition,
-            duration if transition in ("complete", "fail") else 0,
+            duration if transition in ("complete", "fail", "compensate") else 0,
         )
         return WritePlan(
             {info.stream_id: self.events},
@@ -900,6 +927,8 @@ class ProcessRunner:
                     observer.process_transition(process_type, "complete", ms)
                 case ProcessFailed(duration_ms=ms):
                     observer.process_transition(process_type, "fail", ms)
+                case ProcessCompensated(duration_ms=ms):
+                    observer.process_transition(process_type, "compensate", ms)
                 case TimeoutScheduled():
                     observer.timeout_event(process_type, "scheduled")
                 case TimeoutFired(due_ms=due):

@@ -285,7 +285,7 @@ class Saga(ProcessManager[_SagaState]):
         if not progress.to_compensate:
             return Decision(
                 events=[*events, SagaCompensated(progress.failed_step, progress.failure)],
-                fail=f"compensated: {progress.failed_step} failed: {progress.failure}",
+                compensated=f"{progress.failed_step} failed: {progress.failure}",
             )
         return self._attempt_compensation(progress.to_compensate[0], 1, data, saga_id, events)
 

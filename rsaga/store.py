@@ -83,7 +83,7 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     process_type: str
     stream_id: str
     transition: str
-    """'start', 'progress', 'complete' or 'fail'."""
+    """'start', 'progress', 'complete', 'fail' or 'compensate'."""
     duration_ms: int = 0
 
 
@@ -389,7 +389,7 @@ class EventStore:
             keys += [ks.timeouts(shard), ks.timeout_data(shard), ks.timeouts_wake(shard)]
         args.append(len(effects.index))
         for update in effects.index:
-            if update.transition not in ("start", "progress", "complete", "fail"):
+            if update.transition not in ("start", "progress", "complete", "fail", "compensate"):
                 raise ValidationError(f"unknown process transition {update.transition!r}")
             keys += ks.process_index(shard, update.process_type)
             args += [update.transition, update.stream_id, update.duration_ms]

@@ -9,17 +9,25 @@ from typing import Any, ClassVar
 import anyio
 import msgspec
 import pytest
+from prometheus_client import generate_latest
 from redis.asyncio import Redis
 
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent, StatelessCommand, StreamId
 from rsaga.cli import main
 from rsaga.commands import Writes
+from rsaga.config import HealthSettings
 from rsaga.deadletters import DeadLetter, DeadLetters
 from rsaga.errors import DomainError, InvalidStreamId, ValidationError
+from rsaga.health import health_report
+from rsaga.inspect import list_processes, show_process
+from rsaga.metrics import PrometheusObserver
+from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.processes import (
     AdvanceTrigger,
     Decision,
+    ProcessCompensated,
     ProcessCompleted,
+    ProcessFailed,
     ProcessInfo,
     ProcessManager,
     Timeout,
@@ -329,13 +337,19 @@ def saga_steps(events: list[RecordedEvent]) -> list[str]:
 
 
 async def run_trip(
-    redis: Redis, prefix: str, saga: Saga, outcomes: dict[str, str]
+    redis: Redis,
+    prefix: str,
+    saga: Saga,
+    outcomes: dict[str, str],
+    *,
+    observer: Observer = NO_OBSERVER,
 ) -> tuple[EventStore, Driver, list[RecordedEvent]]:
     Reserve.calls = []
     store = EventStore(
         redis, EventRegistry([TripStarted, Refused]), keyspace=Keyspace(prefix=prefix)
     )
     driver = Driver(store, [saga])
+    driver.executor.observer = observer
     await store.append("trip-1", [TripStarted("1", outcomes)])
     await driver.run_until_idle()
     return store, driver, (await store.read(f"{saga.name}-1")).events
@@ -532,3 +546,50 @@ async def test_a_timeout_step_keeps_the_correlation_and_is_caused_by_the_timeout
     ]
     [note] = (await store.read("note-1")).events
     assert note.correlation_id == "corr-1"
+
+
+# --- bug 9: compensated is its own end state ------------------------------------------
+
+
+async def test_a_cleanly_compensated_saga_ends_compensated_not_failed(
+    redis: Redis, prefix: str
+) -> None:
+    observer = PrometheusObserver()
+    store, _, events = await run_trip(
+        redis, prefix, SyncTrip(), {"car": "domain"}, observer=observer
+    )
+    assert events[-1].data == ProcessCompensated("car failed: car refused", 0)
+    stats = await redis.hgetall(store.keyspace.process_stats(0, "sync-trip"))
+    assert (stats[b"started"], stats[b"compensated"]) == (b"1", b"1")
+    assert b"failed" not in stats
+    ks = store.keyspace
+    assert await redis.zrange(ks.finished_processes(0, "sync-trip", "compensated"), 0, -1) == [
+        b"sync-trip-1"
+    ]
+    rows = await list_processes(redis, ks, types=["sync-trip"], state="compensated")
+    assert [(r.stream_id, r.state) for r in rows] == [("sync-trip-1", "compensated")]
+    assert await list_processes(redis, ks, types=["sync-trip"], state="failed") == []
+    view = await show_process(store, "sync-trip-1")
+    assert view is not None
+    assert view.status == "compensated"
+    report = await health_report(redis, ks, HealthSettings(min_finished=1))
+    [figures] = report.processes
+    assert (figures.compensated, figures.failed, figures.failure_rate) == (1, 0, 0.0)
+    metrics = generate_latest(observer.registry).decode()
+    assert 'rsaga_processes_compensated_total{process_type="sync-trip"} 1.0' in metrics
+    assert 'rsaga_processes_failed_total{process_type="sync-trip"}' not in metrics
+    assert 'rsaga_commands_total{command="sync-trip",outcome="written"}' in metrics
+    assert "_Step" not in metrics
+
+
+async def test_a_saga_whose_compensation_fails_ends_failed(redis: Redis, prefix: str) -> None:
+    _, driver, _ = await run_trip(
+        redis, prefix, SyncTrip(), {"car": "domain", "undo flight": "domain"}
+    )
+    for _ in range(SyncTrip.compensation_retry.max_retries):
+        await driver.advance(1.0)
+    events = (await driver.store.read("sync-trip-1")).events
+    assert isinstance(events[-1].data, ProcessFailed)
+    stats = await redis.hgetall(driver.store.keyspace.process_stats(0, "sync-trip"))
+    assert stats[b"failed"] == b"1"
+    assert b"compensated" not in stats

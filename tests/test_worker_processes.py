@@ -17,7 +17,13 @@ from worker_plugins import AlarmSet, Ping, Rang, Seen
 
 from rsaga import EventRegistry, EventStore, Keyspace
 from rsaga.deadletters import DeadLetters
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, ProcessFailed, TimeoutFired
+from rsaga.processes import (
+    FRAMEWORK_EVENTS,
+    ProcessCompensated,
+    ProcessCompleted,
+    ProcessFailed,
+    TimeoutFired,
+)
 from rsaga.testing import RedisServer
 from rsaga.worker import TIMEOUTS_GROUP
 
@@ -339,7 +345,8 @@ async def test_a_saga_ends_the_same_wherever_its_worker_is_killed(
 
     async def finished() -> bool:
         events = (await store.read(saga)).events
-        return bool(events) and isinstance(events[-1].data, ProcessFailed | ProcessCompleted)
+        ended = ProcessFailed | ProcessCompleted | ProcessCompensated
+        return bool(events) and isinstance(events[-1].data, ended)
 
     await wait_for(finished, 30, "the saga to end", lambda: _output(workers))
     events = (await store.read(saga)).events

@@ -19,7 +19,8 @@
     then, if any timeout is scheduled or cancelled: the shard's timeouts
                          sorted set, timeout data hash and wake stream
     then, per index update: the process type's active set, stats hash,
-                         durations list, completed set and failed set
+                         durations list, and completed, failed and
+                         compensated sets (Keyspace.process_index)
     then, if any dead letter is added: the shard's dead-letter stream
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
@@ -38,6 +39,8 @@
 -- @include "now_ms"
 -- @include "timeouts"
 -- @include "process_index"
+
+local INDEX_KEYS = 6
 
 local n = tonumber(ARGV[1])
 local versions = {}
@@ -91,9 +94,12 @@ local updates = tonumber(ARGV[arg] or 0)
 if updates > 0 then
   local now = now_ms()
   for _ = 1, updates do
-    local index_keys = {KEYS[key], KEYS[key + 1], KEYS[key + 2], KEYS[key + 3], KEYS[key + 4]}
+    local index_keys = {}
+    for j = 1, INDEX_KEYS do
+      index_keys[j] = KEYS[key + j - 1]
+    end
     update_process_index(index_keys, ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], now)
-    key = key + 5
+    key = key + INDEX_KEYS
     arg = arg + 3
   end
 end
