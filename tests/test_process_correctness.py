@@ -38,7 +38,7 @@ from rsaga.processes import (
 )
 from rsaga.retry import FixedDelay
 from rsaga.sagas import Saga, Step, StepFailed
-from rsaga.testing import Driver
+from rsaga.testing import Driver, ManualClock
 
 
 class Poke(msgspec.Struct, frozen=True, tag="correctness.Poke"):
@@ -475,10 +475,11 @@ async def test_replay_all_goes_on_past_a_letter_it_cannot_replay(
     )
     driver = Driver(store, [manager])
     await store.append("poke-1", [Poke("1")])
+    await driver.run_until_idle()
     await store.append("poke-2", [Poke("2")])
     await driver.run_until_idle()
-    report_letter, event_letter = await letters_of(store)
-    assert report_letter.error_type == "ProcessFailed"
+    by_type = {letter.error_type: letter for letter in await letters_of(store)}
+    report_letter, event_letter = by_type["ProcessFailed"], by_type["DefinitionError"]
 
     report = await DeadLetters(redis, store.keyspace).replay_all()
     assert report.replayed == [event_letter.id]
@@ -593,3 +594,35 @@ async def test_a_saga_whose_compensation_fails_ends_failed(redis: Redis, prefix:
     stats = await redis.hgetall(driver.store.keyspace.process_stats(0, "sync-trip"))
     assert stats[b"failed"] == b"1"
     assert b"compensated" not in stats
+
+
+# --- bug 6: timeouts reach only workers that run their process type ---------------------
+
+
+async def test_workers_of_different_process_types_each_get_only_their_timeouts(
+    redis: Redis, prefix: str
+) -> None:
+    mine = scripted(Decision(schedule=[Timeout("wait", 5)]), Decision(complete=True))
+
+    class Other(Scripted):
+        name = "other"
+
+    Other.decisions = [Decision(schedule=[Timeout("wait", 5)]), Decision(complete=True)]
+    Other.triggers = []
+    clock = ManualClock()
+    pool_a = Driver(make_store(redis, prefix), [mine], clock=clock)
+    pool_b = Driver(make_store(redis, prefix), [Other()], clock=clock)
+    await pool_a.processes.advance("scripted", "1")
+    await pool_b.processes.advance("other", "1")
+
+    await pool_a.advance(5)  # its scheduler moves both due timeouts
+    assert await letters_of(pool_a.store) == []
+    assert [type(t).__name__ for t in type(mine).triggers] == ["AdvanceTrigger", "TimeoutTrigger"]
+    assert len(Other.triggers) == 1  # not fired yet: no worker of its type ran
+
+    await pool_b.run_until_idle()  # the first worker of the type picks it up
+    assert [type(t).__name__ for t in Other.triggers] == ["AdvanceTrigger", "TimeoutTrigger"]
+    for stream in ("scripted-1", "other-1"):
+        events = (await pool_a.store.read(stream)).events
+        assert isinstance(events[-1].data, ProcessCompleted)
+    assert await letters_of(pool_a.store) == []

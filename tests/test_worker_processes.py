@@ -25,7 +25,7 @@ from rsaga.processes import (
     TimeoutFired,
 )
 from rsaga.testing import RedisServer
-from rsaga.worker import TIMEOUTS_GROUP
+from rsaga.worker import timeouts_group
 
 pytestmark = pytest.mark.slow
 
@@ -295,7 +295,7 @@ async def test_killing_the_scheduler_and_a_worker_mid_timeout_applies_each_timeo
     assert await redis.zcard(zset) == 0
     assert await DeadLetters(redis, store.keyspace).count() == 0
     await wait_for(
-        lambda: _group_drained(redis, store.keyspace.due_timeouts(0), TIMEOUTS_GROUP),
+        lambda: _group_drained(redis, store.keyspace.due_timeouts(0), timeouts_group("alarm")),
         30,
         "the due stream to drain",
     )
