@@ -292,6 +292,7 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
         rows = await list_processes(
             store.redis, store.keyspace, types=types, state=args.state, limit=args.limit,
             stuck_after=settings.health.stuck_after,
+            overdue_after=settings.health.overdue_after,
         )
         if args.json:
             _print(_json(rows))

@@ -118,8 +118,13 @@ class Keyspace:
         return f"{self._tag(shard)}:due"
 
     def active_processes(self, shard: int, process_type: str) -> str:
-        """Sorted set: process stream id -> last progress (server ms), while active."""
+        """Sorted set: process stream id -> last progress (server ms), while active with no
+        pending timeout (one with a timeout is in `waiting_processes`)."""
         return f"{self._tag(shard)}:active:{process_type}"
+
+    def waiting_processes(self, shard: int, process_type: str) -> str:
+        """Sorted set: active process stream id -> due time of its earliest pending timeout."""
+        return f"{self._tag(shard)}:waiting:{process_type}"
 
     def process_stats(self, shard: int, process_type: str) -> str:
         """Hash: started, completed, failed, compensated, duration_ms_total of a process type."""
@@ -142,6 +147,7 @@ class Keyspace:
             self.finished_processes(shard, process_type, "completed"),
             self.finished_processes(shard, process_type, "failed"),
             self.finished_processes(shard, process_type, "compensated"),
+            self.waiting_processes(shard, process_type),
         ]
 
     def stats_pattern(self) -> str:

@@ -182,6 +182,7 @@ class PrometheusObserver(Observer):
             for process_type in types:
                 for shard in range(keyspace.shards):
                     pipe.zcard(keyspace.active_processes(shard, process_type))
+                    pipe.zcard(keyspace.waiting_processes(shard, process_type))
             for stream in streams:
                 pipe.xinfo_groups(stream)
             if scheduler:
@@ -191,8 +192,8 @@ class PrometheusObserver(Observer):
             replies = await pipe.execute(raise_on_error=False)
         at = 0
         for process_type in types:
-            counts = replies[at : at + keyspace.shards]
-            at += keyspace.shards
+            counts = replies[at : at + 2 * keyspace.shards]
+            at += 2 * keyspace.shards
             self._child(self.active, process_type).set(
                 sum(int(c) for c in counts if not isinstance(c, Exception))
             )

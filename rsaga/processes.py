@@ -388,6 +388,8 @@ class ProcessInfo(msgspec.Struct):
     """The deciding worker's clock: due times of new timeouts count from it."""
     pending: dict[str, str] = msgspec.field(default_factory=dict)
     """Pending timeouts: name -> token."""
+    due: dict[str, int] = msgspec.field(default_factory=dict)
+    """Pending timeouts: name -> due time (ms since the epoch)."""
     retries: dict[str, int] = msgspec.field(default_factory=dict)
     """Retries scheduled so far, per step."""
     definition_version: int = 1
@@ -579,11 +581,13 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
                 info.status = "active"
                 info.started_at_ms = int(event.occurred_at.timestamp() * 1000)
                 info.definition_version = version
-            case TimeoutScheduled(name=name, token=token):
+            case TimeoutScheduled(name=name, token=token, due_ms=due_ms):
                 info.pending[name] = token
+                info.due[name] = due_ms
             case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
                 if info.pending.get(name) == token:
                     del info.pending[name]
+                    info.due.pop(name, None)
             case RetryScheduled(step=step, attempt=attempt):
                 info.retries[step] = attempt
             case ProcessCompleted():
@@ -651,12 +655,14 @@ class _Plan:
         self.schedule: dict[str, TimeoutWrite] = {}
         self.cancel: list[str] = []
         self.pending = dict(info.pending)
+        self.due = dict(info.due)
 
     def fired(self, trigger: TimeoutTrigger) -> None:
         self.events.append(
             TimeoutFired(trigger.name, trigger.token, trigger.attempt, trigger.due_ms)
         )
         self.pending.pop(trigger.name, None)
+        self.due.pop(trigger.name, None)
 
     def _schedule(self, name: str, due_ms: int, attempt: int) -> None:
         token = new_id()
@@ -672,9 +678,11 @@ class _Plan:
             self.cancel.remove(tid)
         self.schedule[name] = TimeoutWrite(tid, due_ms, _payload_encoder.encode(payload))
         self.pending[name] = token
+        self.due[name] = due_ms
 
     def _cancel(self, name: str) -> None:
         token = self.pending.pop(name, None)
+        self.due.pop(name, None)
         if token is not None:
             self.events.append(TimeoutCancelled(name, token))
             self.schedule.pop(name, None)
@@ -747,6 +755,7 @@ class _Plan:
             info.stream_id,
             transition,
             duration if transition in ("complete", "fail", "compensate") else 0,
+            min(self.due.values(), default=None),
         )
         return WritePlan(
             {info.stream_id: self.events},

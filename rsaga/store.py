@@ -85,6 +85,8 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     transition: str
     """'start', 'progress', 'complete', 'fail' or 'compensate'."""
     duration_ms: int = 0
+    next_due_ms: int | None = None
+    """Due time of the process's earliest pending timeout: it is waiting, not stuck."""
 
 
 class Effects(msgspec.Struct, frozen=True):
@@ -392,7 +394,8 @@ class EventStore:
             if update.transition not in ("start", "progress", "complete", "fail", "compensate"):
                 raise ValidationError(f"unknown process transition {update.transition!r}")
             keys += ks.process_index(shard, update.process_type)
-            args += [update.transition, update.stream_id, update.duration_ms]
+            next_due = -1 if update.next_due_ms is None else update.next_due_ms
+            args += [update.transition, update.stream_id, update.duration_ms, next_due]
         args.append(len(effects.dead_letters))
         for letter in effects.dead_letters:
             args.append(2 * len(letter))

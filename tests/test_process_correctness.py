@@ -18,6 +18,7 @@ from rsaga.commands import Writes
 from rsaga.config import HealthSettings
 from rsaga.deadletters import DeadLetter, DeadLetters
 from rsaga.errors import DomainError, InvalidStreamId, ValidationError
+from rsaga.executor import Executor
 from rsaga.health import health_report
 from rsaga.inspect import list_processes, show_process
 from rsaga.metrics import PrometheusObserver
@@ -30,6 +31,7 @@ from rsaga.processes import (
     ProcessFailed,
     ProcessInfo,
     ProcessManager,
+    ProcessRunner,
     Timeout,
     TimeoutFired,
     TimeoutScheduled,
@@ -626,3 +628,40 @@ async def test_workers_of_different_process_types_each_get_only_their_timeouts(
         events = (await pool_a.store.read(stream)).events
         assert isinstance(events[-1].data, ProcessCompleted)
     assert await letters_of(pool_a.store) == []
+
+
+# --- bug 7: a process waiting on a timer is not stuck --------------------------------------
+
+
+async def test_a_process_waiting_on_a_future_timeout_is_not_stuck(
+    redis: Redis, prefix: str
+) -> None:
+    """Stuck: no pending timeout and no progress for stuck_after, or a timeout overdue
+    by more than overdue_after. Real clocks: the index uses the Redis server's time."""
+    store = make_store(redis, prefix)
+    manager = scripted(
+        Decision(schedule=[Timeout("month", 30 * 86400)]),  # waits 30 days
+        Decision(events=[Noted("no timer")]),  # idle, nothing pending
+        Decision(schedule=[Timeout("soon", at_ms=1)]),  # a timeout long overdue
+    )
+    runner = ProcessRunner(Executor(store), [manager])
+    thresholds = HealthSettings(stuck_after=0.2, overdue_after=60)
+    for process_id in ("waiting", "idle", "overdue"):
+        await runner.advance("scripted", process_id)
+    await anyio.sleep(0.3)
+
+    report = await health_report(redis, store.keyspace, thresholds)
+    [figures] = report.processes
+    assert (figures.active, figures.stuck) == (3, 2)
+    stuck = await list_processes(
+        redis, store.keyspace, types=["scripted"], state="stuck", stuck_after=0.2,
+        overdue_after=60,
+    )
+    assert sorted(r.stream_id for r in stuck) == ["scripted-idle", "scripted-overdue"]
+    listed = await list_processes(redis, store.keyspace, types=["scripted"])
+    assert {r.stream_id: r.state for r in listed} == {
+        "scripted-waiting": "waiting", "scripted-overdue": "waiting", "scripted-idle": "active",
+    }
+
+    report = await health_report(redis, store.keyspace, HealthSettings(stuck_after=3600))
+    assert report.processes[0].stuck == 1  # only the overdue timeout
