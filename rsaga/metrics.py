@@ -56,6 +56,11 @@ class PrometheusObserver(Observer):
             "Processes that ended compensated (undid their steps cleanly; not failed).",
             ["process_type"], registry=r,
         )
+        self.runaway = Counter(
+            "rsaga_processes_runaway",
+            "Processes failed for stepping without outside input (a timeout loop).",
+            ["process_type"], registry=r,
+        )
         self.duration = Histogram(
             "rsaga_process_duration_seconds", "Start to completion or failure.",
             ["process_type"], buckets=_PROCESS_DURATIONS, registry=r,
@@ -141,6 +146,9 @@ class PrometheusObserver(Observer):
         """Count starts, completions, failures and compensations; time the finished ones."""
         if transition == "start":
             self._child(self.started, process_type).inc()
+            return
+        if transition == "runaway":  # reported with its "fail", which counts it as failed
+            self._child(self.runaway, process_type).inc()
             return
         counter = {"complete": self.completed, "compensate": self.compensated}.get(
             transition, self.failed

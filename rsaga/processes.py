@@ -49,6 +49,9 @@ S = TypeVar("S")
 DEADLINE = "rsaga.deadline"
 """Name of the timeout that enforces a process's `deadline`."""
 
+RUNAWAY = "runaway: "
+"""Start of the failure reason of a process stopped for stepping without outside input."""
+
 
 class UnknownProcessType(RsagaError):
     """A timeout or command names a process type no installed manager has."""
@@ -393,6 +396,11 @@ class ProcessInfo(msgspec.Struct):
     retries: dict[str, int] = msgspec.field(default_factory=dict)
     """Retries scheduled so far, per step."""
     definition_version: int = 1
+    unprompted_ms: list[int] = msgspec.field(default_factory=list)
+    """When the recent steps since the last outside trigger ran (timeouts, command
+    outcomes), oldest first; at most `max_unprompted_steps` are kept."""
+    last_step: str | None = None
+    """Idempotency key of the latest step."""
 
     @property
     def finished(self) -> bool:
@@ -437,6 +445,12 @@ class ProcessManager(Generic[S]):
     """Retries of a step that raised unexpectedly, before it goes to dead letters."""
     claim_timeout: ClassVar[float] = 30.0
     """Seconds a silent worker keeps its triggers before others take over."""
+    max_unprompted_steps: ClassVar[int] = 100
+    """A process that takes more steps than this within `unprompted_window` seconds with
+    no outside trigger (an event, a start, an advance) in between fails as a runaway: a
+    timeout that reschedules itself at 0 s would otherwise loop for ever."""
+    unprompted_window: ClassVar[float] = 10.0
+    """See `max_unprompted_steps`."""
 
     def correlate(self, event: RecordedEvent) -> str | None:
         """The process instance id `event` belongs to, or None to ignore it."""
@@ -470,6 +484,11 @@ class ProcessManager(Generic[S]):
         check_name(cls)
         if cls.deadline is not None and cls.deadline <= 0:
             raise ValidationError(f"process {cls.name}: deadline must be > 0")
+        steps, window = cls.max_unprompted_steps, cls.unprompted_window
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValidationError(f"process {cls.name}: max_unprompted_steps must be an int >= 1")
+        if not isinstance(window, (int, float)) or not window > 0:
+            raise ValidationError(f"process {cls.name}: unprompted_window must be > 0")
 
 
 class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
@@ -576,6 +595,15 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
 
     def apply(self, state: _Loaded, event: RecordedEvent) -> _Loaded:
         info = state.info
+        if event.command_id != info.last_step:
+            info.last_step = event.command_id
+            if _unprompted(event.command_id):
+                recent = info.unprompted_ms
+                recent.append(int(event.occurred_at.timestamp() * 1000))
+                if len(recent) > self.manager.max_unprompted_steps:
+                    del recent[0]
+            else:
+                info.unprompted_ms.clear()
         match event.data:
             case ProcessStarted(definition_version=version):
                 info.status = "active"
@@ -623,6 +651,8 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
             plan.events.append(CommandRejected(name, trigger.reason))
         if isinstance(trigger, TimeoutTrigger) and trigger.name == DEADLINE:
             decision = Decision(fail=f"deadline of {manager.deadline:g}s passed")
+        elif (runaway := self._runaway(info)) is not None:
+            decision = Decision(fail=runaway)
         else:
             where = f"process {manager.name} {info.process_id}"
             try:
@@ -633,6 +663,26 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
         if decision.is_empty() and not plan.events:
             return {}
         return plan.build(decision)
+
+
+    def _runaway(self, info: ProcessInfo) -> str | None:
+        """Why this step would be one unprompted step too many, if it would."""
+        if not isinstance(self.trigger, TimeoutTrigger | RejectedTrigger | SucceededTrigger):
+            return None
+        manager: ProcessManager[Any] = self.manager
+        limit, recent = manager.max_unprompted_steps, info.unprompted_ms
+        if len(recent) < limit or self.now_ms - recent[-limit] >= manager.unprompted_window * 1000:
+            return None
+        return (
+            f"{RUNAWAY}{limit} steps within {manager.unprompted_window:g}s without any outside "
+            "trigger (does a timeout reschedule itself at 0 s?)"
+        )
+
+
+def _unprompted(step_key: str | None) -> bool:
+    """Whether the step with this idempotency key ran on the process's own account: a
+    timeout, or the outcome of a command it issued (see `ProcessRunner` for the keys)."""
+    return step_key is not None and (":timeout:" in step_key or ":command:" in step_key)
 
 
 class _Plan:
@@ -934,8 +984,10 @@ class ProcessRunner:
                     observer.process_transition(process_type, "start", 0)
                 case ProcessCompleted(duration_ms=ms):
                     observer.process_transition(process_type, "complete", ms)
-                case ProcessFailed(duration_ms=ms):
+                case ProcessFailed(duration_ms=ms, reason=reason):
                     observer.process_transition(process_type, "fail", ms)
+                    if reason.startswith(RUNAWAY):
+                        observer.process_transition(process_type, "runaway", ms)
                 case ProcessCompensated(duration_ms=ms):
                     observer.process_transition(process_type, "compensate", ms)
                 case TimeoutScheduled():

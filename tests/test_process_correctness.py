@@ -665,3 +665,40 @@ async def test_a_process_waiting_on_a_future_timeout_is_not_stuck(
 
     report = await health_report(redis, store.keyspace, HealthSettings(stuck_after=3600))
     assert report.processes[0].stuck == 1  # only the overdue timeout
+
+
+# --- bug 8: a timeout loop fails the process instead of burning a core ---------------------
+
+
+def loop(steps: int) -> list[Decision]:
+    """Decisions that reschedule a 0 s timeout `steps` times, then stop."""
+    return [Decision(schedule=[Timeout("again", 0)])] * steps + [Decision()]
+
+
+async def test_a_timeout_that_reschedules_itself_at_0s_fails_the_process(
+    redis: Redis, prefix: str
+) -> None:
+    class Looping(Scripted):
+        name = "looping"
+        max_unprompted_steps = 10
+
+    Looping.decisions = [*loop(8), *loop(8), *loop(30)]
+    Looping.triggers = []
+    observer = PrometheusObserver()
+    store = make_store(redis, prefix)
+    driver = Driver(store, [Looping()])
+    driver.executor.observer = observer
+    for _ in range(2):  # 8 unprompted steps after each outside trigger: not a runaway
+        await driver.processes.advance("looping", "1")
+        await driver.run_until_idle()
+    assert len(Looping.triggers) == 18
+    await driver.processes.advance("looping", "1")
+    await driver.run_until_idle()
+
+    events = (await store.read("looping-1")).events
+    assert isinstance(events[-1].data, ProcessFailed)
+    assert events[-1].data.reason.startswith("runaway: 10 steps within 10s")
+    assert len(Looping.triggers) == 18 + 1 + 10  # the 11th unprompted step did not decide
+    assert await redis.zcard(store.keyspace.timeouts(0)) == 0
+    metrics = generate_latest(observer.registry).decode()
+    assert 'rsaga_processes_runaway_total{process_type="looping"} 1.0' in metrics
