@@ -56,6 +56,9 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     """
 
     _stream_field_cache: ClassVar[dict[type, tuple[tuple[str, bool], ...]]] = {}
+    emits: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
+    """Event types `handle` may write. A process that issues the command registers them,
+    so a worker can execute it whatever handlers it runs."""
 
     def read_streams(self) -> list[str]:
         """The streams this command reads: the values of its `StreamId` fields."""

@@ -35,7 +35,13 @@ import msgspec
 
 from rsaga.clock import Clock, SystemClock
 from rsaga.commands import Command, StreamId, WritePlan, Writes
-from rsaga.errors import DomainError, InvalidStreamId, RsagaError, ValidationError
+from rsaga.errors import (
+    DomainError,
+    InvalidStreamId,
+    RsagaError,
+    UnknownEventType,
+    ValidationError,
+)
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
 from rsaga.health import redis_down
@@ -427,7 +433,8 @@ class ProcessManager(Generic[S]):
     commands: ClassVar[tuple[type[Command[Any]], ...]] = ()
     """Command types the process issues (their names are stored)."""
     decodes: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
-    """Further event types the commands it issues read."""
+    """Further event types the commands it issues read from their streams, other than
+    `events`, `state_events` and what the commands declare in `Command.emits`."""
     retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=1.0, cap=300.0, max_retries=5)
     """Delays of `Decision.retry`; once spent, the process fails."""
     deadline: ClassVar[float | None] = None
@@ -837,6 +844,8 @@ class ProcessRunner:
         for manager in managers:
             type(manager).validate()
             registry.register(*manager.events, *manager.state_events, *manager.decodes)
+            for command in manager.commands:
+                registry.register(*command.emits)
             self.commands.register(*manager.commands)
 
     def manager(self, process_type: str) -> ProcessManager[Any]:
@@ -1020,6 +1029,14 @@ class ProcessRunner:
                 )
             except DomainError as exc:
                 outcome = RejectedTrigger(command, str(exc))
+            except UnknownEventType as exc:
+                name = type(command).__name__
+                raise UnknownEventType(
+                    f"process {manager.name} issued {name}, which wrote or read an event "
+                    f"whose type is not registered ({str(exc).split(';')[0]}): list the event "
+                    f"types {name} writes in {name}.emits, and those it only reads in "
+                    f"{type(manager).__name__}.decodes; then replay the dead letter"
+                ) from exc
             except Exception as exc:
                 last = attempt is not None and manager.handler_retry.delay(attempt) is None
                 if not (issued.confirm and last) or redis_down(exc):

@@ -702,3 +702,60 @@ async def test_a_timeout_that_reschedules_itself_at_0s_fails_the_process(
     assert await redis.zcard(store.keyspace.timeouts(0)) == 0
     metrics = generate_latest(observer.registry).decode()
     assert 'rsaga_processes_runaway_total{process_type="looping"} 1.0' in metrics
+
+
+# --- bug 10: events of issued commands are declared on the command ------------------------
+
+
+class Announced(msgspec.Struct, frozen=True, tag="correctness.Announced"):
+    """Written by `Announce` to a stream no handler reads."""
+
+    what: str
+
+
+class Announce(StatelessCommand, frozen=True, tag="correctness.Announce"):
+    """Write an `Announced`, declaring it."""
+
+    stream: StreamId
+    emits = (Announced,)
+
+    def handle(self, state: None) -> Writes:
+        return {self.stream: [Announced("hello")]}
+
+
+class AnnounceUndeclared(StatelessCommand, frozen=True, tag="correctness.AnnounceUndeclared"):
+    """Write an `Announced` without declaring it."""
+
+    stream: StreamId
+
+    def handle(self, state: None) -> Writes:
+        return {self.stream: [Announced("hello")]}
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_a_process_can_issue_a_command_whose_events_no_handler_reads(
+    redis: Redis, prefix: str, declared: bool
+) -> None:
+    command = Announce if declared else AnnounceUndeclared
+
+    class Announcer(Scripted):
+        name = "announcer"
+        commands = (command,)
+
+    Announcer.decisions = [Decision(commands=[command(stream=StreamId("news-1"))])]
+    Announcer.triggers = []
+    store = make_store(redis, prefix)
+    driver = Driver(store, [Announcer()])
+    await store.append("poke-1", [Poke("1")])
+    await driver.run_until_idle()
+    if declared:
+        [event] = (await store.read("news-1")).events
+        assert event.data == Announced("hello")
+        assert await letters_of(store) == []
+        return
+    assert await redis.xlen(store.keyspace.stream("news-1")) == 0
+    [letter] = await letters_of(store)
+    assert letter.error_type == "UnknownEventType"
+    assert "process announcer issued AnnounceUndeclared" in letter.error
+    assert "AnnounceUndeclared.emits" in letter.error
+    assert "Announcer.decodes" in letter.error
