@@ -43,6 +43,15 @@ def inspection_store(settings: Settings) -> EventStore:
     )
 
 
+def installed_managers(settings: Settings) -> list[ProcessManager[Any]]:
+    """One instance of every installed process definition (entry points and `worker.handlers`)."""
+    return [
+        item.handler()
+        for item in discover_handlers(settings.worker.handlers)
+        if issubclass(item.handler, ProcessManager)
+    ]
+
+
 class StepView(msgspec.Struct):
     """One saga step as the diagram shows it."""
 
