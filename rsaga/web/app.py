@@ -30,10 +30,10 @@ from rsaga.deadletters import DeadLetters
 from rsaga.errors import RsagaError, ValidationError
 from rsaga.events import new_id
 from rsaga.executor import Executor
-from rsaga.operator import Operator, ProcessState
-from rsaga.processes import ProcessManager, ProcessRunner
 from rsaga.health import health_report
 from rsaga.inspect import STATES, list_processes, list_timeouts, process_types, show_process
+from rsaga.operator import Operator, ProcessState
+from rsaga.processes import ProcessManager, ProcessRunner
 from rsaga.store import EventStore
 from rsaga.web.views import installed_managers, process_detail, shown
 
