@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
+import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis
-
-from handlers.orders import (
+from rsaga_examples.orders import (
     WORLD_EVENTS,
     OrderFulfilment,
     OrderPlaced,
     PaymentService,
 )
-from handlers.travel import (
+from rsaga_examples.travel import (
     TRAVEL_EVENTS,
     CarService,
     FlightService,
@@ -22,7 +24,9 @@ from handlers.travel import (
     TravelBooking,
     TripRequested,
 )
+
 from rsaga import DomainError, EventRegistry, EventStore, Keyspace, RecordedEvent
+from rsaga.cli import main
 from rsaga.deadletters import DeadLetters
 from rsaga.operator import Operator
 from rsaga.processes import (
@@ -274,3 +278,53 @@ async def test_state_is_the_definitions_fold(driver: Driver) -> None:
     assert state.state.status == "PaymentPending"
     assert state.state.amount == 250
     assert msgspec.json.decode(msgspec.json.encode(state))["state"]["amount"] == 250
+
+
+async def _waiting_order(url: str, prefix: str, order_id: str) -> None:
+    redis = Redis.from_url(url)
+    try:
+        driver = Driver(make_store(redis, prefix), [OrderFulfilment()])
+        await driver.store.append(f"order-{order_id}", [OrderPlaced(order_id, 100)])
+        await driver.run_until_idle()
+    finally:
+        await redis.aclose()
+
+
+def test_the_cli_verbs_act_on_one_process(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    real_redis_url: str,
+    prefix: str,
+) -> None:
+    for var in list(os.environ):
+        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSAGA_PREFIX", prefix)
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+    anyio.run(_waiting_order, real_redis_url, prefix, "c1")
+    stream = "order-fulfilment-c1"
+
+    assert main(["process", "state", stream]) == 0
+    out = capsys.readouterr().out
+    assert f"process {stream} (order-fulfilment): active" in out
+    assert "waiting for timeout payment-wait" in out
+    assert '"status":"PaymentPending"' in out
+    assert main(["process", "state", stream, "--json"]) == 0
+    assert msgspec.json.decode(capsys.readouterr().out)["info"]["status"] == "active"
+
+    assert main(["process", "signal", stream, "--data", "{not json"]) == 2
+    assert "--data is not JSON" in capsys.readouterr().err
+    assert main(["process", "signal", stream, "--data", '{"note": 1}', "--key", "k1"]) == 0
+    assert f"signalled {stream}: now active" in capsys.readouterr().out
+    assert main(["process", "retry", stream, "--timeout", "payment-wait"]) == 0
+    assert "fired timeout payment-wait" in capsys.readouterr().out
+    assert main(["process", "terminate", stream, "--reason", "test over"]) == 0
+    assert "now failed" in capsys.readouterr().out
+    assert main(["process", "terminate", stream, "--reason", "again"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "already ended failed" in err
+    assert main(["process", "retry", "order-fulfilment-nope"]) == 1
+    assert "no process with stream" in capsys.readouterr().err

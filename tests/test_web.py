@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from rsaga_examples.demo import DemoOrders, DemoTravel, demo_store, run_demo
+from rsaga_examples.orders import OrderPlaced
 
-from handlers.demo import DemoOrders, DemoTravel, demo_store, run_demo
-from handlers.orders import OrderPlaced
 from rsaga.config import Settings, StoreSettings
 from rsaga.processes import ProcessFailed, ProcessStarted, ProcessTerminated
 from rsaga.store import EventStore

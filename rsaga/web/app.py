@@ -30,12 +30,13 @@ from rsaga.deadletters import DeadLetters
 from rsaga.errors import RsagaError, ValidationError
 from rsaga.events import new_id
 from rsaga.executor import Executor
+from rsaga.handlers import installed_process_managers
 from rsaga.health import health_report
 from rsaga.inspect import STATES, list_processes, list_timeouts, process_types, show_process
 from rsaga.operator import Operator, ProcessState
 from rsaga.processes import ProcessManager, ProcessRunner
 from rsaga.store import EventStore
-from rsaga.web.views import installed_managers, process_detail, shown
+from rsaga.web.views import process_detail, shown
 
 _HERE = Path(__file__).parent
 _COOKIE = "rsaga_session"
@@ -339,18 +340,19 @@ def create_app(
     every installed handler's events). `managers` are the process definitions the console folds
     states and acts with (default: every installed one).
     """
+    from rsaga.app import open_store as open_configured_store
     from rsaga.config import load_settings
-    from rsaga.web.views import inspection_store
 
     settings = settings or load_settings()
-    console = _Console(settings, open_store or inspection_store, token)
+    console = _Console(settings, open_store or open_configured_store, token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         console.opened = console.open_store(settings)
         console.runner = ProcessRunner(
             Executor(console.opened),
-            list(managers) if managers is not None else installed_managers(settings),
+            list(managers) if managers is not None
+            else installed_process_managers(settings.worker.handlers),
         )
         try:
             yield
