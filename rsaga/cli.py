@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -38,7 +39,12 @@ from rsaga.connection import connect, embedded, ping
 from rsaga.deadletters import DeadLetters
 from rsaga.errors import ConfigError, RedisUnavailable, RsagaError
 from rsaga.executor import Executor
-from rsaga.handlers import ENTRY_POINT_GROUP, InstalledHandler, discover_handlers
+from rsaga.handlers import (
+    ENTRY_POINT_GROUP,
+    InstalledHandler,
+    discover_handlers,
+    installed_process_managers,
+)
 from rsaga.health import health_report, live_heartbeats, report_lines
 from rsaga.inspect import (
     STATES,
@@ -51,8 +57,9 @@ from rsaga.inspect import (
 from rsaga.keyspace import Keyspace
 from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
 from rsaga.observe import NO_OBSERVER
+from rsaga.operator import Operator
 from rsaga.permissions import minimal_acl, missing_permissions
-from rsaga.processes import ProcessManager
+from rsaga.processes import ProcessManager, ProcessRunner
 from rsaga.scheduler import Scheduler
 from rsaga.scripts import all_scripts
 from rsaga.store import EventStore
@@ -433,6 +440,7 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
         rows = await list_processes(
             store.redis, store.keyspace, types=types, state=args.state, limit=args.limit,
             stuck_after=settings.health.stuck_after,
+            overdue_after=settings.health.overdue_after,
         )
         if args.json:
             _print(_json(rows))
@@ -443,6 +451,48 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     finally:
         await store.redis.aclose()
+
+
+async def _operate(args: argparse.Namespace, settings: Settings) -> int:
+    """Act on one process as an operator: state, terminate, signal, retry."""
+    store = _inspection_store(settings)
+    try:
+        runner = ProcessRunner(
+            Executor(store), installed_process_managers(settings.worker.handlers)
+        )
+        operator = Operator(runner)
+        if args.action == "state":
+            state = await operator.state(args.id)
+            if args.json:
+                _print(_json(state))
+                return 0
+            info = state.info
+            _print(f"process {info.stream_id} ({info.process_type}): {info.status}")
+            for name, due in sorted(info.due.items(), key=lambda item: item[1]):
+                _print(f"  waiting for timeout {name} due {_time_of(due)}")
+            for step, count in info.retries.items():
+                _print(f"  step {step} retried {count} times")
+            _print(f"  state: {_json(state.state)}")
+            return 0
+        if args.action == "terminate":
+            state = await operator.terminate(args.id, args.reason, compensate=args.compensate)
+            _print(f"terminated {args.id} as {operator.by}: now {state.info.status}")
+        elif args.action == "signal":
+            try:
+                data = msgspec.json.decode(args.data)
+            except msgspec.DecodeError as exc:
+                raise UsageError(f"--data is not JSON: {exc}") from None
+            state = await operator.signal(args.id, data, key=args.key)
+            _print(f"signalled {args.id}: now {state.info.status}")
+        else:
+            _print(await operator.retry(args.id, timer=args.timeout))
+        return 0
+    finally:
+        await store.redis.aclose()
+
+
+def _time_of(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 async def _timeouts(args: argparse.Namespace, settings: Settings) -> int:
@@ -502,9 +552,12 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         if args.all:
             if args.action == "replay":
-                _print(f"replayed {await letters.replay_all(shard=args.shard)}")
-            else:
-                _print(f"dropped {await letters.drop_all(shard=args.shard)}")
+                report = await letters.replay_all(shard=args.shard)
+                _print(f"replayed {len(report.replayed)}")
+                for letter_id, why in report.failed.items():
+                    _print(f"could not replay {letter_id}: {why}")
+                return 1 if report.failed else 0
+            _print(f"dropped {await letters.drop_all(shard=args.shard)}")
             return 0
         if not args.id:
             raise UsageError(f"dlq {args.action}: give an ID (as `rsaga dlq list` prints it) "
@@ -741,8 +794,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     process = _command(
-        commands, "process", "list processes or show one (list, show)",
-        "Inspect process managers and sagas.",
+        commands, "process",
+        "find, inspect and act on processes (list, show, state, terminate, signal, retry)",
+        "Inspect process managers and sagas, and act on one as an operator.",
     )
     process_verbs = process.add_subparsers(dest="action", required=True, metavar="VERB")
     listing = _command(process_verbs, "list", "processes by state",
@@ -759,6 +813,36 @@ def build_parser() -> argparse.ArgumentParser:
     showing.add_argument("id", metavar="ID",
                          help="the process's stream id, e.g. order-fulfilment-17")
     _json_option(showing)
+    state = _command(process_verbs, "state", "one process's folded state now",
+                     "Show what one process's definition folds its stream to: rsaga's view "
+                     "(status, pending timeouts, retries) and the process's own state. Needs "
+                     "the definition installed here. Exit 1 if there is no such process.",
+                     _operate)
+    state.add_argument("id", metavar="ID", help="the process's stream id")
+    _json_option(state)
+    terminate = _command(process_verbs, "terminate", "end an active process as failed",
+                         "End an active process as failed (its timeouts cancelled), recording "
+                         "who and why on its stream. With --compensate a saga first undoes "
+                         "its steps, the running one too, and ends compensated. Exit 1 if the "
+                         "process does not exist or already ended.", _operate)
+    terminate.add_argument("id", metavar="ID", help="the process's stream id")
+    terminate.add_argument("--reason", required=True, help="why (recorded with your name)")
+    terminate.add_argument("--compensate", action="store_true",
+                           help="a saga: compensate its steps first (default: no)")
+    signal_ = _command(process_verbs, "signal", "deliver data to an active process",
+                       "Deliver JSON data to an active process's decide() as an "
+                       "AdvanceTrigger, recorded on its stream; once per --key.", _operate)
+    signal_.add_argument("id", metavar="ID", help="the process's stream id")
+    signal_.add_argument("--data", required=True, metavar="JSON", help="the data, as JSON")
+    signal_.add_argument("--key", help="idempotency key: a repeated key applies once "
+                         "(default: a new key, so every call delivers)")
+    retry = _command(process_verbs, "retry", "re-run an active process's current step now",
+                     "Re-deliver the process's latest dead-lettered trigger, or fire its next "
+                     "pending timeout now (the deadline aside), as if its time had come. "
+                     "Exit 1 if there is nothing to retry.", _operate)
+    retry.add_argument("id", metavar="ID", help="the process's stream id")
+    retry.add_argument("--timeout", metavar="NAME",
+                       help="fire this pending timeout (default: the next one due)")
 
     timeouts = _command(commands, "timeouts", "scheduled timeouts (list)",
                         "Inspect scheduled timeouts.")

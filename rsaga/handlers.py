@@ -190,3 +190,14 @@ def discover_handlers(import_paths: Iterable[str] = ()) -> list[InstalledHandler
             )
         by_name[item.handler.name] = item
     return list(by_name.values())
+
+
+def installed_process_managers(import_paths: Iterable[str] = ()) -> list[ProcessManager[Any]]:
+    """One instance of every installed process type (entry points and `import_paths`)."""
+    from rsaga.processes import ProcessManager
+
+    return [
+        item.handler()
+        for item in discover_handlers(import_paths)
+        if issubclass(item.handler, ProcessManager)
+    ]

@@ -26,6 +26,7 @@ from rsaga.processes import (
     CommandRegistry,
     IncompatibleDefinition,
     IssuedCommand,
+    ProcessCompensated,
     ProcessCompleted,
     ProcessFailed,
     TimeoutScheduled,
@@ -113,7 +114,7 @@ async def test_flight_fails_so_the_hotel_is_cancelled_and_no_car_booked(
         ("CompensationStarted", "hotel"), ("StepCompensated", "hotel"),
         ("SagaCompensated", ""),
     ]
-    assert events[-1].data.reason == "compensated: flight failed: sold out"
+    assert events[-1].data == ProcessCompensated("flight failed: sold out", 0)
     assert await service_events(store, "t2") == {
         "hotel": ["BookingRequested", "Booked", "CancellationRequested", "Cancelled"],
         "flight": ["BookingRequested", "BookingFailed"],
@@ -150,7 +151,7 @@ async def test_a_compensation_failing_twice_is_retried_with_backoff(
         "CompensationStarted", "CompensationAttemptFailed",
         "CompensationStarted", "StepCompensated", "SagaCompensated",
     ]
-    assert isinstance(events[-1].data, ProcessFailed)
+    assert isinstance(events[-1].data, ProcessCompensated)
     retries = [
         e for e in events
         if isinstance(e.data, TimeoutScheduled) and e.data.name.startswith("retry-")

@@ -34,7 +34,13 @@ from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.health import live_heartbeats
 from rsaga.keyspace import Keyspace
-from rsaga.processes import ProcessCompleted, ProcessFailed, ProcessManager, ProcessStarted
+from rsaga.processes import (
+    ProcessCompensated,
+    ProcessCompleted,
+    ProcessFailed,
+    ProcessManager,
+    ProcessStarted,
+)
 from rsaga.retry import ExponentialBackoff, FixedDelay, RetryPolicy
 from rsaga.sagas import Saga, SagaCompensated, SagaCompleted, StepFailed
 from rsaga.scheduler import Scheduler
@@ -217,7 +223,8 @@ async def _observe(store: EventStore, outcome: Outcome) -> None:
     """Fill in how a process ended (if it did) and how long it took."""
     name = OrderFulfilment.name if outcome.kind == "order" else TravelBooking.name
     events = (await store.read(f"{name}-{outcome.id}")).events
-    if not events or not isinstance(events[-1].data, ProcessCompleted | ProcessFailed):
+    ended = ProcessCompleted | ProcessFailed | ProcessCompensated
+    if not events or not isinstance(events[-1].data, ended):
         return
     started = next(e for e in events if isinstance(e.data, ProcessStarted)).occurred_at
     outcome.duration_ms = (events[-1].occurred_at - started).total_seconds() * 1000

@@ -134,6 +134,7 @@ class RequestPayment(_Request, frozen=True, tag="orders.RequestPayment"):
 
     amount: int
     payment: str = "ok"
+    emits = (PaymentRequested,)
 
     def request(self) -> msgspec.Struct:
         return PaymentRequested(self.order_id, self.amount, self.payment)
@@ -142,12 +143,16 @@ class RequestPayment(_Request, frozen=True, tag="orders.RequestPayment"):
 class ReserveInventory(_Request, frozen=True, tag="orders.ReserveInventory"):
     """Ask the inventory service to reserve stock."""
 
+    emits = (InventoryRequested,)
+
     def request(self) -> msgspec.Struct:
         return InventoryRequested(self.order_id)
 
 
 class ShipOrder(_Request, frozen=True, tag="orders.ShipOrder"):
     """Ask the shipping service to ship."""
+
+    emits = (ShipmentRequested,)
 
     def request(self) -> msgspec.Struct:
         return ShipmentRequested(self.order_id)

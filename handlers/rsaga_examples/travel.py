@@ -115,6 +115,7 @@ class RequestBooking(_Append, frozen=True, tag="travel.RequestBooking"):
     """Send a booking request to a service."""
 
     request: BookingRequested
+    emits = (BookingRequested,)
 
     def event(self) -> msgspec.Struct:
         return self.request
@@ -124,6 +125,7 @@ class RequestCancellation(_Append, frozen=True, tag="travel.RequestCancellation"
     """Send a cancellation request to a service."""
 
     request: CancellationRequested
+    emits = (CancellationRequested,)
 
     def event(self) -> msgspec.Struct:
         return self.request
@@ -180,7 +182,6 @@ class TravelBooking(Saga):
     steps = tuple(_step(service) for service in SERVICES)
     starts_with = (TripRequested,)
     commands = (RequestBooking, RequestCancellation)
-    decodes = (BookingRequested, CancellationRequested)
     compensation_retry: ClassVar[RetryPolicy] = ExponentialBackoff(
         base=1.0, cap=30.0, max_retries=4
     )
