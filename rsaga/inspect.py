@@ -455,15 +455,18 @@ class _ShardSearch:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.records, list(members))
             for member in members:
-                pipe.zscore(self.active, member)
-                pipe.zscore(self.waiting, member)
-                pipe.zscore(self.since, member)
+                for key in (self.active, self.waiting, self.since, *self.finished.values()):
+                    pipe.zscore(key, member)
             replies = await pipe.execute()
         records, scores = replies[0], replies[1:]
         found = []
+        width = 3 + len(_FINISHED)
         for i, (member, blob) in enumerate(zip(members, records, strict=True)):
-            progress, due, since = scores[3 * i : 3 * i + 3]
-            match = self._match(member.decode(), decode_process_record(blob), progress, due, since)
+            progress, due, since, *ends = scores[width * i : width * (i + 1)]
+            match = self._match(
+                member.decode(), decode_process_record(blob), progress, due, since,
+                dict(zip(_FINISHED, ends, strict=True)),
+            )
             if match is not None:
                 found.append(match)
         return found
@@ -475,14 +478,13 @@ class _ShardSearch:
         progress: float | None,
         due: float | None,
         since: float | None,
+        ends: dict[str, float | None],
     ) -> _Found | None:
         q = self.query
         started = record.get("s", since)
-        ended = record.get("e")
-        outcome = record.get("o")
-        retries = int(record.get("n") or 0)
-        if outcome in _FINISHED:
-            state = str(outcome)
+        outcome, ended = next(((o, e) for o, e in ends.items() if e is not None), (None, None))
+        if outcome is not None:
+            state = outcome
         elif progress is not None:
             state = "stuck" if progress <= q.stuck_before else "active"
         elif due is not None:
@@ -490,6 +492,7 @@ class _ShardSearch:
         else:
             return None  # no longer indexed (finished and forgotten meanwhile)
         finished = state in _FINISHED
+        retries = 0 if finished else int(record.get("n") or 0)
         wanted = {
             None: True,
             "active": not finished,
@@ -506,7 +509,7 @@ class _ShardSearch:
             return None
         if not _within(started, q.started) or not _within(ended, q.finished):
             return None
-        at_ms = int(ended if finished and ended is not None else started or 0)
+        at_ms = int(ended if ended is not None else started or 0)
         if self.after is not None and (at_ms, stream_id) >= self.after:
             return None
         row = SearchRow(

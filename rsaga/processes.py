@@ -835,6 +835,8 @@ class _Plan:
         retry_step, retries = max(
             self.retried.items(), key=lambda item: item[1], default=("", 0)
         )
+        if retries == 0 and not any(info.retried.values()):
+            retries = -1  # was not retrying, is not: the index has nothing to change
         index = IndexUpdate(
             info.process_type,
             info.stream_id,

@@ -93,8 +93,9 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     """The correlation id the process started in (read when `starts`): search finds it."""
     retry_step: str = ""
     """The step being retried, when `retries` > 0."""
-    retries: int = 0
-    """How many times the current step has been retried (0: not retrying)."""
+    retries: int = -1
+    """How many times the current step has been retried after this write: 0 when the
+    process stops retrying, -1 when it neither was nor is retrying (nothing to write)."""
 
 
 class Effects(msgspec.Struct, frozen=True):

@@ -15,13 +15,16 @@
   9. retrying: sorted set of active processes whose current step is being
      retried, scored by its retry count: the max-retry-count check;
   10. records: hash process stream id -> cjson {c = correlation id of its start,
-     s = start ms, e = end ms, o = outcome, r = retried step, n = retries}, for
-     every process in 1, 4-7: what search shows and filters on;
+     s = start ms, r = retried step, n = retries (while retrying)}, for every
+     process in 1, 4-7: what search shows and filters on (a finished process's
+     end and outcome are its score and set in 4-6);
   11. by_correlation: sorted set (all scores 0) of "<correlation id>\0<stream id>";
   12. by_id: sorted set (all scores 0) of stream ids: prefix search;
   13. types: set of the process types indexed on the shard.
   transition is 'start', 'progress', 'complete', 'fail' or 'compensate'; starts
-  is '1' when this commit starts the process (a process may start and end in one).
+  is '1' when this commit starts the process (a process may start and end in one);
+  retries is the retry count of the current step after the commit, 0 when the
+  process stops retrying, -1 when it neither was nor is retrying (nothing to write).
 ]]
 local FINISHED_KEPT = 10000
 
@@ -50,18 +53,29 @@ local function forget_finished(keys, finished)
   redis.call('ZREMRANGEBYRANK', finished, 0, extra - 1)
 end
 
+local function note_retries(retrying, records, member, retry_step, retries)
+  local record = read_record(records, member)
+  if retries > 0 then
+    redis.call('ZADD', retrying, retries, member)
+    record.r, record.n = retry_step, retries
+  else
+    redis.call('ZREM', retrying, member)
+    record.r, record.n = nil, nil
+  end
+  redis.call('HSET', records, member, cjson.encode(record))
+end
+
 local function update_process_index(
   keys, now, process_type, transition, member, duration_ms, next_due, starts, correlation,
   retry_step, retries
 )
   local active, stats, durations, waiting = keys[1], keys[2], keys[3], keys[7]
   local since, retrying, records = keys[8], keys[9], keys[10]
-  local ends = {
-    complete = {'completed', keys[4]}, fail = {'failed', keys[5]},
-    compensate = {'compensated', keys[6]},
-  }
-  redis.call('SADD', keys[13], process_type)
+  local ends = {complete = keys[4], fail = keys[5], compensate = keys[6]}
+  local counters = {complete = 'completed', fail = 'failed', compensate = 'compensated'}
+  retries = tonumber(retries)
   if starts == '1' then
+    redis.call('SADD', keys[13], process_type)
     redis.call('HINCRBY', stats, 'started', 1)
     redis.call('ZADD', since, now, member)
     redis.call('ZADD', keys[11], 0, correlation .. '\0' .. member)
@@ -81,30 +95,21 @@ local function update_process_index(
       redis.call('ZREM', waiting, member)
       redis.call('ZADD', active, now, member)
     end
-    retries = tonumber(retries)
-    if retries > 0 or redis.call('ZREM', retrying, member) == 1 then
-      local record = read_record(records, member)
-      if retries > 0 then
-        redis.call('ZADD', retrying, retries, member)
-        record.r, record.n = retry_step, retries
-      else
-        record.r, record.n = nil, nil
-      end
-      redis.call('HSET', records, member, cjson.encode(record))
+    if retries >= 0 then
+      note_retries(retrying, records, member, retry_step, retries)
     end
   else
-    local counter, finished = ends[transition][1], ends[transition][2]
+    local finished = ends[transition]
     redis.call('ZREM', active, member)
     redis.call('ZREM', waiting, member)
     redis.call('ZREM', since, member)
-    redis.call('ZREM', retrying, member)
-    redis.call('HINCRBY', stats, counter, 1)
+    if retries >= 0 then
+      redis.call('ZREM', retrying, member)
+    end
+    redis.call('HINCRBY', stats, counters[transition], 1)
     redis.call('HINCRBY', stats, 'duration_ms_total', duration_ms)
     redis.call('LPUSH', durations, duration_ms)
     redis.call('LTRIM', durations, 0, 999)
-    local record = read_record(records, member)
-    record.e, record.o, record.r, record.n = now, counter, nil, nil
-    redis.call('HSET', records, member, cjson.encode(record))
     redis.call('ZADD', finished, now, member)
     forget_finished(keys, finished)
   end
