@@ -76,7 +76,7 @@ async def populate(store: EventStore, processes: int, types: list[str]) -> None:
                     effects=Effects(index=[IndexUpdate(
                         process_type, stream_id, "start", starts=True,
                         correlation_id=f"order-{n}", retry_step="charge" if n % 97 == 0
-                        else "", retries=3 if n % 97 == 0 else 0,
+                        else "", retries=3 if n % 97 == 0 else -1,
                     )]),
                 )
 

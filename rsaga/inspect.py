@@ -320,7 +320,7 @@ async def search_processes(
         limits = (thresholds or {}).get(process_type, defaults)
         for shard in range(keyspace.shards):
             searcher = _ShardSearch(redis, keyspace, shard, process_type, query, limits, after)
-            found += await searcher.run(limit)
+            found += await searcher.run(limit + 1)  # one more: is there a next page?
     found.sort(key=_newest_first, reverse=True)
     page = found[:limit]
     more = len(found) > limit

@@ -15,6 +15,7 @@ from index_plugins import Errand, PatientErrand, Stepped
 from redis.asyncio import Redis
 
 from rsaga import EventStore, Keyspace
+from rsaga.cli import main
 from rsaga.clock import ManualClock
 from rsaga.config import HealthSettings
 from rsaga.errors import ValidationError
@@ -245,6 +246,20 @@ async def test_search_refuses_bad_input(redis: Redis, prefix: str) -> None:
 # --- the command line against a real Redis -----------------------------------------------
 
 
+@pytest.fixture
+def cli_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, real_redis_url: str, prefix: str
+) -> pytest.MonkeyPatch:
+    """A clean RSAGA_* environment on the real Redis, under the test's prefix."""
+    for var in list(os.environ):
+        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+    monkeypatch.setenv("RSAGA_PREFIX", prefix)
+    return monkeypatch
+
+
 async def _offend(url: str, prefix: str, check: str) -> None:
     """Make one errand and one patient errand cross the default threshold of `check`."""
     redis = Redis.from_url(url)
@@ -299,20 +314,13 @@ def test_cli_health_flags_a_check_per_type_until_its_cause_clears(
     check: str,
     value: str,
     message: str,
-    monkeypatch: pytest.MonkeyPatch,
+    cli_env: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
     real_redis_url: str,
     prefix: str,
 ) -> None:
-    from rsaga.cli import main
-
-    for var in list(os.environ):
-        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
-    monkeypatch.setenv("RSAGA_PREFIX", prefix)
-    monkeypatch.setenv("RSAGA_HANDLERS", "index_plugins:Errand,index_plugins:PatientErrand")
+    cli_env.setenv("RSAGA_HANDLERS", "index_plugins:Errand,index_plugins:PatientErrand")
     config = tmp_path / "rsaga.toml"
     config.write_text(f"[health]\n{check} = {value}\n")
     cli = ["--config", str(config)]
@@ -333,3 +341,65 @@ def test_cli_health_flags_a_check_per_type_until_its_cause_clears(
         assert [row["stream_id"] for row in listed["items"]] == ["errand-e1"]
     anyio.run(_clear, real_redis_url, prefix, check)
     assert main([*cli, "health"]) == 0, capsys.readouterr().out
+
+
+async def _three_errands(url: str, prefix: str) -> None:
+    redis = Redis.from_url(url)
+    try:
+        driver = await _driver(redis, prefix)
+        for process_id in ("e1", "e2", "e3", "x1"):
+            await _start(driver, process_id)
+            await anyio.sleep(0.002)
+        await driver.processes.advance("errand", "e2", "done")
+    finally:
+        await redis.aclose()
+
+
+def test_cli_process_list_searches_and_pages(
+    cli_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    real_redis_url: str,
+    prefix: str,
+) -> None:
+    anyio.run(_three_errands, real_redis_url, prefix)
+    listing = ["process", "list", "--state", "any", "--id-prefix", "e", "--limit", "2"]
+    assert main([*listing, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [r["stream_id"] for r in first["items"]] == ["errand-e2", "errand-e3"]
+    assert first["items"][0]["state"] == "completed"
+    assert main([*listing, "--json", "--cursor", first["cursor"]]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert ([r["stream_id"] for r in second["items"]], second["cursor"]) == (["errand-e1"], None)
+    assert main(listing) == 0
+    text = capsys.readouterr().out
+    assert f"more: --cursor {first['cursor']}" in text
+    assert main(["process", "list", "--correlation", first["items"][1]["correlation_id"]]) == 0
+    assert capsys.readouterr().out.startswith("errand-e3 ")
+    assert main(["process", "list", "--started-before", "2000-01-01"]) == 0
+    assert capsys.readouterr().out.strip() == "no active processes found"
+    with pytest.raises(SystemExit) as exit_:
+        main(["process", "list", "--started-after", "yesterday"])
+    assert exit_.value.code == 2
+    assert "must be an ISO 8601 time" in capsys.readouterr().err
+
+
+async def test_a_saga_retrying_a_compensation_counts_as_retrying_until_it_gives_up(
+    redis: Redis, prefix: str
+) -> None:
+    from test_process_correctness import SyncTrip, run_trip
+
+    store, driver, _ = await run_trip(
+        redis, prefix, SyncTrip(), {"car": "domain", "undo flight": "domain"}
+    )
+    retrying = store.keyspace.retrying_processes(0, "sync-trip")
+    # the first attempt of undoing the flight failed: its retry (attempt 2) is 1 retry
+    assert await redis.zrange(retrying, 0, -1, withscores=True) == [(b"sync-trip-1", 1.0)]
+    await driver.advance(1.0)
+    page = await search_processes(redis, store.keyspace, state="retrying")
+    assert [(r.stream_id, r.retry_step, r.retries) for r in page.items] == [
+        ("sync-trip-1", "retry-compensation:flight", 2)
+    ]
+    await driver.advance(1.0)  # the last attempt fails: the saga ends failed
+    assert await redis.zcard(retrying) == 0
+    page = await search_processes(redis, store.keyspace, state="failed")
+    assert [(r.stream_id, r.retries) for r in page.items] == [("sync-trip-1", 0)]
