@@ -459,7 +459,7 @@ def _threshold_problems(p: ProcessTypeHealth) -> list[str]:
             f"threshold {limit.average_duration_warning:g} s"
         )
     if p.over_age:
-        listed = ", ".join(f"{o.stream_id} ({o.age_s:.0f} s)" for o in p.oldest)
+        listed = ", ".join(f"{o.stream_id} ({_age(o.age_s)})" for o in p.oldest)
         problems.append(
             f"{p.over_age} {p.process_type} processes older than {limit.max_process_age:g} s: "
             + listed + _more(p.over_age, len(p.oldest))
@@ -473,6 +473,13 @@ def _threshold_problems(p: ProcessTypeHealth) -> list[str]:
             "times: " + listed + _more(p.retrying, len(p.most_retried))
         )
     return problems
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def _more(total: int, listed: int) -> str:

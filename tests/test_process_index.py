@@ -23,6 +23,7 @@ from rsaga.events import EventRegistry
 from rsaga.health import Heartbeat, health_report, process_thresholds, write_heartbeat
 from rsaga.inspect import Page, SearchRow, process_types, search_processes
 from rsaga.metrics import PrometheusObserver
+from rsaga.store import Effects, IndexUpdate, StreamWrite
 from rsaga.testing import Driver
 
 TYPES = [Errand, PatientErrand]
@@ -403,3 +404,47 @@ async def test_a_saga_retrying_a_compensation_counts_as_retrying_until_it_gives_
     assert await redis.zcard(retrying) == 0
     page = await search_processes(redis, store.keyspace, state="failed")
     assert [(r.stream_id, r.retries) for r in page.items] == [("sync-trip-1", 0)]
+
+
+async def test_finished_processes_beyond_the_last_10000_leave_every_index(
+    real_redis_url: str, prefix: str
+) -> None:
+    # real Redis only: 10,003 commits into 10,000-long sorted sets take a minute on
+    # fakeredis's Lua, against seconds here
+    redis = Redis.from_url(real_redis_url)
+    try:
+        await _fill_past_the_finished_bound(redis, prefix)
+    finally:
+        await redis.aclose()
+
+
+async def _fill_past_the_finished_bound(redis: Redis, prefix: str) -> None:
+    store = EventStore(redis, EventRegistry([Stepped]), keyspace=Keyspace(prefix))
+    ks = store.keyspace
+
+    async def finish(n: int) -> None:
+        stream_id = f"quick-{n}"
+        update = IndexUpdate("quick", stream_id, "complete", starts=True,
+                             correlation_id=f"c{n}")
+        await store.commit([StreamWrite(stream_id, 0, [Stepped()])],
+                           effects=Effects(index=[update]))
+
+    async def finish_every(lane: int) -> None:
+        for n in range(lane, 10_003, 32):
+            await finish(n)
+
+    async with anyio.create_task_group() as tg:
+        for lane in range(32):
+            tg.start_soon(finish_every, lane)
+    kept = await redis.zrange(ks.finished_processes(0, "quick", "completed"), 0, -1)
+    assert len(kept) == 10_000
+    forgotten = {f"quick-{n}".encode() for n in range(10_003)} - set(kept)
+    assert len(forgotten) == 3
+    assert await redis.hlen(ks.process_records(0, "quick")) == 10_000
+    assert await redis.zcard(ks.processes_by_id(0, "quick")) == 10_000
+    assert await redis.zcard(ks.processes_by_correlation(0, "quick")) == 10_000
+    assert await redis.hmget(ks.process_records(0, "quick"), list(forgotten)) == [None] * 3
+    gone = forgotten.pop().decode()
+    page = await search_processes(redis, ks, state=None, id_prefix=gone.split("-")[1])
+    assert gone not in [r.stream_id for r in page.items]
+    assert (await redis.hgetall(ks.process_stats(0, "quick")))[b"started"] == b"10003"
