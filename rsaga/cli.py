@@ -298,6 +298,13 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
                 at = f"{e.occurred_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] if e.occurred_at else "?"
                 _print(f"  {e.version:>4}  {at}  {e.type:<32} {e.data}")
             return 0
+        thresholds = process_thresholds(settings.health, _process_types(settings))
+        if args.state == "old" and not settings.health.max_process_age and not any(
+            t.max_process_age for t in thresholds.values()
+        ):
+            print("rsaga: no process is old: set health.max_process_age (or a process "
+                  "type's max_process_age)", file=sys.stderr)
+            return 2
         page = await search_processes(
             store.redis, store.keyspace,
             types=[args.type] if args.type else None,
@@ -306,7 +313,7 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
             started_after=args.started_after, started_before=args.started_before,
             finished_after=args.finished_after, finished_before=args.finished_before,
             limit=args.limit, cursor=args.cursor, settings=settings.health,
-            thresholds=process_thresholds(settings.health, _process_types(settings)),
+            thresholds=thresholds,
         )
         if args.json:
             _print(_json(page))

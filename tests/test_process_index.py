@@ -448,3 +448,25 @@ async def _fill_past_the_finished_bound(redis: Redis, prefix: str) -> None:
     page = await search_processes(redis, ks, state=None, id_prefix=gone.split("-")[1])
     assert gone not in [r.stream_id for r in page.items]
     assert (await redis.hgetall(ks.process_stats(0, "quick")))[b"started"] == b"10003"
+
+
+def test_cli_old_without_a_max_age_says_how_to_set_one(
+    cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["process", "list", "--state", "old"]) == 2
+    assert "set health.max_process_age" in capsys.readouterr().err
+
+
+def test_no_stream_id_names_a_key_of_another_kind() -> None:
+    ks = Keyspace("app", shards=1)
+    others = {
+        *ks.process_index(0, "t"), *ks.process_index(0, "s"), ks.log(0), ks.dead_letters(0),
+        ks.timeouts(0), ks.timeout_data(0), ks.timeouts_wake(0), ks.due_timeouts(0),
+        ks.stream_owners(0, "g"), ks.in_flight(0, "g"), ks.consumers_alive(0, "g"),
+        ks.handoffs(0, "g"), ks.heartbeats(), ks.heartbeat("w"),
+    }
+    hostile = ["x:stats:t", "stats:t", "t", ":active:t", "{0}:log", "process-types",
+               "s:x", "records:t", "by-id:t"]
+    for stream_id in hostile:
+        assert ks.stream(stream_id) not in others
+    assert not [k for k in others if k.startswith("app:{0}:s:")]
