@@ -138,13 +138,14 @@ def process_thresholds(settings: Any, managers: Iterable[Any]) -> dict[str, Proc
     for manager in managers:
         values = {
             name: default if getattr(manager, name, None) is None else getattr(manager, name)
-            for name, default in msgspec.structs.asdict(_default_thresholds(settings)).items()
+            for name, default in msgspec.structs.asdict(default_thresholds(settings)).items()
         }
         found[manager.name] = ProcessThresholds(**values)
     return found
 
 
-def _default_thresholds(settings: Any) -> ProcessThresholds:
+def default_thresholds(settings: Any) -> ProcessThresholds:
+    """The `[health]` defaults of the per-type thresholds (`settings` is a `HealthSettings`)."""
     return ProcessThresholds(
         settings.average_duration_warning, settings.max_process_age, settings.max_retry_count
     )
@@ -247,7 +248,7 @@ async def health_report(
         now, consumers, *type_sets = await pipe.execute()
     now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
     ordered = sorted({t.decode() for types in type_sets for t in types})
-    defaults = _default_thresholds(settings)
+    defaults = default_thresholds(settings)
     limits = {t: (thresholds or {}).get(t, defaults) for t in ordered}
     stuck_before = now_ms - int(settings.stuck_after * 1000)
     overdue_before = now_ms - int(settings.overdue_after * 1000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 
 from rsaga.config import HealthSettings
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
-from rsaga.health import ProcessThresholds, decode_process_record
+from rsaga.health import ProcessThresholds, decode_process_record, default_thresholds
 from rsaga.keyspace import Keyspace, validate_stream_id
 from rsaga.processes import (
     ProcessCompensated,
@@ -221,6 +222,7 @@ CANDIDATES_CAP = 10_000
 stuck or retrying (whose indexes are not ordered by time); the newest of them are kept."""
 
 _BATCH = 200
+_TYPE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # as `rsaga.handlers.check_name` allows
 _FINISHED = ("completed", "failed", "compensated")
 T = TypeVar("T")
 
@@ -299,6 +301,12 @@ async def search_processes(
         raise ValidationError(f"state must be one of {', '.join(SEARCH_STATES)}, got {state!r}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise ValidationError(f"limit must be an int from 1 to 10000, got {limit!r}")
+    for process_type in types or ():
+        if not isinstance(process_type, str) or _TYPE_NAME.fullmatch(process_type) is None:
+            raise ValidationError(f"no process type can be named {process_type!r}")
+    for name, text in (("correlation_id", correlation_id), ("id_prefix", id_prefix)):
+        if text is not None and (not isinstance(text, str) or not text):
+            raise ValidationError(f"{name} must be a non-empty str, got {text!r}")
     after = _parse_cursor(cursor)
     health = settings or HealthSettings()
     now_ms = await _server_ms(redis)
@@ -312,9 +320,7 @@ async def search_processes(
         now_ms - int(health.overdue_after * 1000),
         now_ms,
     )
-    defaults = ProcessThresholds(
-        health.average_duration_warning, health.max_process_age, health.max_retry_count
-    )
+    defaults = default_thresholds(health)
     found: list[_Found] = []
     for process_type in types if types is not None else await process_types(redis, keyspace):
         limits = (thresholds or {}).get(process_type, defaults)

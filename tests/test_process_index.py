@@ -242,6 +242,10 @@ async def test_search_refuses_bad_input(redis: Redis, prefix: str) -> None:
         await search_processes(redis, ks, started_after=datetime(2026, 1, 1))
     with pytest.raises(ValidationError, match="limit"):
         await search_processes(redis, ks, limit=0)
+    with pytest.raises(ValidationError, match="no process type can be named 'a:b'"):
+        await search_processes(redis, ks, types=["a:b"])
+    with pytest.raises(ValidationError, match="correlation_id must be a non-empty str"):
+        await search_processes(redis, ks, correlation_id="")
 
 
 # --- the command line against a real Redis -----------------------------------------------
