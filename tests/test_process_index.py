@@ -20,7 +20,14 @@ from rsaga.clock import ManualClock
 from rsaga.config import HealthSettings
 from rsaga.errors import ValidationError
 from rsaga.events import EventRegistry
-from rsaga.health import Heartbeat, health_report, process_thresholds, write_heartbeat
+from rsaga.health import (
+    FORGET_DEAD_AFTER_MS,
+    Heartbeat,
+    health_report,
+    keep_heartbeat,
+    process_thresholds,
+    write_heartbeat,
+)
 from rsaga.inspect import Page, SearchRow, process_types, search_processes
 from rsaga.metrics import PrometheusObserver
 from rsaga.store import Effects, IndexUpdate, StreamWrite
@@ -474,3 +481,28 @@ def test_no_stream_id_names_a_key_of_another_kind() -> None:
     for stream_id in hostile:
         assert ks.stream(stream_id) not in others
     assert not [k for k in others if k.startswith("app:{0}:s:")]
+
+
+async def test_heartbeats_are_found_through_their_index_and_leave_it_on_stop(
+    redis: Redis, prefix: str
+) -> None:
+    ks = Keyspace(prefix)
+    beat = Heartbeat("w-index", "host", 1, [], 0.0)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(keep_heartbeat, redis, ks, beat, 30.0, stop)
+        with anyio.fail_after(5):
+            while not await redis.zscore(ks.heartbeats(), "w-index"):
+                await anyio.sleep(0.01)
+        report = await health_report(redis, ks, HealthSettings())
+        assert [w.consumer for w in report.workers] == ["w-index"]
+        stop.set()
+    assert await redis.zscore(ks.heartbeats(), "w-index") is None
+    assert not await redis.exists(ks.heartbeat("w-index"))
+    # a consumer that died an hour ago is forgotten by the next renewal of a live one
+    await redis.zadd(ks.heartbeats(), {"long-dead": time.time() * 1000 - FORGET_DEAD_AFTER_MS - 1})
+    await write_heartbeat(redis, ks, beat, 30.0)
+    assert await redis.zrange(ks.heartbeats(), 0, -1) == [b"w-index"]
+    assert [w.consumer for w in (await health_report(redis, ks, HealthSettings())).workers] == [
+        "w-index"
+    ]
