@@ -45,13 +45,12 @@ from rsaga.handlers import (
     discover_handlers,
     installed_process_managers,
 )
-from rsaga.health import health_report, live_heartbeats, report_lines
+from rsaga.health import health_report, live_heartbeats, process_thresholds, report_lines
 from rsaga.inspect import (
-    STATES,
-    list_processes,
+    SEARCH_STATES,
     list_timeouts,
-    process_types,
     read_events,
+    search_processes,
     show_process,
 )
 from rsaga.keyspace import Keyspace
@@ -328,6 +327,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
                     functools.partial(
                         refresh_loop, observer, store.redis, store.keyspace, stop,
                         process_types=list(types), groups=groups,
+                        thresholds=process_thresholds(settings.health, types.values()),
                     )
                 )
             await worker.run(stop)
@@ -376,6 +376,14 @@ def _inspection_store(settings: Settings) -> EventStore:
     return open_store(settings)
 
 
+def _process_types(settings: Settings) -> list[type[ProcessManager[Any]]]:
+    """The installed process managers and sagas: their health thresholds apply."""
+    return [
+        item.handler for item in discover_handlers(settings.worker.handlers)
+        if issubclass(item.handler, ProcessManager)
+    ]
+
+
 def _json(value: Any) -> str:
     return msgspec.json.encode(value, enc_hook=str).decode()
 
@@ -407,7 +415,8 @@ async def _health(args: argparse.Namespace, settings: Settings) -> int:
     store = _store(settings)
     try:
         await ping(store.redis, redact_url(settings.redis.url), keyspace=store.keyspace)
-        report = await health_report(store.redis, store.keyspace, settings.health)
+        thresholds = process_thresholds(settings.health, _process_types(settings))
+        report = await health_report(store.redis, store.keyspace, settings.health, thresholds)
     finally:
         await store.redis.aclose()
     if args.json:
@@ -436,18 +445,36 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
                 at = f"{e.occurred_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] if e.occurred_at else "?"
                 _print(f"  {e.version:>4}  {at}  {e.type:<32} {e.data}")
             return 0
-        types = [args.type] if args.type else await process_types(store.redis, store.keyspace)
-        rows = await list_processes(
-            store.redis, store.keyspace, types=types, state=args.state, limit=args.limit,
-            stuck_after=settings.health.stuck_after,
-            overdue_after=settings.health.overdue_after,
+        thresholds = process_thresholds(settings.health, _process_types(settings))
+        if args.state == "old" and not settings.health.max_process_age and not any(
+            t.max_process_age for t in thresholds.values()
+        ):
+            print("rsaga: no process is old: set health.max_process_age (or a process "
+                  "type's max_process_age)", file=sys.stderr)
+            return 2
+        page = await search_processes(
+            store.redis, store.keyspace,
+            types=[args.type] if args.type else None,
+            state=None if args.state == "any" else args.state,
+            correlation_id=args.correlation, id_prefix=args.id_prefix,
+            started_after=args.started_after, started_before=args.started_before,
+            finished_after=args.finished_after, finished_before=args.finished_before,
+            limit=args.limit, cursor=args.cursor, settings=settings.health,
+            thresholds=thresholds,
         )
         if args.json:
-            _print(_json(rows))
-        elif not rows:
-            _print(f"no {args.state} processes")
-        for row in [] if args.json else rows:
-            _print(f"{row.stream_id:<48} {row.state:<10} {row.at:%Y-%m-%d %H:%M:%S}")
+            _print(_json(page))
+            return 0
+        if not page.items:
+            _print(f"no {'' if args.state == 'any' else args.state + ' '}processes found")
+        for row in page.items:
+            started = f"{row.started_at:%Y-%m-%d %H:%M:%S}" if row.started_at else "?"
+            ended = f"{row.finished_at:%Y-%m-%d %H:%M:%S}" if row.finished_at else "-"
+            retried = f"  {row.retry_step} retried {row.retries}x" if row.retries else ""
+            _print(f"{row.stream_id:<48} {row.state:<11} {started}  {ended}  "
+                   f"{row.correlation_id or ''}{retried}")
+        if page.cursor:
+            _print(f"more: --cursor {page.cursor}")
         return 0
     finally:
         await store.redis.aclose()
@@ -618,6 +645,16 @@ def _rate(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
     return value
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an ISO 8601 time such as 2026-12-01T09:30, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _positive(text: str) -> int:
@@ -799,13 +836,25 @@ def build_parser() -> argparse.ArgumentParser:
         "Inspect process managers and sagas, and act on one as an operator.",
     )
     process_verbs = process.add_subparsers(dest="action", required=True, metavar="VERB")
-    listing = _command(process_verbs, "list", "processes by state",
-                       "List processes in one state, newest first.", _process)
+    listing = _command(process_verbs, "list", "search processes, newest first",
+                       "Search processes, newest first (unfinished by start time, finished by "
+                       "end time); every filter given must hold. Pages with --cursor.",
+                       _process)
     listing.add_argument("--type", metavar="TYPE",
                          help="one process type (default: every type)")
-    listing.add_argument("--state", choices=STATES, default="active",
+    listing.add_argument("--state", choices=[*SEARCH_STATES, "any"], default="active",
                          help="which processes")
-    _limit_option(listing, 50, "at most this many")
+    listing.add_argument("--correlation", metavar="ID",
+                         help="started in this correlation id (default: any)")
+    listing.add_argument("--id-prefix", metavar="PREFIX",
+                         help="process id starts with it (default: any)")
+    for bound in ("started-after", "started-before", "finished-after", "finished-before"):
+        listing.add_argument(
+            f"--{bound}", type=_moment, metavar="TIME",
+            help="ISO 8601, UTC unless it says (default: no bound)",
+        )
+    _limit_option(listing, 50, "processes per page")
+    listing.add_argument("--cursor", help="the next page, as the previous page printed it")
     _json_option(listing)
     showing = _command(process_verbs, "show", "one process: history, state, timeouts",
                        "Show one process's events with times, its state and its pending "

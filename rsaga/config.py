@@ -210,6 +210,20 @@ class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Share of failed processes (of a type) that makes a warning..."""
     min_finished: int = 20
     """...once at least this many processes of the type have finished."""
+    average_duration_warning: float = 0.0
+    """Mean duration (s) of the last 1,000 finished processes of a type above which to warn;
+    0: off. A process type overrides it with its `average_duration_warning` attribute."""
+    max_process_age: float = 0.0
+    """Age (s, from its start) above which an active process makes a warning; 0: off.
+    A process type overrides it with its `max_process_age` attribute."""
+    max_retry_count: int = 0
+    """Retries of an active process's current step from which it makes a warning; 0: off.
+    A process type overrides it with its `max_retry_count` attribute."""
+
+    def __post_init__(self) -> None:
+        for name in ("average_duration_warning", "max_process_age", "max_retry_count"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
 
 
 class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

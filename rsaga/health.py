@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 import anyio
@@ -21,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.errors import RedisUnavailable
+from rsaga.keyspace import Keyspace
 
 log = logging.getLogger("rsaga.health")
 
@@ -65,15 +68,34 @@ def this_process(name: str, handlers: list[str], kind: str) -> Heartbeat:
     )
 
 
+FORGET_DEAD_AFTER_MS = 3_600_000
+"""How long the name of a consumer that died (its heartbeat expired) stays in the
+heartbeats index before a live one's renewal removes it."""
+
+
+async def write_heartbeat(redis: Redis, keyspace: Keyspace, beat: Heartbeat, ttl: float) -> None:
+    """Write (or renew) `beat` for `ttl` seconds and name it in the heartbeats index."""
+    now_ms = int(time.time() * 1000)
+    ttl_ms = int(ttl * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(keyspace.heartbeat(beat.consumer), msgspec.json.encode(beat), px=ttl_ms)
+        pipe.zadd(keyspace.heartbeats(), {beat.consumer: now_ms + ttl_ms})
+        pipe.zremrangebyscore(keyspace.heartbeats(), "-inf", now_ms - FORGET_DEAD_AFTER_MS)
+        await pipe.execute()
+
+
 async def keep_heartbeat(
-    redis: Redis, key: str, beat: Heartbeat, ttl: float, stop: anyio.Event
+    redis: Redis, keyspace: Keyspace, beat: Heartbeat, ttl: float, stop: anyio.Event
 ) -> None:
-    """Renew `key` every third of `ttl` until `stop` is set, then delete it."""
-    blob = msgspec.json.encode(beat)
+    """Renew `beat` every third of `ttl` until `stop` is set, then delete it.
+
+    The heartbeat is a key with a TTL; the heartbeats index names it, so that
+    `rsaga health` finds every heartbeat without scanning the keyspace.
+    """
     try:
         while not stop.is_set():
             try:
-                await redis.set(key, blob, px=int(ttl * 1000))
+                await write_heartbeat(redis, keyspace, beat, ttl)
             except Exception as exc:
                 if not redis_down(exc):
                     raise
@@ -86,10 +108,62 @@ async def keep_heartbeat(
             anyio.move_on_after(2),
             contextlib.suppress(*REDIS_DOWN),
         ):
-            await redis.delete(key)
+            await redis.delete(keyspace.heartbeat(beat.consumer))
+            await redis.zrem(keyspace.heartbeats(), beat.consumer)
 
 
 # --- the health report (`rsaga health`) --------------------------------------------------
+
+
+LISTED = 20
+"""Offending processes a health check lists by id (it counts them all)."""
+
+
+class ProcessThresholds(msgspec.Struct, frozen=True):
+    """The thresholds of the per-type health checks for one process type (0: off)."""
+
+    average_duration_warning: float = 0.0
+    """Seconds: the mean duration of the last 1,000 finished processes above it warns."""
+    max_process_age: float = 0.0
+    """Seconds: an active process started longer ago than it warns."""
+    max_retry_count: int = 0
+    """An active process whose current step has been retried this many times warns."""
+
+
+def process_thresholds(settings: Any, managers: Iterable[Any]) -> dict[str, ProcessThresholds]:
+    """The thresholds of each process manager class in `managers`: its own
+    `average_duration_warning`, `max_process_age` and `max_retry_count` where set (not
+    None), else the defaults of `settings` (a `HealthSettings`)."""
+    found = {}
+    for manager in managers:
+        values = {
+            name: default if getattr(manager, name, None) is None else getattr(manager, name)
+            for name, default in msgspec.structs.asdict(default_thresholds(settings)).items()
+        }
+        found[manager.name] = ProcessThresholds(**values)
+    return found
+
+
+def default_thresholds(settings: Any) -> ProcessThresholds:
+    """The `[health]` defaults of the per-type thresholds (`settings` is a `HealthSettings`)."""
+    return ProcessThresholds(
+        settings.average_duration_warning, settings.max_process_age, settings.max_retry_count
+    )
+
+
+class AgedProcess(msgspec.Struct):
+    """An active process older than its type's `max_process_age`."""
+
+    stream_id: str
+    age_s: float
+
+
+class RetriedProcess(msgspec.Struct):
+    """An active process whose current step has been retried `max_retry_count` times or more."""
+
+    stream_id: str
+    step: str
+    retries: int
 
 
 class ProcessTypeHealth(msgspec.Struct):
@@ -108,7 +182,22 @@ class ProcessTypeHealth(msgspec.Struct):
     timeout is not stuck."""
     failure_rate: float = 0.0
     mean_duration_ms: float = 0.0
+    """Over every finished process."""
     p99_duration_ms: float = 0.0
+    """Over the last 1,000 finished processes (per shard)."""
+    recent_mean_duration_ms: float = 0.0
+    """Over the last 1,000 finished processes (per shard): what the average-duration check
+    compares."""
+    thresholds: ProcessThresholds = msgspec.field(default_factory=ProcessThresholds)
+    """The thresholds the per-type checks applied (0: off)."""
+    over_age: int = 0
+    """Active processes older than `thresholds.max_process_age`."""
+    oldest: list[AgedProcess] = msgspec.field(default_factory=list)
+    """The oldest of them, at most 20."""
+    retrying: int = 0
+    """Active processes retried `thresholds.max_retry_count` times or more."""
+    most_retried: list[RetriedProcess] = msgspec.field(default_factory=list)
+    """The most retried of them, at most 20."""
 
 
 class GroupHealth(msgspec.Struct):
@@ -139,37 +228,58 @@ class HealthReport(msgspec.Struct):
         return {"ok": 0, "warning": 1, "critical": 2}[self.status]
 
 
-async def live_heartbeats(redis: Redis, keyspace: Any) -> list[Heartbeat]:
-    """The heartbeats of every live worker and scheduler under `keyspace`'s prefix."""
+async def live_heartbeats(redis: Redis, keyspace: Keyspace) -> list[Heartbeat]:
+    """The heartbeats of every live worker and scheduler under `keyspace`'s prefix, found
+    through the heartbeat index (no keyspace scan): two round trips."""
+    consumers: Any = await redis.zrange(keyspace.heartbeats(), 0, -1)
+    if not consumers:
+        return []
+    blobs: Any = await redis.mget([keyspace.heartbeat(c.decode()) for c in consumers])
     beats: list[Heartbeat] = []
-    async for key in redis.scan_iter(match=keyspace.heartbeat_pattern(), count=500):
-        blob = await redis.get(key)
+    for blob in blobs:
         if blob:
             with contextlib.suppress(msgspec.DecodeError):
                 beats.append(msgspec.json.decode(blob, type=Heartbeat))
     return beats
 
 
-async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthReport:
+async def health_report(
+    redis: Redis,
+    keyspace: Keyspace,
+    settings: Any,
+    thresholds: Mapping[str, ProcessThresholds] | None = None,
+) -> HealthReport:
     """Compute the health of a deployment from Redis alone (not one process's memory).
 
-    `settings` is a `HealthSettings`; `keyspace` a `Keyspace`.
+    `settings` is a `HealthSettings`; `thresholds` the per-type thresholds (see
+    `process_thresholds`), the defaults of `settings` for types not in it. Three
+    round trips, whatever the number of processes.
     """
-    now_ms = await _server_ms(redis)
-    beats = await live_heartbeats(redis, keyspace)
-    types: set[str] = set()
-    async for key in redis.scan_iter(match=keyspace.stats_pattern(), count=500):
-        types.add(key.decode().split(":stats:", 1)[1])
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        pipe.zrange(keyspace.heartbeats(), 0, -1)
+        for shard in range(keyspace.shards):
+            pipe.smembers(keyspace.process_types(shard))
+        now, consumers, *type_sets = await pipe.execute()
+    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    ordered = sorted({t.decode() for types in type_sets for t in types})
+    defaults = default_thresholds(settings)
+    limits = {t: (thresholds or {}).get(t, defaults) for t in ordered}
     stuck_before = now_ms - int(settings.stuck_after * 1000)
     overdue_before = now_ms - int(settings.overdue_after * 1000)
-    ordered = sorted(types)
     shards = range(keyspace.shards)
     streams = [s for shard in shards for s in (keyspace.log(shard), keyspace.due_timeouts(shard))]
     async with redis.pipeline(transaction=False) as pipe:  # one round trip for everything
+        for consumer in consumers:
+            pipe.get(keyspace.heartbeat(consumer.decode()))
         for process_type in ordered:
+            limit = limits[process_type]
+            old_before = now_ms - int(limit.max_process_age * 1000)
             for shard in shards:
                 active = keyspace.active_processes(shard, process_type)
                 waiting = keyspace.waiting_processes(shard, process_type)
+                since = keyspace.processes_since(shard, process_type)
+                retrying = keyspace.retrying_processes(shard, process_type)
                 pipe.hgetall(keyspace.process_stats(shard, process_type))
                 pipe.zcard(active)
                 pipe.zcard(waiting)
@@ -178,41 +288,38 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
                 pipe.zcount(active, "-inf", stuck_before)
                 pipe.zcount(waiting, "-inf", overdue_before)
                 pipe.lrange(keyspace.process_durations(shard, process_type), 0, -1)
+                if limit.max_process_age:
+                    pipe.zcount(since, "-inf", old_before)
+                    pipe.zrangebyscore(
+                        since, "-inf", old_before, start=0, num=LISTED, withscores=True
+                    )
+                if limit.max_retry_count:
+                    pipe.zcount(retrying, limit.max_retry_count, "+inf")
+                    pipe.zrevrangebyscore(
+                        retrying, "+inf", limit.max_retry_count, start=0, num=LISTED,
+                        withscores=True,
+                    )
         for stream in streams:
             pipe.xinfo_groups(stream)
         for shard in shards:
             pipe.xlen(keyspace.dead_letters(shard))
             pipe.zcount(keyspace.timeouts(shard), "-inf", overdue_before)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-    at = 0
+        replies = iter(await pipe.execute(raise_on_error=False))
+    beats: list[Heartbeat] = []
+    for _ in consumers:
+        blob = next(replies)
+        if blob and not isinstance(blob, Exception):
+            with contextlib.suppress(msgspec.DecodeError):
+                beats.append(msgspec.json.decode(blob, type=Heartbeat))
     processes = []
+    retried: dict[tuple[int, str], list[tuple[bytes, float]]] = {}
     for process_type in ordered:
-        figures = ProcessTypeHealth(process_type)
-        durations: list[int] = []
-        for _ in shards:
-            stats, active, waiting, stuck, overdue_waits, recent = replies[at : at + 6]
-            at += 6
-            figures.started += int(stats.get(b"started", 0))
-            figures.completed += int(stats.get(b"completed", 0))
-            figures.failed += int(stats.get(b"failed", 0))
-            figures.compensated += int(stats.get(b"compensated", 0))
-            figures.mean_duration_ms += int(stats.get(b"duration_ms_total", 0))
-            figures.active += int(active) + int(waiting)
-            figures.stuck += int(stuck) + int(overdue_waits)
-            durations += [int(d) for d in recent]
-        finished = figures.completed + figures.failed + figures.compensated
-        figures.mean_duration_ms = figures.mean_duration_ms / finished if finished else 0.0
-        figures.failure_rate = figures.failed / finished if finished else 0.0
-        if durations:
-            durations.sort()
-            figures.p99_duration_ms = float(
-                durations[min(len(durations) - 1, int(len(durations) * 0.99))]
-            )
+        figures = ProcessTypeHealth(process_type, thresholds=limits[process_type])
+        _add_shard_figures(figures, replies, shards, now_ms, retried)
         processes.append(figures)
     groups: list[GroupHealth] = []
     for stream in streams:
-        infos = replies[at]
-        at += 1
+        infos = next(replies)
         if isinstance(infos, Exception):
             continue  # no such stream yet
         for info in infos:
@@ -222,9 +329,10 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
             )
     dead_letters = overdue = 0
     for _ in shards:
-        dead_letters += int(replies[at])
-        overdue += int(replies[at + 1])
-        at += 2
+        dead_letters += int(next(replies))
+        overdue += int(next(replies))
+    if retried:
+        await _name_retried_steps(redis, keyspace, processes, retried)
     return _verdict(
         settings,
         workers=[b for b in beats if b.kind == "worker"],
@@ -234,6 +342,83 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
         dead_letters=dead_letters,
         overdue=overdue,
     )
+
+
+def _add_shard_figures(
+    figures: ProcessTypeHealth,
+    replies: Iterator[Any],
+    shards: range,
+    now_ms: int,
+    retried: dict[tuple[int, str], list[tuple[bytes, float]]],
+) -> None:
+    """Sum one process type's replies over `shards` into `figures`; note in `retried`
+    the listed retrying processes of each (shard, type), whose steps are in their records."""
+    limit = figures.thresholds
+    durations: list[int] = []
+    aged: list[AgedProcess] = []
+    for shard in shards:
+        stats, active, waiting, stuck, overdue_waits, recent = islice(replies, 6)
+        figures.started += int(stats.get(b"started", 0))
+        figures.completed += int(stats.get(b"completed", 0))
+        figures.failed += int(stats.get(b"failed", 0))
+        figures.compensated += int(stats.get(b"compensated", 0))
+        figures.mean_duration_ms += int(stats.get(b"duration_ms_total", 0))
+        figures.active += int(active) + int(waiting)
+        figures.stuck += int(stuck) + int(overdue_waits)
+        durations += [int(d) for d in recent]
+        if limit.max_process_age:
+            count, oldest = islice(replies, 2)
+            figures.over_age += int(count)
+            aged += [AgedProcess(m.decode(), (now_ms - start) / 1000) for m, start in oldest]
+        if limit.max_retry_count:
+            count, most = islice(replies, 2)
+            figures.retrying += int(count)
+            if most:
+                retried[(shard, figures.process_type)] = most
+    finished = figures.completed + figures.failed + figures.compensated
+    figures.mean_duration_ms = figures.mean_duration_ms / finished if finished else 0.0
+    figures.failure_rate = figures.failed / finished if finished else 0.0
+    if durations:
+        figures.recent_mean_duration_ms = sum(durations) / len(durations)
+        durations.sort()
+        figures.p99_duration_ms = float(
+            durations[min(len(durations) - 1, int(len(durations) * 0.99))]
+        )
+    figures.oldest = sorted(aged, key=lambda p: -p.age_s)[:LISTED]
+
+
+async def _name_retried_steps(
+    redis: Redis,
+    keyspace: Keyspace,
+    processes: list[ProcessTypeHealth],
+    retried: dict[tuple[int, str], list[tuple[bytes, float]]],
+) -> None:
+    """Fill each type's `most_retried` with the steps its records name (one round trip)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for (shard, process_type), members in retried.items():
+            pipe.hmget(keyspace.process_records(shard, process_type), [m for m, _ in members])
+        records = await pipe.execute()
+    found: dict[str, list[RetriedProcess]] = {}
+    for ((_, process_type), members), blobs in zip(retried.items(), records, strict=True):
+        for (member, retries), blob in zip(members, blobs, strict=True):
+            step = str(decode_process_record(blob).get("r", "?"))
+            found.setdefault(process_type, []).append(
+                RetriedProcess(member.decode(), step, int(retries))
+            )
+    for figures in processes:
+        listed = found.get(figures.process_type, [])
+        figures.most_retried = sorted(listed, key=lambda p: -p.retries)[:LISTED]
+
+
+def decode_process_record(blob: bytes | None) -> dict[str, Any]:
+    """A process record of the index (see `Keyspace.process_records`); {} if absent or bad."""
+    if not blob:
+        return {}
+    try:
+        record = msgspec.json.decode(blob)
+    except msgspec.DecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _verdict(
@@ -265,6 +450,7 @@ def _verdict(
         finished = p.completed + p.failed + p.compensated
         if finished >= settings.min_finished and p.failure_rate >= settings.failure_rate_warning:
             warning.append(f"{p.process_type} failure rate {p.failure_rate:.0%}")
+        warning += _threshold_problems(p)
     for g in groups:
         if g.lag >= settings.lag_critical:
             critical.append(f"group {g.group} is {g.lag} entries behind")
@@ -278,10 +464,42 @@ def _verdict(
     )
 
 
-async def _server_ms(redis: Redis) -> int:
-    now: Any = await redis.time()
-    seconds, micros = now
-    return int(seconds) * 1000 + int(micros) // 1000
+def _threshold_problems(p: ProcessTypeHealth) -> list[str]:
+    """The warnings of the per-type checks (average duration, age, retries) of `p`."""
+    problems = []
+    limit = p.thresholds
+    mean_s = p.recent_mean_duration_ms / 1000
+    if limit.average_duration_warning and mean_s > limit.average_duration_warning:
+        problems.append(
+            f"slow processes for {p.process_type}: mean {mean_s:.3g} s, "
+            f"threshold {limit.average_duration_warning:g} s"
+        )
+    if p.over_age:
+        listed = ", ".join(f"{o.stream_id} ({_age(o.age_s)})" for o in p.oldest)
+        problems.append(
+            f"{p.over_age} {p.process_type} processes older than {limit.max_process_age:g} s: "
+            + listed + _more(p.over_age, len(p.oldest))
+        )
+    if p.retrying:
+        listed = ", ".join(
+            f"{r.stream_id} (step {r.step}, {r.retries} retries)" for r in p.most_retried
+        )
+        problems.append(
+            f"{p.retrying} {p.process_type} processes retried at least {limit.max_retry_count} "
+            "times: " + listed + _more(p.retrying, len(p.most_retried))
+        )
+    return problems
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _more(total: int, listed: int) -> str:
+    return f" and {total - listed} more" if total > listed else ""
 
 
 def report_lines(report: HealthReport) -> list[str]:

@@ -138,6 +138,31 @@ class Keyspace:
         """Sorted set: the last 10000 completed (failed, compensated) processes by end time."""
         return f"{self._tag(shard)}:{outcome}:{process_type}"
 
+    def processes_since(self, shard: int, process_type: str) -> str:
+        """Sorted set: active process stream id -> its start (server ms)."""
+        return f"{self._tag(shard)}:since:{process_type}"
+
+    def retrying_processes(self, shard: int, process_type: str) -> str:
+        """Sorted set: active process stream id -> retries of its current step, while retrying."""
+        return f"{self._tag(shard)}:retrying:{process_type}"
+
+    def process_records(self, shard: int, process_type: str) -> str:
+        """Hash: process stream id -> JSON record (correlation id, start, end, outcome, retried
+        step and retries) of every indexed process of a type."""
+        return f"{self._tag(shard)}:records:{process_type}"
+
+    def processes_by_correlation(self, shard: int, process_type: str) -> str:
+        """Sorted set, scores 0: ``<correlation id>\\0<stream id>`` of every indexed process."""
+        return f"{self._tag(shard)}:by-correlation:{process_type}"
+
+    def processes_by_id(self, shard: int, process_type: str) -> str:
+        """Sorted set, scores 0: stream id of every indexed process (prefix search)."""
+        return f"{self._tag(shard)}:by-id:{process_type}"
+
+    def process_types(self, shard: int) -> str:
+        """Set: every process type with a lifecycle index on the shard."""
+        return f"{self._tag(shard)}:process-types"
+
     def process_index(self, shard: int, process_type: str) -> list[str]:
         """Every key of a process type's lifecycle index, in the order commit.lua takes them."""
         return [
@@ -148,17 +173,23 @@ class Keyspace:
             self.finished_processes(shard, process_type, "failed"),
             self.finished_processes(shard, process_type, "compensated"),
             self.waiting_processes(shard, process_type),
+            self.processes_since(shard, process_type),
+            self.retrying_processes(shard, process_type),
+            self.process_records(shard, process_type),
+            self.processes_by_correlation(shard, process_type),
+            self.processes_by_id(shard, process_type),
+            self.process_types(shard),
         ]
-
-    def stats_pattern(self) -> str:
-        """SCAN pattern matching the stats hash of every process type on every shard."""
-        return f"{self.prefix}:*:stats:*"
 
     # --- keys outside any shard -------------------------------------------------
 
     def heartbeat(self, consumer: str) -> str:
         """String with TTL: a live worker or scheduler's description."""
         return f"{self.prefix}:heartbeat:{consumer}"
+
+    def heartbeats(self) -> str:
+        """Sorted set: consumer -> when its heartbeat expires (its host's ms): who to look for."""
+        return f"{self.prefix}:heartbeats"
 
     def heartbeat_pattern(self) -> str:
         """SCAN pattern matching every heartbeat key."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 from redis.asyncio import Redis
 
-from rsaga.health import redis_down
+from rsaga.health import ProcessThresholds, redis_down
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
 
@@ -67,6 +67,17 @@ class PrometheusObserver(Observer):
         )
         self.active = Gauge(
             "rsaga_active_processes", "Active processes (read from Redis).", ["process_type"],
+            registry=r,
+        )
+        self.over_age = Gauge(
+            "rsaga_processes_over_age",
+            "Active processes older than their type's max_process_age (read from Redis; "
+            "0 while the check is off).", ["process_type"], registry=r,
+        )
+        self.retrying = Gauge(
+            "rsaga_processes_retrying",
+            "Active processes whose current step has been retried max_retry_count times or "
+            "more, or at all while that check is off (read from Redis).", ["process_type"],
             registry=r,
         )
         self.commands = Counter(
@@ -181,16 +192,35 @@ class PrometheusObserver(Observer):
         process_types: Iterable[str] = (),
         groups: Iterable[tuple[str, str]] = (),
         scheduler: bool = False,
+        thresholds: Mapping[str, ProcessThresholds] | None = None,
     ) -> None:
-        """Read the shared gauges from Redis (one pipelined round trip)."""
+        """Read the shared gauges from Redis (one pipelined round trip, two when a type
+        has a `max_process_age`, which counts from the server's time).
+
+        `thresholds` are each process type's (see `rsaga.health.process_thresholds`).
+        """
         types = list(process_types)
         streams = sorted({stream for stream, _ in groups})
         wanted = set(groups)
+        limits = {t: (thresholds or {}).get(t, ProcessThresholds()) for t in types}
+        now_ms = 0
+        if any(limit.max_process_age for limit in limits.values()):
+            now: Any = await redis.time()
+            now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         async with redis.pipeline(transaction=False) as pipe:
             for process_type in types:
+                limit = limits[process_type]
+                old_before = now_ms - int(limit.max_process_age * 1000)
                 for shard in range(keyspace.shards):
                     pipe.zcard(keyspace.active_processes(shard, process_type))
                     pipe.zcard(keyspace.waiting_processes(shard, process_type))
+                    if limit.max_process_age:
+                        since = keyspace.processes_since(shard, process_type)
+                        pipe.zcount(since, "-inf", old_before)
+                    pipe.zcount(
+                        keyspace.retrying_processes(shard, process_type),
+                        limit.max_retry_count or 1, "+inf",
+                    )
             for stream in streams:
                 pipe.xinfo_groups(stream)
             if scheduler:
@@ -200,11 +230,18 @@ class PrometheusObserver(Observer):
             replies = await pipe.execute(raise_on_error=False)
         at = 0
         for process_type in types:
-            counts = replies[at : at + 2 * keyspace.shards]
-            at += 2 * keyspace.shards
-            self._child(self.active, process_type).set(
-                sum(int(c) for c in counts if not isinstance(c, Exception))
-            )
+            kinds = ["active", "waiting", "old", "retrying"]
+            if not limits[process_type].max_process_age:
+                kinds.remove("old")
+            counts = dict.fromkeys(kinds, 0)
+            for _ in range(keyspace.shards):
+                for kind in kinds:
+                    reply = replies[at]
+                    at += 1
+                    counts[kind] += 0 if isinstance(reply, Exception) else int(reply)
+            self._child(self.active, process_type).set(counts["active"] + counts["waiting"])
+            self._child(self.over_age, process_type).set(counts.get("old", 0))
+            self._child(self.retrying, process_type).set(counts["retrying"])
         for stream in streams:
             infos = replies[at]
             at += 1
@@ -267,13 +304,15 @@ async def refresh_loop(
     process_types: Iterable[str] = (),
     groups: Iterable[tuple[str, str]] = (),
     scheduler: bool = False,
+    thresholds: Mapping[str, ProcessThresholds] | None = None,
 ) -> None:
     """Refresh the Redis-backed gauges every `interval` seconds until `stop` is set."""
     types, pairs = list(process_types), list(groups)
     while not stop.is_set():
         try:
             await observer.refresh(
-                redis, keyspace, process_types=types, groups=pairs, scheduler=scheduler
+                redis, keyspace, process_types=types, groups=pairs, scheduler=scheduler,
+                thresholds=thresholds,
             )
         except Exception as exc:
             if not redis_down(exc):

@@ -44,6 +44,7 @@ def probes(keyspace: Keyspace) -> list[tuple[str, ...]]:
     zset = keyspace.timeouts(0)
     durations = keyspace.process_durations(0, "rsaga-check")
     heartbeat = keyspace.heartbeat("rsaga-check")
+    types = keyspace.process_types(0)
     return [
         ("PING",),
         ("TIME",),
@@ -71,6 +72,13 @@ def probes(keyspace: Keyspace) -> list[tuple[str, ...]]:
         ("ZCOUNT", zset, "0", "1"),
         ("ZCARD", zset),
         ("ZREMRANGEBYRANK", zset, "0", "1"),
+        ("ZREMRANGEBYSCORE", zset, "0", "1"),
+        ("ZREVRANGEBYSCORE", zset, "1", "0"),
+        ("ZRANGEBYLEX", zset, "-", "+"),
+        ("ZSCORE", zset, "m"),
+        ("SADD", types, "t"),
+        ("SMEMBERS", types),
+        ("MGET", heartbeat),
         ("XADD", log, "NOMKSTREAM", "*", "f", "1"),
         ("XLEN", log),
         ("XRANGE", log, "-", "+", "COUNT", "1"),

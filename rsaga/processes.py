@@ -455,6 +455,8 @@ class ProcessInfo(msgspec.Struct):
     """Pending timeouts: name -> attempt."""
     retries: dict[str, int] = msgspec.field(default_factory=dict)
     """Retries scheduled so far, per step."""
+    retried: dict[str, int] = msgspec.field(default_factory=dict)
+    """Pending timeouts that retry a step: name -> how many retries of it they make."""
     definition_version: int = 1
     unprompted_ms: list[int] = msgspec.field(default_factory=list)
     """When the recent steps since the last outside trigger ran (timeouts, command
@@ -493,6 +495,15 @@ class ProcessManager(Generic[S]):
     """Delays of `Decision.retry`; once spent, the process fails."""
     deadline: ClassVar[float | None] = None
     """Seconds from the start after which an unfinished process fails."""
+    average_duration_warning: ClassVar[float | None] = None
+    """`rsaga health` warns when the mean duration (s) of the last 1,000 finished processes
+    of this type is above it; None: `health.average_duration_warning`; 0: off."""
+    max_process_age: ClassVar[float | None] = None
+    """`rsaga health` warns of active processes of this type started longer ago (s) than
+    it; None: `health.max_process_age`; 0: off."""
+    max_retry_count: ClassVar[int | None] = None
+    """`rsaga health` warns of active processes of this type whose current step has been
+    retried at least this many times; None: `health.max_retry_count`; 0: off."""
     version: ClassVar[int] = 1
     """Definition version, stored when a process starts. Raise it with every change."""
     compatible_since: ClassVar[int] = 1
@@ -555,6 +566,12 @@ class ProcessManager(Generic[S]):
             raise ValidationError(f"process {cls.name}: max_unprompted_steps must be an int >= 1")
         if not isinstance(window, (int, float)) or not window > 0:
             raise ValidationError(f"process {cls.name}: unprompted_window must be > 0")
+        for threshold in ("average_duration_warning", "max_process_age", "max_retry_count"):
+            value = getattr(cls, threshold)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0
+            ):
+                raise ValidationError(f"process {cls.name}: {threshold} must be None or >= 0")
 
 
 class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
@@ -679,13 +696,16 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
                 info.pending[name] = token
                 info.due[name] = due_ms
                 info.attempts[name] = attempt
+                _note_retry(info.retried, name, attempt)
             case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
                 if info.pending.get(name) == token:
                     del info.pending[name]
                     info.due.pop(name, None)
                     info.attempts.pop(name, None)
+                    info.retried.pop(name, None)
             case RetryScheduled(step=step, attempt=attempt):
                 info.retries[step] = attempt
+                info.retried[step] = attempt
             case ProcessCompleted():
                 info.status = "completed"
             case ProcessFailed():
@@ -831,6 +851,7 @@ class _Plan:
         self.cancel: list[str] = []
         self.pending = dict(info.pending)
         self.due = dict(info.due)
+        self.retried = dict(info.retried)
 
     def fired(self, trigger: TimeoutTrigger) -> None:
         self.events.append(
@@ -838,6 +859,7 @@ class _Plan:
         )
         self.pending.pop(trigger.name, None)
         self.due.pop(trigger.name, None)
+        self.retried.pop(trigger.name, None)
 
     def _schedule(self, name: str, due_ms: int, attempt: int) -> None:
         token = new_id()
@@ -854,10 +876,12 @@ class _Plan:
         self.schedule[name] = TimeoutWrite(tid, due_ms, _payload_encoder.encode(payload))
         self.pending[name] = token
         self.due[name] = due_ms
+        _note_retry(self.retried, name, attempt)
 
     def _cancel(self, name: str) -> None:
         token = self.pending.pop(name, None)
         self.due.pop(name, None)
+        self.retried.pop(name, None)
         if token is not None:
             self.events.append(TimeoutCancelled(name, token))
             self.schedule.pop(name, None)
@@ -894,6 +918,7 @@ class _Plan:
             else:
                 retry_at = self.now_ms + round(delay * 1000)
                 self.events.append(RetryScheduled(decision.retry, retry_at, attempt))
+                self.retried[decision.retry] = attempt
                 self._schedule(decision.retry, retry_at, attempt)
         if decision.commands:
             self.events.append(
@@ -925,12 +950,21 @@ class _Plan:
                 "failed_at_ms": str(self.now_ms),
                 "process_id": info.process_id,
             })
+        retry_step, retries = max(
+            self.retried.items(), key=lambda item: item[1], default=("", 0)
+        )
+        if retries == 0 and not any(info.retried.values()):
+            retries = -1  # was not retrying, is not: the index has nothing to change
         index = IndexUpdate(
             info.process_type,
             info.stream_id,
             transition,
             duration if transition in ("complete", "fail", "compensate") else 0,
             min(self.due.values(), default=None),
+            starts=info.status == "new",
+            correlation_id=self.correlation_id,
+            retry_step=retry_step,
+            retries=retries,
         )
         return WritePlan(
             {info.stream_id: self.events},
@@ -941,6 +975,16 @@ class _Plan:
                 dead_letters=letters,
             ),
         )
+
+
+def _note_retry(retried: dict[str, int], name: str, attempt: int) -> None:
+    """Record what timeout `name`, scheduled as attempt `attempt`, retries.
+
+    A `Decision.retry` records its retry number first (`RetryScheduled`), and its
+    timeout carries the same number; any other timeout's attempt N is the N-1th retry.
+    """
+    if retried.get(name) != attempt:
+        retried[name] = attempt - 1
 
 
 class ProcessRunner:

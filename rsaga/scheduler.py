@@ -89,8 +89,9 @@ class Scheduler:
         log.info("scheduler %s starting on %d shard(s)", self.name, self.keyspace.shards)
         async with anyio.create_task_group() as tg:
             beat = this_process(self.name, [], "scheduler")
-            key = self.keyspace.heartbeat(self.name)
-            tg.start_soon(keep_heartbeat, self.redis, key, beat, self.heartbeat_ttl, stop)
+            tg.start_soon(
+                keep_heartbeat, self.redis, self.keyspace, beat, self.heartbeat_ttl, stop
+            )
             for shard in range(self.keyspace.shards):
                 tg.start_soon(self._shard_loop, shard, stop)
             await stop.wait()

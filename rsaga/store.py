@@ -87,6 +87,15 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     duration_ms: int = 0
     next_due_ms: int | None = None
     """Due time of the process's earliest pending timeout: it is waiting, not stuck."""
+    starts: bool = False
+    """This write starts the process (it may also end it)."""
+    correlation_id: str = ""
+    """The correlation id the process started in (read when `starts`): search finds it."""
+    retry_step: str = ""
+    """The step being retried, when `retries` > 0."""
+    retries: int = -1
+    """How many times the current step has been retried after this write: 0 when the
+    process stops retrying, -1 when it neither was nor is retrying (nothing to write)."""
 
 
 class Effects(msgspec.Struct, frozen=True):
@@ -395,7 +404,11 @@ class EventStore:
                 raise ValidationError(f"unknown process transition {update.transition!r}")
             keys += ks.process_index(shard, update.process_type)
             next_due = -1 if update.next_due_ms is None else update.next_due_ms
-            args += [update.transition, update.stream_id, update.duration_ms, next_due]
+            args += [
+                update.process_type, update.transition, update.stream_id, update.duration_ms,
+                next_due, int(update.starts), update.correlation_id, update.retry_step,
+                update.retries,
+            ]
         args.append(len(effects.dead_letters))
         for letter in effects.dead_letters:
             args.append(2 * len(letter))

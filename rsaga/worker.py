@@ -682,9 +682,8 @@ class Worker:
         async with anyio.create_task_group() as tg:
             store = self.executor.store
             beat = this_process(self.name, [h.name for h in self.handlers], "worker")
-            key = store.keyspace.heartbeat(self.name)
             ttl = self.settings.heartbeat_ttl
-            tg.start_soon(keep_heartbeat, store.redis, key, beat, ttl, stop)
+            tg.start_soon(keep_heartbeat, store.redis, store.keyspace, beat, ttl, stop)
             tg.start_soon(self._trim_loop, stop)
             async with anyio.create_task_group() as subs:
                 for sub in self.subscriptions:

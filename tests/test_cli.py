@@ -473,9 +473,7 @@ def test_health_local_checks_this_hosts_own_heartbeat(
 ) -> None:
     import socket
 
-    import msgspec
-
-    from rsaga.health import Heartbeat
+    from rsaga.health import Heartbeat, write_heartbeat
 
     monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
     keyspace = Keyspace(prefix=prefix)
@@ -483,8 +481,7 @@ def test_health_local_checks_this_hosts_own_heartbeat(
     async def beat(host: str) -> None:
         redis = Redis.from_url(real_redis_url)
         heartbeat = Heartbeat(f"w-{host}", host, 1, ["h"], time.time(), "worker")
-        await redis.set(keyspace.heartbeat(heartbeat.consumer), msgspec.json.encode(heartbeat),
-                        px=10_000)
+        await write_heartbeat(redis, keyspace, heartbeat, 10.0)
         await redis.aclose()
 
     anyio.run(beat, "some-other-host")

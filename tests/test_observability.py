@@ -24,7 +24,7 @@ from rsaga_examples.orders import (
 
 from rsaga import EventRegistry, EventStore, Executor, Keyspace
 from rsaga.config import HealthSettings, WorkerSettings
-from rsaga.health import Heartbeat, health_report
+from rsaga.health import Heartbeat, health_report, write_heartbeat
 from rsaga.metrics import PrometheusObserver, serve_metrics
 from rsaga.processes import (
     AdvanceTrigger,
@@ -134,10 +134,8 @@ async def test_a_stuck_process_flips_health_until_it_progresses(
 ) -> None:
     store = EventStore(redis, EventRegistry([Nudge]), keyspace=Keyspace(prefix=prefix))
     runner = ProcessRunner(Executor(store), [Nudged()])
-    await redis.set(
-        store.keyspace.heartbeat("w1"),
-        msgspec.json.encode(Heartbeat("w1", "host", 1, ["nudged"], 0.0)),
-        px=60_000,
+    await write_heartbeat(
+        redis, store.keyspace, Heartbeat("w1", "host", 1, ["nudged"], 0.0), 60
     )
     thresholds = HealthSettings(stuck_after=1.0)
     await runner.start("nudged", "n1")

@@ -18,9 +18,8 @@
     KEYS[2 .. n+1]       the n checked streams
     then, if any timeout is scheduled or cancelled: the shard's timeouts
                          sorted set, timeout data hash and wake stream
-    then, per index update: the process type's active set, stats hash,
-                         durations list, completed, failed and
-                         compensated sets, and waiting set (Keyspace.process_index)
+    then, per index update: the 13 index keys of its process type
+                         (Keyspace.process_index; see includes/process_index.lua)
     then, if any dead letter is added: the shard's dead-letter stream
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
@@ -28,8 +27,9 @@
     then                 the new events as (type, envelope) pairs, stream by stream
     then                 S, and S x (timeout id, due ms, payload) to schedule
     then                 C, and C x timeout id to cancel
-    then                 I, and I x (transition, member, duration ms, next due
-                         ms or -1: the earliest pending timeout)
+    then                 I, and I x (process type, transition, member, duration
+                         ms, next due ms or -1: the earliest pending timeout,
+                         starts '1'/'0', correlation id, retried step, retries)
     then                 D, and D x (F, then F field/value pairs) dead letters
 
   Output:
@@ -41,7 +41,8 @@
 -- @include "timeouts"
 -- @include "process_index"
 
-local INDEX_KEYS = 7
+local INDEX_KEYS = 13
+local INDEX_ARGS = 9
 
 local n = tonumber(ARGV[1])
 local versions = {}
@@ -99,11 +100,9 @@ if updates > 0 then
     for j = 1, INDEX_KEYS do
       index_keys[j] = KEYS[key + j - 1]
     end
-    update_process_index(
-      index_keys, ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], ARGV[arg + 4], now
-    )
+    update_process_index(index_keys, now, unpack(ARGV, arg + 1, arg + INDEX_ARGS))
     key = key + INDEX_KEYS
-    arg = arg + 4
+    arg = arg + INDEX_ARGS
   end
 end
 arg = arg + 1
