@@ -461,21 +461,29 @@ class _Subscription:
 
     async def _process(self, entry: RawEntry) -> bool:
         """Handle, retry or dead-letter one entry; True when it is to be acknowledged."""
+        if entry.deliveries > self.settings.max_deliveries:
+            # Checked before decoding: decoding is part of what may have crashed.
+            reason = RuntimeError(
+                f"started {entry.deliveries - 1} times without acknowledgement "
+                "(did it crash its workers?)"
+            )
+            await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
+            return False
         try:
             item = self.source.decode(entry)
         except UNDELIVERABLE as exc:
             await self._dead_letter(entry, exc, attempts=0, tb="")
             return False
+        except Exception as exc:
+            # Whatever the bytes from Redis make the decoder raise, the entry can
+            # never be handled: a dead letter with the reason, never a crash loop.
+            undecodable = EventDecodeError(f"entry {entry.log_id} cannot be decoded: {exc!r}")
+            tb = traceback.format_exc(limit=8)
+            await self._dead_letter(entry, undecodable, attempts=0, tb=tb)
+            return False
         if item is None:
             self._observer.entry_handled(self.source.name, seconds=0.0, outcome="skipped")
             return True
-        if entry.deliveries > self.settings.max_deliveries:
-            reason = RuntimeError(
-                f"delivered {entry.deliveries} times without acknowledgement "
-                "(did its worker crash while handling it?)"
-            )
-            await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
-            return False
         attempt = 0
         backoff = _Backoff()
         started = time.perf_counter()
