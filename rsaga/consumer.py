@@ -8,7 +8,10 @@ other consumers are handed over to the owner inside the same script. So the
 events of one stream reach a handler in version order even with many worker
 processes, while different streams spread over all of them. A consumer that
 falls silent for its claim timeout (by the server's clock) is taken over
-whole: all its pending entries and streams at once, in log order.
+whole: all its pending entries and streams at once, in log order, spread over
+the live consumers. A take-over counts a delivery only for the entries the dead
+consumer's handlers had started (`ack` records them), never for those it merely
+held.
 """
 
 from __future__ import annotations
@@ -157,14 +160,23 @@ class GroupConsumer:
         return [RawEntry(i.decode(), f) for i, f in found if f]
 
     async def ack(
-        self, entries: Sequence[RawEntry], handoff_limit: int = 100
+        self,
+        entries: Sequence[RawEntry],
+        handoff_limit: int = 100,
+        started: Collection[str] = (),
     ) -> tuple[int, list[RawEntry]]:
-        """Acknowledge `entries` (if still ours); returns how many, and new handoffs."""
-        args: list[EncodableArg] = [self.group, self.name, handoff_limit]
+        """Acknowledge `entries` (if still ours); returns how many, and new handoffs.
+
+        `started` names every entry a handler of this consumer has started and
+        not yet acknowledged: if this consumer dies, only those count a delivery.
+        """
+        args: list[EncodableArg] = [self.group, self.name, handoff_limit, " ".join(started)]
         for entry in entries:
             args += [entry.log_id, entry.raw_stream_id]
-        acked, handed = await script("ack_batch")(self.redis, self._state_keys[:4], args)
-        return int(acked), _entries(handed)
+        acked, handed, deliveries = await script("ack_batch")(
+            self.redis, self._state_keys, args
+        )
+        return int(acked), _with_deliveries(handed, deliveries)
 
     async def dead_letter(
         self, entry: RawEntry, fields: dict[str, EncodableArg], max_len: int
@@ -210,14 +222,6 @@ class GroupConsumer:
             [self.group, self.name, self.claim_timeout_ms],
         )
         return _with_deliveries(found, deliveries), [d.decode() for d in dead]
-
-    async def mark_running_alone(self, log_id: str | None) -> None:
-        """Name the one entry this consumer now runs alone (None: none), for fair blame."""
-        field = f"running:{self.name}"
-        if log_id is None:
-            await self.redis.hdel(self.alive, field)
-        else:
-            await self.redis.hset(self.alive, field, log_id)
 
     async def keep_alive(self, *, leaving: bool = False) -> None:
         """Renew this consumer's claim on what it holds; `leaving` gives it up at once."""

@@ -125,22 +125,18 @@ class _Isolation:
     """One per worker: lets an entry that went through a crash run alone in the process.
 
     While it runs, every group of the process has its earlier work acknowledged
-    and names what runs alone (the entry in its own group, "-" in the others),
-    so if the process dies now, a take-over blames that entry and nothing else.
+    and records that entry as the only one started, so if the process dies now,
+    a take-over blames that entry and nothing else.
     """
 
     def __init__(self) -> None:
         self.gate = _Gate()
         self.subscriptions: list[_Subscription] = []
 
-    async def mark(self, running: _Subscription | None, log_id: str) -> None:
-        for sub in self.subscriptions:
-            value = None if running is None else (log_id if sub is running else "-")
-            await sub.deliver("marking", sub.consumer.mark_running_alone, value)
-
     async def flush_all(self) -> None:
         for sub in self.subscriptions:
-            await sub.deliver("acknowledging", sub.flush_acks)
+            if sub.out_of_sync:
+                await sub.deliver("acknowledging", sub.flush_acks)
 
 
 class _Source(Protocol):
@@ -262,6 +258,11 @@ class _Subscription:
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
         self._to_ack: list[RawEntry] = []
+        self._started: set[str] = set()
+        """Entries a handler has started and that are not acknowledged yet."""
+        self._started_in_redis: frozenset[str] = frozenset()
+        """`_started` as the last acknowledgement recorded it in Redis."""
+        self._starts_recorded = anyio.Event()
         self._ack_wanted = anyio.Event()
         self._space = anyio.Event()
         self._stopping = False
@@ -302,6 +303,7 @@ class _Subscription:
                 await stop.wait()
                 self._stopping = True
                 io.cancel_scope.cancel()
+            self._starts_recorded.set()  # runners waiting for one see it will not come
             # Runners stop after their current entry; whatever still runs at the
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
@@ -425,17 +427,18 @@ class _Subscription:
                 del self._queues[key]
 
     async def _run(self, entry: RawEntry) -> bool:
-        """Run one entry: with others normally, alone if it was held by a consumer that died.
+        """Run one entry: with others normally, alone if a handler started it before a crash.
 
-        Running a suspect alone, with everything before it acknowledged and its id
-        recorded, lets the next take-over blame only the entry that crashed the
-        worker, so a poison entry reaches dead letters without taking innocent
-        entries with it. Returns False if the worker is stopping and it did not run.
+        Running a suspect alone, with everything before it acknowledged and only
+        it recorded as started, lets the next take-over blame only the entry that
+        crashed the worker, so a poison entry reaches dead letters without taking
+        innocent entries with it. Returns False if the worker is stopping and it
+        did not run.
         """
         isolation = self.isolation
         if entry.deliveries <= 1:
             async with isolation.gate.shared(), self.limiter:
-                if self._stopping:
+                if self._stopping or not await self._record_start(entry):
                     return False
                 if await self._process(entry):
                     self._to_ack.append(entry)
@@ -445,16 +448,36 @@ class _Subscription:
             if self._stopping:
                 return False
             await isolation.flush_all()
-            await isolation.mark(self, entry.log_id)
+            if not await self._record_start(entry):
+                return False
             if await self._process(entry):
                 self._to_ack.append(entry)
                 await self.deliver("acknowledging", self.flush_acks)
-            await isolation.mark(None, "")
         return True
+
+    async def _record_start(self, entry: RawEntry) -> bool:
+        """Record in Redis that a handler starts `entry` (batched with acknowledgements).
+
+        A take-over counts a delivery only for recorded entries, so the record
+        must be in Redis before the handler runs. False if the worker stopped first.
+        """
+        self._started.add(entry.log_id)
+        self._ack_wanted.set()
+        while entry.log_id not in self._started_in_redis:
+            if self._stopping:
+                return False
+            await self._starts_recorded.wait()
+        return True
+
+    @property
+    def out_of_sync(self) -> bool:
+        """Whether Redis lacks acknowledgements or starts this subscription knows of."""
+        return bool(self._to_ack) or self._started_in_redis != self._started
 
     def _finished(self, entries: Sequence[RawEntry]) -> None:
         for entry in entries:
             self._known.discard(entry.log_id)
+            self._started.discard(entry.log_id)
         self._space.set()
 
     # --- handling one entry -----------------------------------------------------------
@@ -569,19 +592,23 @@ class _Subscription:
             await self.deliver("acknowledging", self.flush_acks)
 
     async def flush_acks(self, dispatch: bool = True) -> None:
-        """Acknowledge what finished; dispatch the entries handed to us meanwhile.
+        """Acknowledge what finished and record what started; dispatch handed entries.
 
         Call with the delivery lock held (`deliver` does).
         """
-        if not self._to_ack and not dispatch:
+        if not dispatch and not self.out_of_sync:
             return
         batch, self._to_ack = self._to_ack, []
+        started = frozenset(self._started.difference(entry.log_id for entry in batch))
         room = max(1, self._capacity() - self._buffered()) if dispatch else 0
         try:
-            _, handed = await self.consumer.ack(batch, room)
+            _, handed = await self.consumer.ack(batch, room, started)
         except BaseException:
             self._to_ack[:0] = batch
             raise
+        self._started_in_redis = started
+        recorded, self._starts_recorded = self._starts_recorded, anyio.Event()
+        recorded.set()
         self._finished(batch)
         self._dispatch(handed)
 

@@ -306,7 +306,7 @@ async def test_taking_over_keeps_stream_order(redis: Redis, prefix: str) -> None
     await store.append("s", [Ping(n=4)])
     taken = (await other.read(10)).entries
     assert [int(e.fields[b"v"]) for e in taken] == [1, 2, 3, 4]
-    assert [e.deliveries for e in taken] == [2, 2, 2, 1]
+    assert [e.deliveries for e in taken] == [1, 1, 1, 1]  # held, never started: no blame
     assert await redis.hget(store.keyspace.stream_owners(0, "g"), "s") == b"other"
 
 
@@ -317,14 +317,17 @@ async def test_poison_entry_redelivered_too_often_goes_to_dead_letters(
     await store.append("p", [Ping()])
     crashy = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "crashy", claim_timeout_ms=1)
     await crashy.ensure_group()
-    await crashy.read(1)
-    for n in range(FAST.max_deliveries - 1):  # each take-over is one more delivery
+    [entry] = (await crashy.read(1)).entries
+    for n in range(FAST.max_deliveries - 1):  # each crash after a start is one more delivery
+        await crashy.ack([], started=[entry.log_id])
         await anyio.sleep(0.005)
-        entries, dead = await GroupConsumer(
+        crashy = GroupConsumer(
             redis, store.keyspace, 0, Recorder.name, f"crashy{n}", claim_timeout_ms=1
-        ).take_over_dead()
+        )
+        entries, dead = await crashy.take_over_dead()
         assert len(entries) == 1
         assert entries[0].deliveries == n + 2
+    await crashy.ack([], started=[entry.log_id])
 
     class QuickRecorder(Recorder):
         claim_timeout = 0.05
@@ -667,3 +670,52 @@ async def test_an_event_nested_too_deep_is_refused_at_append(redis: Redis, prefi
     with pytest.raises(ValidationError, match="nests containers more than 64 deep"):
         await store.append("deep", [Deep({"k": nested(MAX_EVENT_NESTING)})])
     assert await store.version("deep") == 0
+
+
+async def test_a_take_over_blames_only_the_entries_a_handler_started(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    for stream_id in "abcde":
+        await store.append(stream_id, [Ping(), Ping()])
+    crashed = GroupConsumer(redis, store.keyspace, 0, "grp", "crashed", claim_timeout_ms=1)
+    await crashed.ensure_group()
+    held = (await crashed.read(100)).entries
+    assert len(held) == 10
+    first, second = held[0], held[1]
+    await crashed.ack([first], started=[second.log_id])  # one done, one running, 8 held
+    await anyio.sleep(0.005)
+    heir = GroupConsumer(redis, store.keyspace, 0, "grp", "heir", claim_timeout_ms=1)
+    taken, dead = await heir.take_over_dead()
+    assert dead == ["crashed"]
+    assert {e.log_id: e.deliveries for e in taken} == {
+        e.log_id: 2 if e is second else 1 for e in held[1:]
+    }
+
+
+async def test_a_dead_consumers_streams_are_spread_over_the_live_consumers(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    streams = [f"s{n}" for n in range(6)]
+    for stream_id in streams:
+        await store.append(stream_id, [Ping(n=1), Ping(n=2)])
+
+    def consumer(name: str) -> GroupConsumer:
+        return GroupConsumer(redis, store.keyspace, 0, "grp", name, claim_timeout_ms=100)
+
+    dead, heir, peer = consumer("dead"), consumer("heir"), consumer("peer")
+    await dead.ensure_group()
+    assert len((await dead.read(100)).entries) == 12
+    await anyio.sleep(0.15)
+    await peer.keep_alive()
+    mine, _ = await heir.take_over_dead()
+    theirs = (await peer.read(100)).entries
+    assert len(mine) == len(theirs) == 6
+    for entries in (mine, theirs):
+        by_stream: dict[str, list[int]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream_id, []).append(int(entry.fields[b"v"]))
+        assert all(versions == [1, 2] for versions in by_stream.values())
+    owners = await redis.hgetall(store.keyspace.stream_owners(0, "grp"))
+    assert sorted(owners.values()) == [b"heir"] * 3 + [b"peer"] * 3
