@@ -39,6 +39,7 @@ from rsaga.inspect import (
 from rsaga.keyspace import Keyspace
 from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
 from rsaga.observe import NO_OBSERVER
+from rsaga.permissions import minimal_acl, missing_permissions
 from rsaga.processes import FRAMEWORK_EVENTS, ProcessManager
 from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
@@ -55,18 +56,24 @@ def _print(*lines: str) -> None:
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    """Connect, load every script, and print what this deployment looks like."""
+    """Connect, check the user's permissions, load every script, print the deployment."""
     redis = connect(settings.redis)
     where = redact_url(settings.redis.url)
+    keyspace = Keyspace(prefix=settings.store.prefix, shards=settings.store.shards)
     try:
         info = await ping(redis, where)
-        for script in all_scripts():
+        missing = await missing_permissions(redis, keyspace)
+        for script in [] if missing else all_scripts():
             await script.load(redis)
     finally:
         await redis.aclose()
+    if missing:
+        _print(*(f"missing    {line}" for line in missing))
+        _print(f"grant      ACL SETUSER <user> {minimal_acl(settings.store.prefix)}")
+        return 1
     _print(
         f"redis      {where}",
-        f"server     Redis {info.get('redis_version', '?')} ({info.get('redis_mode', '?')})",
+        f"server     Redis {info.version} ({info.mode})",
         f"prefix     {settings.store.prefix}",
         f"shards     {settings.store.shards}",
         f"scripts    {len(all_scripts())} loaded",
@@ -177,7 +184,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.concurrency:
         worker_settings = msgspec.structs.replace(worker_settings, concurrency=args.concurrency)
     store = _store(settings)
-    await ping(store.redis, redact_url(settings.redis.url))
+    await ping(
+        store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
+        keyspace=store.keyspace,
+    )
     observer = PrometheusObserver() if args.metrics_port else None
     worker = Worker(
         Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
@@ -208,7 +218,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
 async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     """Move due timeouts to the due streams until SIGTERM or SIGINT."""
     store = _store(settings)
-    await ping(store.redis, redact_url(settings.redis.url))
+    await ping(
+        store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
+        keyspace=store.keyspace,
+    )
     observer = PrometheusObserver() if args.metrics_port else None
     scheduler = Scheduler(
         store.redis,
@@ -258,7 +271,7 @@ async def _health(args: argparse.Namespace, settings: Settings) -> int:
     """Health from Redis; exit 0 ok, 1 warning, 2 critical."""
     store = _store(settings)
     try:
-        await ping(store.redis, redact_url(settings.redis.url))
+        await ping(store.redis, redact_url(settings.redis.url), keyspace=store.keyspace)
         report = await health_report(store.redis, store.keyspace, settings.health)
     finally:
         await store.redis.aclose()
@@ -380,6 +393,18 @@ async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
         await store.redis.aclose()
 
 
+async def _web(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the operator console until SIGTERM or SIGINT."""
+    try:
+        from rsaga.web import serve
+    except ImportError as exc:
+        raise ConfigError(
+            f"rsaga web needs the web extra: pip install 'rsaga[web]' ({exc.name} is missing)"
+        ) from None
+    await serve(settings, host=args.host, port=args.port)
+    return 0
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -491,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--limit", type=_positive, default=100)
     dlq.add_argument("--json", action="store_true")
     dlq.set_defaults(run=_dlq)
+
+    web = commands.add_parser(
+        "web", help="serve the operator console (read-only unless web.token is set)"
+    )
+    web.add_argument("--host", help="address to listen on (default: web.host, 127.0.0.1)")
+    web.add_argument("--port", type=_positive, help="port to listen on (default: web.port, 8080)")
+    web.set_defaults(run=_web)
     return parser
 
 
