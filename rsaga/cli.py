@@ -201,7 +201,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
             if observer is not None:
                 types = worker.runner.managers if worker.runner else {}
                 groups = [(sub.consumer.log, sub.consumer.group) for sub in worker.subscriptions]
-                tg.start_soon(serve_metrics, observer.registry, args.metrics_port, stop)
+                tg.start_soon(
+                    serve_metrics, observer.registry, args.metrics_port, stop,
+                    settings.metrics.host,
+                )
                 tg.start_soon(
                     functools.partial(
                         refresh_loop, observer, store.redis, store.keyspace, stop,
@@ -236,7 +239,10 @@ async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
             if observer is not None:
-                tg.start_soon(serve_metrics, observer.registry, args.metrics_port, stop)
+                tg.start_soon(
+                    serve_metrics, observer.registry, args.metrics_port, stop,
+                    settings.metrics.host,
+                )
                 tg.start_soon(
                     functools.partial(
                         refresh_loop, observer, store.redis, store.keyspace, stop, scheduler=True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -33,8 +34,19 @@ ROOT = Path(__file__).resolve().parent.parent
 class RsagaProcess:
     """One ``rsaga worker`` (Recorder and Alarm) or ``rsaga scheduler`` OS process."""
 
-    def __init__(self, url: str, prefix: str, tmp: Path, kind: str = "worker", **env: str):
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        tmp: Path,
+        kind: str = "worker",
+        *,
+        args: tuple[str, ...] = (),
+        max_files: int | None = None,
+        **env: str,
+    ):
         self.url, self.prefix, self.tmp, self.kind, self.env = url, prefix, tmp, kind, env
+        self.args, self.max_files = args, max_files
         self.log_path = tmp / f"{kind}-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
@@ -42,9 +54,16 @@ class RsagaProcess:
     def start(self) -> None:
         """Start the process (again), appending to the same log file."""
         args = ["worker", "--concurrency", "32"] if self.kind == "worker" else ["scheduler"]
+        max_files = self.max_files
+
+        def limit_files() -> None:
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "rsaga.cli", *args],
+                [sys.executable, "-m", "rsaga.cli", *args, *self.args],
+                preexec_fn=limit_files,
                 cwd=ROOT,
                 env={
                     **os.environ,
