@@ -532,12 +532,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SERVICES = ("worker", "scheduler", "web")
+"""Long-running commands: they talk to many peers and must outlive each one."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rsaga`` console script; returns the exit code."""
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `rsaga ... | head` ends quietly
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and args.command not in _SERVICES:
+        # `rsaga ... | head` ends quietly; a service keeps Python's default
+        # (ignored), or a peer closing any socket would kill it.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command is None:
         parser.print_help()
         return 2

@@ -398,9 +398,15 @@ class _Subscription:
             last_id = await self.deliver("reading", read_and_dispatch)
             self._read_nothing = bool(last_id)
             if last_id:
-                await self._retrying(
-                    "waiting", self.consumer.wait_for_entries, last_id, self.settings.block_ms
-                )
+                try:
+                    await self.consumer.wait_for_entries(last_id, self.settings.block_ms)
+                except Exception as exc:
+                    if not redis_down(exc):
+                        raise
+                    # No backoff of its own: the next read waits out an outage,
+                    # and a dropped connection alone must not stall reading.
+                    log.debug("%s: waiting for entries failed: %s", self.name, exc)
+                    await anyio.sleep(0.1)
 
     def _dispatch(self, entries: Sequence[RawEntry]) -> None:
         """Queue entries per stream, in the order given; start a runner per new stream."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 from worker_plugins import AlarmSet, Ping, Rang, Seen
 
 from rsaga import EventRegistry, EventStore, Keyspace
@@ -53,7 +54,9 @@ class RsagaProcess:
 
     def start(self) -> None:
         """Start the process (again), appending to the same log file."""
-        args = ["worker", "--concurrency", "32"] if self.kind == "worker" else ["scheduler"]
+        args = ["scheduler"]
+        if self.kind == "worker":
+            args = ["worker", "--concurrency", "32", "--handler", "recorder", "--handler", "alarm"]
         max_files = self.max_files
 
         def limit_files() -> None:
@@ -123,7 +126,9 @@ async def wait_for(
 
 
 def outputs(processes: list[RsagaProcess]) -> str:
-    return "\n".join(f"--- {p.kind} alive={p.alive}\n{p.output[-3000:]}" for p in processes)
+    return "\n".join(
+        f"--- {p.kind} exit={p.process and p.process.poll()}\n{p.output[-3000:]}" for p in processes
+    )
 
 
 class Workload:
@@ -145,6 +150,34 @@ class Workload:
     async def _append(self, stream_id: str, count: int) -> None:
         result = await self.store.append(stream_id, [Ping() for _ in range(count)])
         self.pings[stream_id] = result.versions[stream_id]
+
+    async def keep_pinging(self, stream_ids: list[str], stop: anyio.Event, pause: float) -> int:
+        """Ping every stream each `pause` s until `stop`, riding out Redis errors; failed rounds."""
+        failed = 0
+        while not stop.is_set():
+            try:
+                await self.ping(stream_ids)
+            except* (RedisError, OSError):
+                failed += 1
+            with anyio.move_on_after(pause):
+                await stop.wait()
+        return failed
+
+    async def reconcile(self) -> None:
+        """Count the Pings in the streams themselves, after appends whose replies were lost.
+
+        Every append acknowledged to the test must be there: a stream never has
+        fewer Pings than the test counted.
+        """
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for stream_id in self.pings:
+                pipe.xlen(self.store.keyspace.stream(stream_id))
+            lengths = await pipe.execute()
+        for (stream_id, acknowledged), length in zip(
+            list(self.pings.items()), lengths, strict=True
+        ):
+            assert length >= acknowledged, f"{stream_id}: {acknowledged} acknowledged, {length}"
+            self.pings[stream_id] = length
 
     async def set_alarms(self, ids: list[str], due_ms: Callable[[int], int]) -> None:
         async with anyio.create_task_group() as tg:
