@@ -303,7 +303,7 @@ class _Subscription:
                 await stop.wait()
                 self._stopping = True
                 io.cancel_scope.cancel()
-            self._starts_recorded.set()  # runners waiting for one see it will not come
+            self._starts_recorded.set()  # runners waiting for a record make it themselves
             # Runners stop after their current entry; whatever still runs at the
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
@@ -444,8 +444,9 @@ class _Subscription:
         isolation = self.isolation
         if entry.deliveries <= 1:
             async with isolation.gate.shared(), self.limiter:
-                if self._stopping or not await self._record_start(entry):
+                if self._stopping:
                     return False
+                await self._record_start(entry)
                 if await self._process(entry):
                     self._to_ack.append(entry)
                     self._ack_wanted.set()
@@ -454,26 +455,27 @@ class _Subscription:
             if self._stopping:
                 return False
             await isolation.flush_all()
-            if not await self._record_start(entry):
-                return False
+            await self._record_start(entry)
             if await self._process(entry):
                 self._to_ack.append(entry)
                 await self.deliver("acknowledging", self.flush_acks)
         return True
 
-    async def _record_start(self, entry: RawEntry) -> bool:
+    async def _record_start(self, entry: RawEntry) -> None:
         """Record in Redis that a handler starts `entry` (batched with acknowledgements).
 
         A take-over counts a delivery only for recorded entries, so the record
-        must be in Redis before the handler runs. False if the worker stopped first.
+        must be in Redis before the handler runs.
         """
         self._started.add(entry.log_id)
         self._ack_wanted.set()
         while entry.log_id not in self._started_in_redis:
             if self._stopping:
-                return False
-            await self._starts_recorded.wait()
-        return True
+                # The acknowledging loop has stopped; this entry was already
+                # on its way in when the stop came, so it still runs.
+                await self.deliver("recording starts", self.flush_acks)
+            else:
+                await self._starts_recorded.wait()
 
     @property
     def out_of_sync(self) -> bool:
