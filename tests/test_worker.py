@@ -657,8 +657,12 @@ async def test_the_delivery_count_is_checked_before_decoding(redis: Redis, prefi
     [entry] = (await crashy.read(1)).entries
     await redis.xclaim(log_key, Recorder.name, "crashy", 0, [entry.log_id], retrycount=9)
     await crashy.keep_alive(leaving=True)  # what every crash before left
+
+    class QuickRecorder(Recorder):
+        claim_timeout = 0.1
+
     dead = DeadLetters(redis, store.keyspace)
-    worker = Worker(Executor(store), [Recorder()], settings=FAST)
+    worker = Worker(Executor(store), [QuickRecorder()], settings=FAST)
     await run_workers([worker], lambda: _has(dead.count(), 1))
     [letter] = await dead.list()
     assert "without acknowledgement" in letter.error
