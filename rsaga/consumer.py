@@ -10,7 +10,7 @@ processes, while different streams spread over all of them. A consumer that
 falls silent for its claim timeout (by the server's clock) is taken over
 whole: all its pending entries and streams at once, in log order, spread over
 the live consumers. A take-over counts a delivery only for the entries the dead
-consumer's handlers had started (`ack` records them), never for those it merely
+consumer's handlers had started (`record_started`), never for those it merely
 held.
 """
 
@@ -160,23 +160,29 @@ class GroupConsumer:
         return [RawEntry(i.decode(), f) for i, f in found if f]
 
     async def ack(
-        self,
-        entries: Sequence[RawEntry],
-        handoff_limit: int = 100,
-        started: Collection[str] = (),
+        self, entries: Sequence[RawEntry], handoff_limit: int = 100
     ) -> tuple[int, list[RawEntry]]:
-        """Acknowledge `entries` (if still ours); returns how many, and new handoffs.
-
-        `started` names every entry a handler of this consumer has started and
-        not yet acknowledged: if this consumer dies, only those count a delivery.
-        """
-        args: list[EncodableArg] = [self.group, self.name, handoff_limit, " ".join(started)]
+        """Acknowledge `entries` (if still ours); returns how many, and new handoffs."""
+        args: list[EncodableArg] = [self.group, self.name, handoff_limit]
         for entry in entries:
             args += [entry.log_id, entry.raw_stream_id]
         acked, handed, deliveries = await script("ack_batch")(
-            self.redis, self._state_keys, args
+            self.redis, self._state_keys[:4], args
         )
         return int(acked), _with_deliveries(handed, deliveries)
+
+    async def record_started(self, log_ids: Collection[str]) -> None:
+        """Record the entries this consumer's handlers have started and not acknowledged.
+
+        If this consumer dies, a take-over counts a delivery for these entries
+        only (acknowledged ones among them are no longer pending: they do not
+        count). One writer per consumer: each call replaces the last record.
+        """
+        field = f"running:{self.name}"
+        if log_ids:
+            await self.redis.hset(self.alive, field, " ".join(log_ids))
+        else:
+            await self.redis.hdel(self.alive, field)
 
     async def dead_letter(
         self, entry: RawEntry, fields: dict[str, EncodableArg], max_len: int

@@ -135,7 +135,7 @@ class _Isolation:
 
     async def flush_all(self) -> None:
         for sub in self.subscriptions:
-            if sub.out_of_sync:
+            if sub.acks_due:
                 await sub.deliver("acknowledging", sub.flush_acks)
 
 
@@ -261,8 +261,10 @@ class _Subscription:
         self._started: set[str] = set()
         """Entries a handler has started and that are not acknowledged yet."""
         self._started_in_redis: frozenset[str] = frozenset()
-        """`_started` as the last acknowledgement recorded it in Redis."""
+        """`_started` as last recorded in Redis."""
+        self._start_wanted = anyio.Event()
         self._starts_recorded = anyio.Event()
+        self._start_lock = anyio.Lock()
         self._ack_wanted = anyio.Event()
         self._space = anyio.Event()
         self._stopping = False
@@ -298,12 +300,13 @@ class _Subscription:
             async with anyio.create_task_group() as io:
                 io.start_soon(self._read_loop)
                 io.start_soon(self._ack_loop)
+                io.start_soon(self._start_loop)
                 io.start_soon(self._claim_loop)
                 io.start_soon(self._keep_alive_loop)
                 await stop.wait()
                 self._stopping = True
                 io.cancel_scope.cancel()
-            self._starts_recorded.set()  # runners waiting for a record make it themselves
+            self._starts_recorded.set()  # runners waiting for a record write it themselves
             # Runners stop after their current entry; whatever still runs at the
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
@@ -462,25 +465,43 @@ class _Subscription:
         return True
 
     async def _record_start(self, entry: RawEntry) -> None:
-        """Record in Redis that a handler starts `entry` (batched with acknowledgements).
+        """Record in Redis that a handler starts `entry` (batched with other starts).
 
         A take-over counts a delivery only for recorded entries, so the record
         must be in Redis before the handler runs.
         """
         self._started.add(entry.log_id)
-        self._ack_wanted.set()
+        self._start_wanted.set()
         while entry.log_id not in self._started_in_redis:
             if self._stopping:
-                # The acknowledging loop has stopped; this entry was already
-                # on its way in when the stop came, so it still runs.
-                await self.deliver("recording starts", self.flush_acks)
+                # The recording loop has stopped; this entry was already on
+                # its way in when the stop came, so it still runs.
+                await self._retrying("recording starts", self._write_starts)
             else:
                 await self._starts_recorded.wait()
 
+    async def _start_loop(self) -> None:
+        while True:
+            await self._start_wanted.wait()
+            self._start_wanted = anyio.Event()
+            await self._retrying("recording starts", self._write_starts)
+
+    async def _write_starts(self) -> None:
+        """Replace this consumer's record of started entries with what has started now.
+
+        One write at a time: a late write of an older set would hide a start.
+        """
+        async with self._start_lock:
+            started = frozenset(self._started)
+            await self.consumer.record_started(started)
+            self._started_in_redis = started
+            recorded, self._starts_recorded = self._starts_recorded, anyio.Event()
+            recorded.set()
+
     @property
-    def out_of_sync(self) -> bool:
-        """Whether Redis lacks acknowledgements or starts this subscription knows of."""
-        return bool(self._to_ack) or self._started_in_redis != self._started
+    def acks_due(self) -> bool:
+        """Whether finished entries wait to be acknowledged."""
+        return bool(self._to_ack)
 
     def _finished(self, entries: Sequence[RawEntry]) -> None:
         for entry in entries:
@@ -600,23 +621,19 @@ class _Subscription:
             await self.deliver("acknowledging", self.flush_acks)
 
     async def flush_acks(self, dispatch: bool = True) -> None:
-        """Acknowledge what finished and record what started; dispatch handed entries.
+        """Acknowledge what finished; dispatch the entries handed to us meanwhile.
 
         Call with the delivery lock held (`deliver` does).
         """
-        if not dispatch and not self.out_of_sync:
+        if not self._to_ack and not dispatch:
             return
         batch, self._to_ack = self._to_ack, []
-        started = frozenset(self._started.difference(entry.log_id for entry in batch))
         room = max(1, self._capacity() - self._buffered()) if dispatch else 0
         try:
-            _, handed = await self.consumer.ack(batch, room, started)
+            _, handed = await self.consumer.ack(batch, room)
         except BaseException:
             self._to_ack[:0] = batch
             raise
-        self._started_in_redis = started
-        recorded, self._starts_recorded = self._starts_recorded, anyio.Event()
-        recorded.set()
         self._finished(batch)
         self._dispatch(handed)
 

@@ -319,7 +319,7 @@ async def test_poison_entry_redelivered_too_often_goes_to_dead_letters(
     await crashy.ensure_group()
     [entry] = (await crashy.read(1)).entries
     for n in range(FAST.max_deliveries - 1):  # each crash after a start is one more delivery
-        await crashy.ack([], started=[entry.log_id])
+        await crashy.record_started([entry.log_id])
         await anyio.sleep(0.005)
         crashy = GroupConsumer(
             redis, store.keyspace, 0, Recorder.name, f"crashy{n}", claim_timeout_ms=1
@@ -327,7 +327,7 @@ async def test_poison_entry_redelivered_too_often_goes_to_dead_letters(
         entries, dead = await crashy.take_over_dead()
         assert len(entries) == 1
         assert entries[0].deliveries == n + 2
-    await crashy.ack([], started=[entry.log_id])
+    await crashy.record_started([entry.log_id])
 
     class QuickRecorder(Recorder):
         claim_timeout = 0.05
@@ -687,7 +687,8 @@ async def test_a_take_over_blames_only_the_entries_a_handler_started(
     held = (await crashed.read(100)).entries
     assert len(held) == 10
     first, second = held[0], held[1]
-    await crashed.ack([first], started=[second.log_id])  # one done, one running, 8 held
+    await crashed.record_started([first.log_id, second.log_id])
+    await crashed.ack([first])  # one done, one running, 8 held
     await anyio.sleep(0.005)
     heir = GroupConsumer(redis, store.keyspace, 0, "grp", "heir", claim_timeout_ms=1)
     taken, dead = await heir.take_over_dead()

@@ -13,7 +13,7 @@
 
   Delivery counts feed the dead-letter decision, so they count crashes fairly:
   only an entry some handler had started (its id is in the dead consumer's
-  "running:<consumer>" field, kept by ack_batch.lua) gets one more delivery,
+  "running:<consumer>" field, see GroupConsumer.record_started) gets one more delivery,
   and none does if the consumer said it left (alive = 0, a graceful stop).
   Entries it merely held (read ahead, handed to it, taken over by it) never
   count, whatever happened to it.
