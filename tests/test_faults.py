@@ -88,9 +88,9 @@ async def test_kill_loop(
         if kill in (3, 7):
             schedulers[0].kill()
             schedulers[0].start()
-    drain_burst = 4000
+    drain_burst = 8000
     backlog = sum(workload.pings.values()) - await workload.handled() + drain_burst
-    drain_rate = backlog / await drain_seconds(workload, [f"drain-{n}" for n in range(200)], 20)
+    drain_rate = backlog / await drain_seconds(workload, [f"drain-{n}" for n in range(200)], 40)
     await wait_for(workload.all_rang, 60, "every alarm to ring", lambda: outputs(processes))
     await wait_for(lambda: workload.settled(redis), 30, "every group to settle")
     late = await workload.lateness_ms()
@@ -102,7 +102,7 @@ async def test_kill_loop(
     await workload.check_invariants(redis)
     assert all(w.alive for w in workers), outputs(workers)
     assert percentile(late, 0.99) <= CLAIM_TIMEOUT_MS + 2000
-    # The target is 0.8 (measured: 0.6-1.9); the floor leaves room for a loaded
+    # The target is 0.8 (measured: 0.79-0.99); the floor leaves room for a loaded
     # 2-core CI machine and still fails the take-over that piled a dead
     # worker's backlog on one worker (0.09-0.38).
     assert drain_rate >= 0.5 * base_rate
