@@ -105,7 +105,7 @@ async def test_kill_loop(
     # The target is 0.8 (measured: 0.79-0.99); the floor leaves room for a loaded
     # 2-core CI machine and still fails the take-over that piled a dead
     # worker's backlog on one worker (0.09-0.38).
-    assert drain_rate >= 0.5 * base_rate
+    assert drain_rate >= 0.6 * base_rate
     await redis.aclose()
 
 
