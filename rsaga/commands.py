@@ -56,6 +56,9 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     """
 
     _stream_field_cache: ClassVar[dict[type, tuple[tuple[str, bool], ...]]] = {}
+    emits: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
+    """Event types `handle` may write. A process that issues the command registers them,
+    so a worker can execute it whatever handlers it runs."""
 
     def read_streams(self) -> list[str]:
         """The streams this command reads: the values of its `StreamId` fields."""
@@ -73,6 +76,10 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
             else:
                 streams.append(value)
         return streams
+
+    def metric_label(self) -> str:
+        """The command's label in metrics: its class name."""
+        return type(self).__name__
 
     def initial_state(self) -> S:
         """The state before any event has been applied."""

@@ -323,7 +323,6 @@ OTHER_VARIABLES: dict[str, str] = {
     "RSAGA_TEST_REDIS_URL": "the test kit: the Redis of real-Redis tests",
     "RSAGA_UPDATE_SCREENSHOTS": "the test suite: refresh the console screenshots in docs/",
     "RSAGA_SERVICE_LATENCY_MS": "the example application: simulated service latency",
-    "RSAGA_TRAVEL_STEP_TIMEOUT": "the example application: travel saga step timeout",
 }
 """``RSAGA_*`` variables that are not settings but are read by someone (never an error)."""
 

@@ -169,7 +169,8 @@ async def _reachable(redis: Redis, where: str, wait: float) -> ServerInfo:
             await redis.ping()
             return await server_info(redis)
         except RedisAuthenticationError as exc:
-            raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from None
+            # The cause tells the CLI this is a configuration problem (exit 2), not an outage.
+            raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from exc
         except Exception as exc:
             if not redis_down(exc):
                 raise

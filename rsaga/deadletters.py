@@ -2,8 +2,9 @@
 
 Each shard has one dead-letter stream. A dead letter records the handler, the
 error (type, message, short traceback), the attempts, the original log entry id
-and the original event bytes, so `replay` can put it back on the shard log for
-that handler alone.
+and the original entry's fields: an event's bytes, or a due timeout's payload.
+`replay` puts it back where it came from (the shard log, or the due stream, so
+the timeout fires into its process again) for that group alone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 
 from rsaga.errors import ValidationError
 from rsaga.keyspace import Keyspace
+from rsaga.processes import decode_timeout
 from rsaga.scripts import script
 
 
@@ -34,6 +36,17 @@ class DeadLetter(msgspec.Struct, frozen=True):
     attempts: int
     deliveries: int
     failed_at: datetime
+    timeout: str = ""
+    """For a dead-lettered timeout: its name (`stream_id` is its process's stream)."""
+
+
+class ReplayReport(msgspec.Struct, frozen=True):
+    """What `replay_all` did: the letters replayed, and each one it could not replay."""
+
+    replayed: list[str]
+    """Ids of the dead letters replayed (and removed)."""
+    failed: dict[str, str]
+    """Dead-letter id -> why it could not be replayed (it stays a dead letter)."""
 
 
 def _text(fields: dict[bytes, bytes], name: bytes, default: str = "") -> str:
@@ -55,7 +68,17 @@ def _dead_letter(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> Dea
         attempts=int(_text(fields, b"attempts", "0") or 0),
         deliveries=int(_text(fields, b"deliveries", "0") or 0),
         failed_at=datetime.fromtimestamp(int(_text(fields, b"failed_at_ms", "0")) / 1000, UTC),
+        timeout=_timeout_name(fields.get(b"p")),
     )
+
+
+def _timeout_name(payload: bytes | None) -> str:
+    if payload is None:
+        return ""
+    try:
+        return decode_timeout(payload).name
+    except msgspec.DecodeError:
+        return "(undecodable timeout)"
 
 
 class DeadLetters:
@@ -93,31 +116,41 @@ class DeadLetters:
         return found
 
     async def replay(self, dead_letter_id: str, *, shard: int = 0) -> str | None:
-        """Put one dead letter back on the log for its handler; the new log id, or None."""
+        """Put one dead letter back for its group: an event on the shard log, a timeout on
+        the due stream. Returns the new entry id, or None if there is no such letter.
+
+        A letter that only reports a failed process has nothing to replay:
+        `ValidationError`.
+        """
         self._shards(shard)
+        ks = self.keyspace
         new_id: bytes = await script("replay_dead_letter")(
             self.redis,
-            [self.keyspace.dead_letters(shard), self.keyspace.log(shard)],
+            [ks.dead_letters(shard), ks.log(shard), ks.due_timeouts(shard)],
             [dead_letter_id],
         )
         if new_id == b"-":
             raise ValidationError(
                 f"dead letter {dead_letter_id} reports a failed process; there is no event "
-                "to replay (inspect the process, then drop the dead letter)"
+                "or timeout to replay (inspect the process, then drop the dead letter)"
             )
         return new_id.decode() or None
 
-    async def replay_all(self, *, shard: int | None = None) -> int:
-        """Replay every dead letter; returns how many were replayed."""
-        replayed = 0
+    async def replay_all(self, *, shard: int | None = None) -> ReplayReport:
+        """Replay every dead letter, going on past any that cannot be replayed."""
+        replayed: list[str] = []
+        failed: dict[str, str] = {}
         for n in self._shards(shard):
             after = "-"
             while letters := await self.list(shard=n, after=after, limit=500):
                 for letter in letters:
                     after = letter.id
-                    if letter.log_id:
-                        replayed += await self.replay(letter.id, shard=n) is not None
-        return replayed
+                    try:
+                        if await self.replay(letter.id, shard=n) is not None:
+                            replayed.append(letter.id)
+                    except ValidationError as exc:
+                        failed[letter.id] = str(exc)
+        return ReplayReport(replayed, failed)
 
     async def drop(self, dead_letter_id: str, *, shard: int = 0) -> bool:
         """Delete one dead letter; True if it existed."""

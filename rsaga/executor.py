@@ -82,7 +82,7 @@ class Executor:
         if not isinstance(command, Command):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
         correlation = correlation_id or new_id()
-        name = type(command).__name__
+        name = command.metric_label()
         started = time.perf_counter()
         attempt = 0
         while True:

@@ -99,8 +99,13 @@ class ProcessTypeHealth(msgspec.Struct):
     started: int = 0
     completed: int = 0
     failed: int = 0
+    compensated: int = 0
+    """Ended cleanly compensated (a saga that undid its steps): not a failure."""
     active: int = 0
     stuck: int = 0
+    """Active with no pending timeout and no progress for `stuck_after`, or with a
+    timeout overdue by more than `overdue_after`; a process waiting on a future
+    timeout is not stuck."""
     failure_rate: float = 0.0
     mean_duration_ms: float = 0.0
     p99_duration_ms: float = 0.0
@@ -134,18 +139,24 @@ class HealthReport(msgspec.Struct):
         return {"ok": 0, "warning": 1, "critical": 2}[self.status]
 
 
-async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthReport:
-    """Compute the health of a deployment from Redis alone (not one process's memory).
-
-    `settings` is a `HealthSettings`; `keyspace` a `Keyspace`.
-    """
-    now_ms = await _server_ms(redis)
+async def live_heartbeats(redis: Redis, keyspace: Any) -> list[Heartbeat]:
+    """The heartbeats of every live worker and scheduler under `keyspace`'s prefix."""
     beats: list[Heartbeat] = []
     async for key in redis.scan_iter(match=keyspace.heartbeat_pattern(), count=500):
         blob = await redis.get(key)
         if blob:
             with contextlib.suppress(msgspec.DecodeError):
                 beats.append(msgspec.json.decode(blob, type=Heartbeat))
+    return beats
+
+
+async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthReport:
+    """Compute the health of a deployment from Redis alone (not one process's memory).
+
+    `settings` is a `HealthSettings`; `keyspace` a `Keyspace`.
+    """
+    now_ms = await _server_ms(redis)
+    beats = await live_heartbeats(redis, keyspace)
     types: set[str] = set()
     async for key in redis.scan_iter(match=keyspace.stats_pattern(), count=500):
         types.add(key.decode().split(":stats:", 1)[1])
@@ -158,9 +169,14 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
         for process_type in ordered:
             for shard in shards:
                 active = keyspace.active_processes(shard, process_type)
+                waiting = keyspace.waiting_processes(shard, process_type)
                 pipe.hgetall(keyspace.process_stats(shard, process_type))
                 pipe.zcard(active)
+                pipe.zcard(waiting)
+                # Stuck: no pending timeout and no progress for stuck_after, or
+                # the earliest pending timeout overdue by more than overdue_after.
                 pipe.zcount(active, "-inf", stuck_before)
+                pipe.zcount(waiting, "-inf", overdue_before)
                 pipe.lrange(keyspace.process_durations(shard, process_type), 0, -1)
         for stream in streams:
             pipe.xinfo_groups(stream)
@@ -174,16 +190,17 @@ async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthRep
         figures = ProcessTypeHealth(process_type)
         durations: list[int] = []
         for _ in shards:
-            stats, active, stuck, recent = replies[at : at + 4]
-            at += 4
+            stats, active, waiting, stuck, overdue_waits, recent = replies[at : at + 6]
+            at += 6
             figures.started += int(stats.get(b"started", 0))
             figures.completed += int(stats.get(b"completed", 0))
             figures.failed += int(stats.get(b"failed", 0))
+            figures.compensated += int(stats.get(b"compensated", 0))
             figures.mean_duration_ms += int(stats.get(b"duration_ms_total", 0))
-            figures.active += int(active)
-            figures.stuck += int(stuck)
+            figures.active += int(active) + int(waiting)
+            figures.stuck += int(stuck) + int(overdue_waits)
             durations += [int(d) for d in recent]
-        finished = figures.completed + figures.failed
+        finished = figures.completed + figures.failed + figures.compensated
         figures.mean_duration_ms = figures.mean_duration_ms / finished if finished else 0.0
         figures.failure_rate = figures.failed / finished if finished else 0.0
         if durations:
@@ -241,10 +258,11 @@ def _verdict(
     for p in processes:
         if p.stuck:
             warning.append(
-                f"{p.stuck} {p.process_type} processes stuck "
-                f"(no progress for {settings.stuck_after:g}s)"
+                f"{p.stuck} {p.process_type} processes stuck (no progress for "
+                f"{settings.stuck_after:g}s and no timeout pending, or a timeout overdue by "
+                f"more than {settings.overdue_after:g}s)"
             )
-        finished = p.completed + p.failed
+        finished = p.completed + p.failed + p.compensated
         if finished >= settings.min_finished and p.failure_rate >= settings.failure_rate_warning:
             warning.append(f"{p.process_type} failure rate {p.failure_rate:.0%}")
     for g in groups:
@@ -275,13 +293,13 @@ def report_lines(report: HealthReport) -> list[str]:
         lines.append(f"  {beat.kind:<9} {beat.consumer}  pid {beat.pid} on {beat.host}")
     if report.processes:
         lines.append(
-            f"{'process type':<22}{'started':>9}{'done':>9}{'failed':>8}{'rate':>7}{'active':>8}"
-            f"{'stuck':>7}{'mean ms':>10}{'p99 ms':>10}"
+            f"{'process type':<22}{'started':>9}{'done':>9}{'failed':>8}{'comp.':>8}{'rate':>7}"
+            f"{'active':>8}{'stuck':>7}{'mean ms':>10}{'p99 ms':>10}"
         )
         for p in report.processes:
             lines.append(
                 f"{p.process_type:<22}{p.started:>9}{p.completed:>9}{p.failed:>8}"
-                f"{p.failure_rate:>7.0%}{p.active:>8}{p.stuck:>7}{p.mean_duration_ms:>10.0f}"
+                f"{p.compensated:>8}{p.failure_rate:>7.0%}{p.active:>8}{p.stuck:>7}{p.mean_duration_ms:>10.0f}"
                 f"{p.p99_duration_ms:>10.0f}"
             )
     if report.groups:

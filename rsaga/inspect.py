@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from rsaga.errors import EventDecodeError, UnknownEventType
 from rsaga.keyspace import Keyspace, validate_stream_id
 from rsaga.processes import (
+    ProcessCompensated,
     ProcessCompleted,
     ProcessFailed,
     ProcessStarted,
@@ -22,7 +23,7 @@ from rsaga.processes import (
 )
 from rsaga.store import EventStore
 
-STATES = ("active", "stuck", "failed", "completed")
+STATES = ("active", "stuck", "failed", "compensated", "completed")
 
 
 def _time(ms: float) -> datetime:
@@ -36,7 +37,8 @@ class ProcessRow(msgspec.Struct):
     process_type: str
     state: str
     at: datetime
-    """Last progress (active, stuck) or end (completed, failed)."""
+    """Last progress (active, stuck), next due timeout (waiting, stuck while overdue), or
+    end (completed, failed, compensated)."""
 
 
 class EventRow(msgspec.Struct):
@@ -93,26 +95,42 @@ async def list_processes(
     state: str = "active",
     limit: int = 50,
     stuck_after: float = 3600.0,
+    overdue_after: float = 60.0,
 ) -> list[ProcessRow]:
-    """Up to `limit` processes per shard in `state`; most recent first (stuck: oldest)."""
+    """Up to `limit` processes per shard in `state`; most recent first (stuck: oldest).
+
+    Active processes waiting on a timeout are listed as "waiting", `at` their
+    next due time. Stuck: no pending timeout and no progress for `stuck_after`
+    seconds, or the next timeout overdue by more than `overdue_after` seconds.
+    """
     now: Any = await redis.time()
     seconds, micros = now
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     rows: list[ProcessRow] = []
     for process_type in types:
         for shard in range(keyspace.shards):
-            if state in ("completed", "failed"):
-                key = keyspace.finished_processes(shard, process_type, state)
-                found: Any = await redis.zrevrange(key, 0, limit - 1, withscores=True)
+            active = keyspace.active_processes(shard, process_type)
+            waiting = keyspace.waiting_processes(shard, process_type)
+            # (sorted set, state shown, newest first, or oldest before this score)
+            sources: list[tuple[str, str, float | None]]
+            if state in ("completed", "failed", "compensated"):
+                sources = [(keyspace.finished_processes(shard, process_type, state), state, None)]
             elif state == "stuck":
-                key = keyspace.active_processes(shard, process_type)
-                found = await redis.zrangebyscore(
-                    key, "-inf", now_ms - stuck_after * 1000, start=0, num=limit, withscores=True
-                )
+                sources = [
+                    (active, state, now_ms - stuck_after * 1000),
+                    (waiting, state, now_ms - overdue_after * 1000),
+                ]
             else:
-                key = keyspace.active_processes(shard, process_type)
-                found = await redis.zrevrange(key, 0, limit - 1, withscores=True)
-            rows += [ProcessRow(m.decode(), process_type, state, _time(s)) for m, s in found]
+                sources = [(active, "active", None), (waiting, "waiting", None)]
+            for key, shown, before in sources:
+                found: Any
+                if before is None:
+                    found = await redis.zrevrange(key, 0, limit - 1, withscores=True)
+                else:
+                    found = await redis.zrangebyscore(
+                        key, "-inf", before, start=0, num=limit, withscores=True
+                    )
+                rows += [ProcessRow(m.decode(), process_type, shown, _time(s)) for m, s in found]
     return rows[:limit]
 
 
@@ -155,6 +173,8 @@ async def show_process(store: EventStore, stream_id: str) -> ProcessView | None:
                 status = "completed"
             case ProcessFailed():
                 status = "failed"
+            case ProcessCompensated():
+                status = "compensated"
             case TimeoutScheduled(name=name, due_ms=due, attempt=attempt):
                 pending[name] = PendingTimeout(name, _time(due), attempt)
             case TimeoutCancelled(name=name) | TimeoutFired(name=name):

@@ -118,11 +118,16 @@ class Keyspace:
         return f"{self._tag(shard)}:due"
 
     def active_processes(self, shard: int, process_type: str) -> str:
-        """Sorted set: process stream id -> last progress (server ms), while active."""
+        """Sorted set: process stream id -> last progress (server ms), while active with no
+        pending timeout (one with a timeout is in `waiting_processes`)."""
         return f"{self._tag(shard)}:active:{process_type}"
 
+    def waiting_processes(self, shard: int, process_type: str) -> str:
+        """Sorted set: active process stream id -> due time of its earliest pending timeout."""
+        return f"{self._tag(shard)}:waiting:{process_type}"
+
     def process_stats(self, shard: int, process_type: str) -> str:
-        """Hash: started, completed, failed, duration_ms_total of a process type."""
+        """Hash: started, completed, failed, compensated, duration_ms_total of a process type."""
         return f"{self._tag(shard)}:stats:{process_type}"
 
     def process_durations(self, shard: int, process_type: str) -> str:
@@ -130,7 +135,7 @@ class Keyspace:
         return f"{self._tag(shard)}:durations:{process_type}"
 
     def finished_processes(self, shard: int, process_type: str, outcome: str) -> str:
-        """Sorted set: the last 10000 completed (or failed) processes by end time."""
+        """Sorted set: the last 10000 completed (failed, compensated) processes by end time."""
         return f"{self._tag(shard)}:{outcome}:{process_type}"
 
     def process_index(self, shard: int, process_type: str) -> list[str]:
@@ -141,6 +146,8 @@ class Keyspace:
             self.process_durations(shard, process_type),
             self.finished_processes(shard, process_type, "completed"),
             self.finished_processes(shard, process_type, "failed"),
+            self.finished_processes(shard, process_type, "compensated"),
+            self.waiting_processes(shard, process_type),
         ]
 
     def stats_pattern(self) -> str:

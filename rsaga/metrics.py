@@ -83,6 +83,16 @@ class PrometheusObserver(Observer):
         self.failed = Counter(
             "rsaga_processes_failed", "Processes failed.", ["process_type"], registry=r
         )
+        self.compensated = Counter(
+            "rsaga_processes_compensated",
+            "Processes that ended compensated (undid their steps cleanly; not failed).",
+            ["process_type"], registry=r,
+        )
+        self.runaway = Counter(
+            "rsaga_processes_runaway",
+            "Processes failed for stepping without outside input (a timeout loop).",
+            ["process_type"], registry=r,
+        )
         self.duration = Histogram(
             "rsaga_process_duration_seconds", "Start to completion or failure.",
             ["process_type"], buckets=_PROCESS_DURATIONS, registry=r,
@@ -182,11 +192,16 @@ class PrometheusObserver(Observer):
             self._child(self.handler_duration, group).observe(seconds)
 
     def process_transition(self, process_type: str, transition: str, duration_ms: int) -> None:
-        """Count starts, completions and failures; time the finished ones."""
+        """Count starts, completions, failures and compensations; time the finished ones."""
         if transition == "start":
             self._child(self.started, process_type).inc()
             return
-        counter = self.completed if transition == "complete" else self.failed
+        if transition == "runaway":  # reported with its "fail", which counts it as failed
+            self._child(self.runaway, process_type).inc()
+            return
+        counter = {"complete": self.completed, "compensate": self.compensated}.get(
+            transition, self.failed
+        )
         self._child(counter, process_type).inc()
         self._child(self.duration, process_type).observe(duration_ms / 1000)
 
@@ -224,6 +239,7 @@ class PrometheusObserver(Observer):
             for process_type in types:
                 for shard in range(keyspace.shards):
                     pipe.zcard(keyspace.active_processes(shard, process_type))
+                    pipe.zcard(keyspace.waiting_processes(shard, process_type))
             for stream in streams:
                 pipe.xinfo_groups(stream)
             if scheduler:
@@ -239,8 +255,8 @@ class PrometheusObserver(Observer):
         self._refreshed_at = time.monotonic()
         at = 0
         for process_type in types:
-            counts = replies[at : at + keyspace.shards]
-            at += keyspace.shards
+            counts = replies[at : at + 2 * keyspace.shards]
+            at += 2 * keyspace.shards
             self._child(self.active, process_type).set(
                 sum(int(c) for c in counts if not isinstance(c, Exception))
             )

@@ -20,7 +20,9 @@ class Observer:
         """A handler finished an entry: "handled", "skipped", "retried" or "dead_lettered"."""
 
     def process_transition(self, process_type: str, transition: str, duration_ms: int) -> None:
-        """A process step committed a lifecycle transition ("start", "complete", "fail")."""
+        """A process step committed a lifecycle transition: "start", "complete", "fail",
+        or "compensate" (ended compensated); "runaway" follows the "fail" of a process
+        stopped for stepping without outside input."""
 
     def timeout_event(self, process_type: str, kind: str, lateness_ms: float = 0.0) -> None:
         """A timeout was "scheduled", "fired" (with its lateness) or "discarded"."""

@@ -26,16 +26,25 @@ delivery, whatever order triggers arrive in.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NoReturn, TypeVar
 
 import msgspec
 
 from rsaga.clock import Clock, SystemClock
 from rsaga.commands import Command, StreamId, WritePlan, Writes
-from rsaga.errors import DomainError, RsagaError, ValidationError
+from rsaga.errors import (
+    DomainError,
+    InvalidStreamId,
+    RsagaError,
+    UnknownEventType,
+    ValidationError,
+)
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
+from rsaga.health import redis_down
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
@@ -46,6 +55,9 @@ S = TypeVar("S")
 DEADLINE = "rsaga.deadline"
 """Name of the timeout that enforces a process's `deadline`."""
 
+RUNAWAY = "runaway: "
+"""Start of the failure reason of a process stopped for stepping without outside input."""
+
 
 class UnknownProcessType(RsagaError):
     """A timeout or command names a process type no installed manager has."""
@@ -53,6 +65,16 @@ class UnknownProcessType(RsagaError):
 
 class IncompatibleDefinition(RsagaError):
     """A running process was started by a definition version this one cannot continue."""
+
+
+class DefinitionError(RsagaError):
+    """A process definition failed in a way no retry can fix.
+
+    `decide` returned an invalid decision or raised a `DomainError`, or
+    `correlate` returned something that is not a process id. Nothing of the
+    step is written; the trigger goes to dead letters at once, with this
+    message, for replay once the definition is fixed.
+    """
 
 
 # --- events the framework writes on a process stream -------------------------------
@@ -103,6 +125,8 @@ class CommandsIssued(msgspec.Struct, frozen=True, tag="rsaga.CommandsIssued"):
     """Commands the step decided; they are executed after the commit, once each."""
 
     commands: list[IssuedCommand]
+    confirm: bool = False
+    """Each command's success is a `SucceededTrigger` of its own (`Decision.confirm`)."""
 
 
 class CommandRejected(msgspec.Struct, frozen=True, tag="rsaga.CommandRejected"):
@@ -133,7 +157,39 @@ class ProcessFailed(msgspec.Struct, frozen=True, tag="rsaga.ProcessFailed"):
     duration_ms: int = 0
 
 
+class ProcessCompensated(msgspec.Struct, frozen=True, tag="rsaga.ProcessCompensated"):
+    """The process did not reach its goal and undid what it had done, cleanly."""
+
+    reason: str
+    duration_ms: int = 0
+
+
+class ProcessTerminated(msgspec.Struct, frozen=True, tag="rsaga.ProcessTerminated"):
+    """An operator ended the process (with `compensate`, a saga undoes its steps first)."""
+
+    reason: str
+    by: str
+    compensate: bool = False
+
+
+class ProcessSignalled(msgspec.Struct, frozen=True, tag="rsaga.ProcessSignalled"):
+    """An operator delivered `data` to the process (`decide` saw it as an `AdvanceTrigger`)."""
+
+    data: Any
+    by: str
+
+
+class ProcessRetried(msgspec.Struct, frozen=True, tag="rsaga.ProcessRetried"):
+    """An operator re-ran the process's current step: `what` was fired or re-delivered."""
+
+    what: str
+    by: str
+
+
 FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
+    ProcessTerminated,
+    ProcessSignalled,
+    ProcessRetried,
     ProcessStarted,
     TimeoutScheduled,
     TimeoutCancelled,
@@ -143,6 +199,7 @@ FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
     RetryScheduled,
     ProcessCompleted,
     ProcessFailed,
+    ProcessCompensated,
 )
 
 
@@ -177,13 +234,53 @@ class AdvanceTrigger(msgspec.Struct, frozen=True):
 
 
 class RejectedTrigger(msgspec.Struct, frozen=True):
-    """A command this process issued was refused with a domain error."""
+    """A command this process issued was refused with a domain error.
+
+    With `Decision.confirm`, also a command that kept failing with another
+    error until the process type's `handler_retry` was spent.
+    """
 
     command: Command[Any]
     reason: str
 
 
-Trigger = EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | RejectedTrigger
+class SucceededTrigger(msgspec.Struct, frozen=True):
+    """A command this process issued with `Decision.confirm` succeeded."""
+
+    command: Command[Any]
+
+
+Trigger = (
+    EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | RejectedTrigger
+    | SucceededTrigger
+)
+
+
+class OperatorAction(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's action on one process (see `rsaga.operator`); `decide` never sees it,
+    only what it stands for (an `AdvanceTrigger` for a signal, a `TimeoutTrigger` for a retry)."""
+
+    action: Literal["terminate", "signal", "retry"]
+    by: str
+    reason: str = ""
+    compensate: bool = False
+    data: Any = None
+    timeout: str | None = None
+    """retry: the pending timeout to fire now (None: the next one due, the deadline aside)."""
+    dead_letter: str = ""
+    """retry: the dead-lettered trigger about to be re-delivered (recorded only)."""
+
+
+class ProcessNotFound(ValidationError):
+    """An operator action named a stream that holds no process."""
+
+
+class ProcessFinished(ValidationError):
+    """An operator action on a process that already ended."""
+
+
+class NothingToRetry(ValidationError):
+    """`retry` of a process with no pending timeout and no dead-lettered trigger."""
 
 
 # --- decisions --------------------------------------------------------------------------
@@ -221,16 +318,123 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """Finish the process unsuccessfully with this reason."""
     escalate: bool = False
     """With `fail`: also record the failure in dead letters, for an operator to act on."""
+    compensated: str | None = None
+    """Finish the process as compensated with this reason: it did not reach its goal and
+    undid what it had done (a saga whose compensations all succeeded)."""
+    confirm: bool = False
+    """Tell the process when each of `commands` succeeds: a `SucceededTrigger` step follows
+    it (a synchronous saga step is done when its command succeeds)."""
 
     def is_empty(self) -> bool:
         """True if the decision does nothing."""
         return not (
             self.events or self.commands or self.schedule or self.cancel or self.retry
-            or self.complete or self.fail
+            or self.complete or self.fail or self.compensated
         )
 
 
-Status = Literal["new", "active", "completed", "failed"]
+MAX_TIMEOUT_SECONDS = 10 * 366 * 86400.0
+"""The longest `Timeout.after` accepted: ten years."""
+MAX_DUE_MS = 253402300799999
+"""The latest `Timeout.at_ms` accepted: the end of the year 9999."""
+# A timeout name becomes part of a timeout id, "<stream id>|<name>": stream id
+# characters without the separator.
+_TIMEOUT_NAME = re.compile(r"[A-Za-z0-9._:@/+=~!$%&()<>,;^#-]{1,100}")
+
+
+def _refuse(where: str, field: str, problem: str) -> NoReturn:
+    raise DefinitionError(f"{where}: {field} {problem}")
+
+
+def _check_name(where: str, field: str, name: object) -> str:
+    if not isinstance(name, str) or _TIMEOUT_NAME.fullmatch(name) is None:
+        _refuse(
+            where, field,
+            f"must be a timeout name of 1-100 stream-id characters without '|', got {name!r}",
+        )
+    return name
+
+
+def _check_list(where: str, field: str, value: object) -> Sequence[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        _refuse(where, field, f"must be a list or tuple, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_timeout(where: str, field: str, timeout: object) -> Timeout:
+    if not isinstance(timeout, Timeout):
+        _refuse(where, field, f"must be a Timeout, got {type(timeout).__name__}")
+    _check_name(where, f"{field}.name", timeout.name)
+    after = timeout.after
+    if isinstance(after, bool) or not isinstance(after, (int, float)):
+        _refuse(where, f"{field}.after", f"must be a number of seconds, got {after!r}")
+    if math.isnan(after) or after == -math.inf or after > MAX_TIMEOUT_SECONDS:
+        _refuse(where, f"{field}.after", f"must be at most {MAX_TIMEOUT_SECONDS:g}s, got {after!r}")
+    attempt = timeout.attempt
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        _refuse(where, f"{field}.attempt", f"must be an int >= 1, got {attempt!r}")
+    at_ms = timeout.at_ms
+    if at_ms is not None and (
+        isinstance(at_ms, bool) or not isinstance(at_ms, int) or not 0 <= at_ms <= MAX_DUE_MS
+    ):
+        _refuse(where, f"{field}.at_ms", f"must be None or an int of ms since the epoch, "
+                f"got {at_ms!r}")
+    return timeout
+
+
+def check_decision(
+    decision: object, where: str, events: EventRegistry, commands: CommandRegistry
+) -> Decision:
+    """Return `decision` if every part of it can be written and read back, else raise.
+
+    `where` names the process ("process <type> <id>") in the `DefinitionError`,
+    which also names the field. A schedule and a cancel of the same name are
+    allowed: the cancel applies first, so the new timeout replaces the pending one.
+    """
+    if not isinstance(decision, Decision):
+        _refuse(where, "decide()", f"returned {type(decision).__name__}, not a Decision")
+    for i, event in enumerate(_check_list(where, "Decision.events", decision.events)):
+        if not isinstance(event, msgspec.Struct) or type(event) not in events:
+            _refuse(where, f"Decision.events[{i}]", f"is a {type(event).__qualname__}, not a "
+                    "registered event type (list it in the process's `state_events`)")
+        if isinstance(event, FRAMEWORK_EVENTS):
+            _refuse(where, f"Decision.events[{i}]", f"is the framework's {type(event).__name__}; "
+                    "use Decision.complete, fail, schedule or cancel instead")
+    for i, command in enumerate(_check_list(where, "Decision.commands", decision.commands)):
+        if not isinstance(command, Command) or not commands.knows(command):
+            _refuse(where, f"Decision.commands[{i}]", f"is a {type(command).__qualname__}, not a "
+                    "command type of the process (list it in the process's `commands`)")
+    names: set[str] = set()
+    for i, timeout in enumerate(_check_list(where, "Decision.schedule", decision.schedule)):
+        name = _check_timeout(where, f"Decision.schedule[{i}]", timeout).name
+        if name in names:
+            _refuse(where, f"Decision.schedule[{i}].name", f"{name!r} is scheduled twice")
+        names.add(name)
+    for i, name in enumerate(_check_list(where, "Decision.cancel", decision.cancel)):
+        _check_name(where, f"Decision.cancel[{i}]", name)
+    if decision.retry is not None:
+        _check_name(where, "Decision.retry", decision.retry)
+        if decision.retry in names:
+            _refuse(where, "Decision.retry", f"{decision.retry!r} is also in Decision.schedule")
+    for flag in ("complete", "escalate", "confirm"):
+        if not isinstance(getattr(decision, flag), bool):
+            _refuse(where, f"Decision.{flag}", f"must be a bool, got {getattr(decision, flag)!r}")
+    for reason in ("fail", "compensated"):
+        value = getattr(decision, reason)
+        if value is not None and (not isinstance(value, str) or not value):
+            _refuse(where, f"Decision.{reason}", f"must be None or a reason (a non-empty str), "
+                    f"got {value!r}")
+    if decision.escalate and decision.fail is None:
+        _refuse(where, "Decision.escalate", "needs Decision.fail (the failure to escalate)")
+    ends = [e for e in ("complete", "fail", "compensated") if getattr(decision, e) not in
+            (None, False)]
+    if len(ends) > 1:
+        _refuse(where, f"Decision.{ends[0]}", f"and Decision.{ends[1]} cannot both end the "
+                "process")
+    return decision
+
+
+Status = Literal["new", "active", "completed", "failed", "compensated"]
 
 
 class ProcessInfo(msgspec.Struct):
@@ -245,14 +449,23 @@ class ProcessInfo(msgspec.Struct):
     """The deciding worker's clock: due times of new timeouts count from it."""
     pending: dict[str, str] = msgspec.field(default_factory=dict)
     """Pending timeouts: name -> token."""
+    due: dict[str, int] = msgspec.field(default_factory=dict)
+    """Pending timeouts: name -> due time (ms since the epoch)."""
+    attempts: dict[str, int] = msgspec.field(default_factory=dict)
+    """Pending timeouts: name -> attempt."""
     retries: dict[str, int] = msgspec.field(default_factory=dict)
     """Retries scheduled so far, per step."""
     definition_version: int = 1
+    unprompted_ms: list[int] = msgspec.field(default_factory=list)
+    """When the recent steps since the last outside trigger ran (timeouts, command
+    outcomes), oldest first; at most `max_unprompted_steps` are kept."""
+    last_step: str | None = None
+    """Idempotency key of the latest step."""
 
     @property
     def finished(self) -> bool:
-        """Completed or failed."""
-        return self.status in ("completed", "failed")
+        """Completed, failed or compensated."""
+        return self.status in ("completed", "failed", "compensated")
 
 
 # --- the process manager API -------------------------------------------------------------
@@ -274,7 +487,8 @@ class ProcessManager(Generic[S]):
     commands: ClassVar[tuple[type[Command[Any]], ...]] = ()
     """Command types the process issues (their names are stored)."""
     decodes: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
-    """Further event types the commands it issues read."""
+    """Further event types the commands it issues read from their streams, other than
+    `events`, `state_events` and what the commands declare in `Command.emits`."""
     retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=1.0, cap=300.0, max_retries=5)
     """Delays of `Decision.retry`; once spent, the process fails."""
     deadline: ClassVar[float | None] = None
@@ -292,6 +506,12 @@ class ProcessManager(Generic[S]):
     """Retries of a step that raised unexpectedly, before it goes to dead letters."""
     claim_timeout: ClassVar[float] = 30.0
     """Seconds a silent worker keeps its triggers before others take over."""
+    max_unprompted_steps: ClassVar[int] = 100
+    """A process that takes more steps than this within `unprompted_window` seconds with
+    no outside trigger (an event, a start, an advance) in between fails as a runaway: a
+    timeout that reschedules itself at 0 s would otherwise loop for ever."""
+    unprompted_window: ClassVar[float] = 10.0
+    """See `max_unprompted_steps`."""
 
     def correlate(self, event: RecordedEvent) -> str | None:
         """The process instance id `event` belongs to, or None to ignore it."""
@@ -309,6 +529,11 @@ class ProcessManager(Generic[S]):
         """What to do about `trigger`; a finished process is never asked."""
         raise NotImplementedError
 
+    def compensate(self, state: S, process: ProcessInfo, reason: str) -> Decision | None:
+        """What to do when an operator terminates the process with compensation (`reason`
+        says who and why); None: this type has nothing to compensate (the default; sagas do)."""
+        return None
+
     def report(self, event: msgspec.Struct, observer: Observer) -> None:
         """Tell `observer` about one of this process's own new events (none by default)."""
 
@@ -325,6 +550,11 @@ class ProcessManager(Generic[S]):
         check_name(cls)
         if cls.deadline is not None and cls.deadline <= 0:
             raise ValidationError(f"process {cls.name}: deadline must be > 0")
+        steps, window = cls.max_unprompted_steps, cls.unprompted_window
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValidationError(f"process {cls.name}: max_unprompted_steps must be an int >= 1")
+        if not isinstance(window, (int, float)) or not window > 0:
+            raise ValidationError(f"process {cls.name}: unprompted_window must be > 0")
 
 
 class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
@@ -336,6 +566,8 @@ class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
     token: str
     attempt: int
     due_ms: int
+    correlation_id: str | None = None
+    """Of the step that scheduled it: the step it triggers continues the correlation."""
 
 
 _payload_encoder = msgspec.msgpack.Encoder()
@@ -369,6 +601,10 @@ class CommandRegistry:
             if known is not None and known is not cls:
                 raise ValidationError(f"command name {name!r} is taken by {known.__qualname__}")
             self._by_name[name] = cls
+
+    def knows(self, command: Command[Any]) -> bool:
+        """Whether `command`'s type is the registered one of its name."""
+        return self._by_name.get(str(type(command).__struct_config__.tag)) is type(command)
 
     def encode(self, command: Command[Any]) -> IssuedCommand:
         """The stored form of `command`; its type must be registered."""
@@ -411,6 +647,12 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     trigger: Any
     now_ms: int
     commands: Any
+    events: Any
+    correlation_id: str
+
+    def metric_label(self) -> str:
+        """Steps are counted per process type."""
+        return str(self.manager.name)
 
     def initial_state(self) -> _Loaded:
         manager: ProcessManager[Any] = self.manager
@@ -419,23 +661,41 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
 
     def apply(self, state: _Loaded, event: RecordedEvent) -> _Loaded:
         info = state.info
+        if event.command_id != info.last_step:
+            info.last_step = event.command_id
+            if _unprompted(event.command_id):
+                recent = info.unprompted_ms
+                recent.append(int(event.occurred_at.timestamp() * 1000))
+                if len(recent) > self.manager.max_unprompted_steps:
+                    del recent[0]
+            else:
+                info.unprompted_ms.clear()
         match event.data:
             case ProcessStarted(definition_version=version):
                 info.status = "active"
                 info.started_at_ms = int(event.occurred_at.timestamp() * 1000)
                 info.definition_version = version
-            case TimeoutScheduled(name=name, token=token):
+            case TimeoutScheduled(name=name, token=token, due_ms=due_ms, attempt=attempt):
                 info.pending[name] = token
+                info.due[name] = due_ms
+                info.attempts[name] = attempt
             case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
                 if info.pending.get(name) == token:
                     del info.pending[name]
+                    info.due.pop(name, None)
+                    info.attempts.pop(name, None)
             case RetryScheduled(step=step, attempt=attempt):
                 info.retries[step] = attempt
             case ProcessCompleted():
                 info.status = "completed"
             case ProcessFailed():
                 info.status = "failed"
-            case CommandsIssued() | CommandRejected():
+            case ProcessCompensated():
+                info.status = "compensated"
+            case (
+                CommandsIssued() | CommandRejected() | ProcessTerminated() | ProcessSignalled()
+                | ProcessRetried()
+            ):
                 pass
             case _:
                 state.state = self.manager.apply(state.state, event)
@@ -444,6 +704,8 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     def handle(self, state: _Loaded) -> Writes | WritePlan:
         info, trigger = state.info, self.trigger
         manager: ProcessManager[Any] = self.manager
+        if isinstance(trigger, OperatorAction):
+            return self._operate(state, trigger)
         if info.finished:
             return {}
         if info.status != "new" and info.definition_version < manager.compatible_since:
@@ -454,7 +716,7 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
             )
         if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
             return {}
-        plan = _Plan(manager, info, self.now_ms, self.commands)
+        plan = _Plan(manager, info, self.now_ms, self.commands, self.correlation_id)
         if isinstance(trigger, TimeoutTrigger):
             plan.fired(trigger)
         if isinstance(trigger, RejectedTrigger):
@@ -462,20 +724,105 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
             plan.events.append(CommandRejected(name, trigger.reason))
         if isinstance(trigger, TimeoutTrigger) and trigger.name == DEADLINE:
             decision = Decision(fail=f"deadline of {manager.deadline:g}s passed")
+        elif (runaway := self._runaway(info)) is not None:
+            decision = Decision(fail=runaway)
         else:
-            decision = manager.decide(state.state, trigger, info)
+            decision = self._decide(state, trigger)
         if decision.is_empty() and not plan.events:
             return {}
         return plan.build(decision)
+
+    def _decide(self, state: _Loaded, trigger: Trigger) -> Decision:
+        """`decide`, with what it returns checked (a `DomainError` is a definition error)."""
+        manager: ProcessManager[Any] = self.manager
+        where = f"process {manager.name} {state.info.process_id}"
+        try:
+            decided = manager.decide(state.state, trigger, state.info)
+        except DomainError as exc:
+            raise DefinitionError(f"{where}: decide() raised {exc!r}") from exc
+        return check_decision(decided, where, self.events, self.commands)
+
+    def _operate(self, state: _Loaded, action: OperatorAction) -> WritePlan:
+        """An operator's action: refused unless the process is active; always recorded."""
+        info, manager = state.info, self.manager
+        where = f"process {info.stream_id}"
+        if info.status == "new":
+            raise ProcessNotFound(f"no process with stream {info.stream_id!r}")
+        if info.finished:
+            raise ProcessFinished(
+                f"{where} already ended {info.status}: nothing to {action.action}"
+            )
+        plan = _Plan(manager, info, self.now_ms, self.commands, self.correlation_id)
+        if action.action == "terminate":
+            plan.events.append(ProcessTerminated(action.reason, action.by, action.compensate))
+            reason = f"terminated by {action.by}: {action.reason}"
+            if not action.compensate:
+                return plan.build(Decision(fail=reason))
+            decided = manager.compensate(state.state, info, reason)
+            if decided is None:
+                raise ValidationError(
+                    f"{where}: {manager.name} is not a saga and has no compensations; "
+                    "terminate it without compensating"
+                )
+            where = f"process {manager.name} {info.process_id}"
+            return plan.build(check_decision(decided, where, self.events, self.commands))
+        if action.action == "signal":
+            plan.events.append(ProcessSignalled(action.data, action.by))
+            return plan.build(self._decide(state, AdvanceTrigger(action.data)))
+        if action.dead_letter:
+            plan.events.append(ProcessRetried(f"dead letter {action.dead_letter}", action.by))
+            return plan.build(Decision())
+        name = action.timeout
+        if name is None:
+            waiting = {n: due for n, due in info.due.items() if n != DEADLINE}
+            name = min(waiting, key=waiting.__getitem__, default=None)
+        if name is None or name not in info.pending:
+            raise NothingToRetry(
+                f"{where} has no pending timeout {name!r} to fire" if action.timeout else
+                f"{where} has no pending timeout and no dead-lettered trigger: nothing to retry"
+            )
+        fired = TimeoutTrigger(name, info.attempts.get(name, 1), info.due[name], info.pending[name])
+        plan.events.append(ProcessRetried(f"timeout {name}", action.by))
+        plan.fired(fired)
+        plan.cancel.append(timeout_id(info.stream_id, name))  # fired now, not again when due
+        if name == DEADLINE:
+            return plan.build(Decision(fail=f"deadline of {manager.deadline:g}s passed"))
+        return plan.build(self._decide(state, fired))
+
+
+    def _runaway(self, info: ProcessInfo) -> str | None:
+        """Why this step would be one unprompted step too many, if it would."""
+        if not isinstance(self.trigger, TimeoutTrigger | RejectedTrigger | SucceededTrigger):
+            return None
+        manager: ProcessManager[Any] = self.manager
+        limit, recent = manager.max_unprompted_steps, info.unprompted_ms
+        if len(recent) < limit or self.now_ms - recent[-limit] >= manager.unprompted_window * 1000:
+            return None
+        return (
+            f"{RUNAWAY}{limit} steps within {manager.unprompted_window:g}s without any outside "
+            "trigger (does a timeout reschedule itself at 0 s?)"
+        )
+
+
+def _unprompted(step_key: str | None) -> bool:
+    """Whether the step with this idempotency key ran on the process's own account: a
+    timeout, or the outcome of a command it issued (see `ProcessRunner` for the keys)."""
+    return step_key is not None and (":timeout:" in step_key or ":command:" in step_key)
 
 
 class _Plan:
     """Turns a decision into the events and effects of one atomic write."""
 
     def __init__(
-        self, manager: ProcessManager[Any], info: ProcessInfo, now_ms: int, commands: Any
+        self,
+        manager: ProcessManager[Any],
+        info: ProcessInfo,
+        now_ms: int,
+        commands: Any,
+        correlation_id: str,
     ) -> None:
         self.manager = manager
+        self.correlation_id = correlation_id
         self.info = info
         self.now_ms = now_ms
         self.registry: CommandRegistry = commands
@@ -483,25 +830,34 @@ class _Plan:
         self.schedule: dict[str, TimeoutWrite] = {}
         self.cancel: list[str] = []
         self.pending = dict(info.pending)
+        self.due = dict(info.due)
 
     def fired(self, trigger: TimeoutTrigger) -> None:
         self.events.append(
             TimeoutFired(trigger.name, trigger.token, trigger.attempt, trigger.due_ms)
         )
         self.pending.pop(trigger.name, None)
+        self.due.pop(trigger.name, None)
 
     def _schedule(self, name: str, due_ms: int, attempt: int) -> None:
         token = new_id()
         info = self.info
         self.events.append(TimeoutScheduled(name, token, due_ms, attempt))
-        payload = TimeoutPayload(info.process_type, info.process_id, name, token, attempt, due_ms)
-        self.schedule[name] = TimeoutWrite(
-            timeout_id(info.stream_id, name), due_ms, _payload_encoder.encode(payload)
+        payload = TimeoutPayload(
+            info.process_type, info.process_id, name, token, attempt, due_ms, self.correlation_id
         )
+        tid = timeout_id(info.stream_id, name)
+        if tid in self.cancel:
+            # commit.lua schedules before it cancels: a cancel of the same id
+            # would remove the new timeout, and the new one replaces the old anyway.
+            self.cancel.remove(tid)
+        self.schedule[name] = TimeoutWrite(tid, due_ms, _payload_encoder.encode(payload))
         self.pending[name] = token
+        self.due[name] = due_ms
 
     def _cancel(self, name: str) -> None:
         token = self.pending.pop(name, None)
+        self.due.pop(name, None)
         if token is not None:
             self.events.append(TimeoutCancelled(name, token))
             self.schedule.pop(name, None)
@@ -541,17 +897,24 @@ class _Plan:
                 self._schedule(decision.retry, retry_at, attempt)
         if decision.commands:
             self.events.append(
-                CommandsIssued([self.registry.encode(c) for c in decision.commands])
+                CommandsIssued(
+                    [self.registry.encode(c) for c in decision.commands], decision.confirm
+                )
             )
         started = info.started_at_ms or self.now_ms
         duration = max(0, self.now_ms - started)
-        if fail is not None or decision.complete:
+        if fail is not None or decision.complete or decision.compensated is not None:
             for name in list(self.pending):
                 self._cancel(name)
-            self.events.append(
-                ProcessFailed(fail, duration) if fail is not None else ProcessCompleted(duration)
-            )
-            transition = "fail" if fail is not None else "complete"
+            if fail is not None:
+                self.events.append(ProcessFailed(fail, duration))
+                transition = "fail"
+            elif decision.compensated is not None:
+                self.events.append(ProcessCompensated(decision.compensated, duration))
+                transition = "compensate"
+            else:
+                self.events.append(ProcessCompleted(duration))
+                transition = "complete"
         letters = []
         if fail is not None and decision.escalate:
             letters.append({
@@ -566,7 +929,8 @@ class _Plan:
             info.process_type,
             info.stream_id,
             transition,
-            duration if transition in ("complete", "fail") else 0,
+            duration if transition in ("complete", "fail", "compensate") else 0,
+            min(self.due.values(), default=None),
         )
         return WritePlan(
             {info.stream_id: self.events},
@@ -598,6 +962,8 @@ class ProcessRunner:
         for manager in managers:
             type(manager).validate()
             registry.register(*manager.events, *manager.state_events, *manager.decodes)
+            for command in manager.commands:
+                registry.register(*command.emits)
             self.commands.register(*manager.commands)
 
     def manager(self, process_type: str) -> ProcessManager[Any]:
@@ -610,9 +976,15 @@ class ProcessRunner:
                 f"(installed: {', '.join(sorted(self.managers)) or 'none'})"
             ) from None
 
-    async def on_event(self, manager: ProcessManager[Any], event: RecordedEvent) -> None:
-        """Apply `event` to the process it correlates to, if any."""
-        process_id = manager.correlate(event)
+    async def on_event(
+        self, manager: ProcessManager[Any], event: RecordedEvent, *, attempt: int | None = None
+    ) -> None:
+        """Apply `event` to the process it correlates to, if any.
+
+        `attempt` is the worker's attempt at this trigger (None: not from a worker);
+        see `step`.
+        """
+        process_id = self.correlate(manager, event)
         if process_id is None or event.stream_id == manager.stream_id(process_id):
             return  # not for a process, or the process's own event (no echo)
         await self.step(
@@ -622,9 +994,32 @@ class ProcessRunner:
             key=f"{manager.name}:event:{event.event_id}",
             correlation_id=event.correlation_id,
             causation_id=event.event_id,
+            attempt=attempt,
         )
 
-    async def on_timeout(self, payload: TimeoutPayload) -> None:
+    @staticmethod
+    def correlate(manager: ProcessManager[Any], event: RecordedEvent) -> str | None:
+        """`manager.correlate(event)`, checked: None or a usable process id.
+
+        Anything else, and a `DomainError` or `InvalidStreamId` it raises, is a
+        `DefinitionError` naming the process type and the event.
+        """
+        where = f"process {manager.name}: correlate() of {event.type} {event.event_id}"
+        try:
+            process_id = manager.correlate(event)
+            if process_id is None:
+                return None
+            if not isinstance(process_id, str):
+                raise DefinitionError(
+                    f"{where} returned {type(process_id).__name__} {process_id!r}; "
+                    "expected None or a process id (str)"
+                )
+            manager.stream_id(process_id)
+        except (DomainError, InvalidStreamId) as exc:
+            raise DefinitionError(f"{where} failed: {exc}") from exc
+        return process_id
+
+    async def on_timeout(self, payload: TimeoutPayload, *, attempt: int | None = None) -> None:
         """Apply a due timeout (discarded if its process moved on)."""
         manager = self.manager(payload.process_type)
         await self.step(
@@ -632,6 +1027,9 @@ class ProcessRunner:
             payload.process_id,
             TimeoutTrigger(payload.name, payload.attempt, payload.due_ms, payload.token),
             key=f"{manager.name}:timeout:{payload.token}",
+            correlation_id=payload.correlation_id,
+            causation_id=payload.token,
+            attempt=attempt,
         )
 
     async def start(self, process_type: str, process_id: str, data: Any = None) -> None:
@@ -653,18 +1051,40 @@ class ProcessRunner:
             key=key or f"{process_type}:advance:{new_id()}",
         )
 
+    def fold(
+        self, manager: ProcessManager[Any], process_id: str, events: Sequence[RecordedEvent]
+    ) -> tuple[ProcessInfo, Any]:
+        """What the process's `events` fold to: rsaga's `ProcessInfo` and the user's state."""
+        step = _Step(
+            stream=StreamId(manager.stream_id(process_id)), manager=manager,
+            process_id=process_id, trigger=None, now_ms=self.clock.now_ms(),
+            commands=self.commands, events=self.executor.store.registry, correlation_id="",
+        )
+        loaded = step.initial_state()
+        for event in events:
+            loaded = step.apply(loaded, event)
+        return loaded.info, loaded.state
+
     async def step(
         self,
         manager: ProcessManager[Any],
         process_id: str,
-        trigger: Trigger,
+        trigger: Trigger | OperatorAction,
         *,
         key: str,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        attempt: int | None = None,
     ) -> None:
-        """Run one step (see the module docstring), then the commands it issued."""
+        """Run one step (see the module docstring), then the commands it issued.
+
+        A confirmed command (`Decision.confirm`) that raises something other than
+        a `DomainError` propagates, so the worker retries the trigger, until
+        `attempt` is the last `handler_retry` allows: then the command is
+        rejected (a `RejectedTrigger` step) instead of dead-lettering the trigger.
+        """
         stream = StreamId(manager.stream_id(process_id))
+        correlation_id = correlation_id or new_id()
         step = _Step(
             stream=stream,
             manager=manager,
@@ -672,6 +1092,8 @@ class ProcessRunner:
             trigger=trigger,
             now_ms=self.clock.now_ms(),
             commands=self.commands,
+            events=self.executor.store.registry,
+            correlation_id=correlation_id,
         )
         result = await self.executor.execute(
             step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key
@@ -686,10 +1108,15 @@ class ProcessRunner:
         correlation = events[0].correlation_id if events else correlation_id
         for event in events:
             if isinstance(event.data, CommandsIssued):
-                await self._run_commands(manager, process_id, event.data, key, correlation)
+                await self._run_commands(
+                    manager, process_id, event.data, key, correlation, attempt
+                )
 
     def _observe(
-        self, manager: ProcessManager[Any], trigger: Trigger, events: list[RecordedEvent]
+        self,
+        manager: ProcessManager[Any],
+        trigger: Trigger | OperatorAction,
+        events: list[RecordedEvent],
     ) -> None:
         observer = self.executor.observer
         process_type = manager.name
@@ -701,8 +1128,12 @@ class ProcessRunner:
                     observer.process_transition(process_type, "start", 0)
                 case ProcessCompleted(duration_ms=ms):
                     observer.process_transition(process_type, "complete", ms)
-                case ProcessFailed(duration_ms=ms):
+                case ProcessFailed(duration_ms=ms, reason=reason):
                     observer.process_transition(process_type, "fail", ms)
+                    if reason.startswith(RUNAWAY):
+                        observer.process_transition(process_type, "runaway", ms)
+                case ProcessCompensated(duration_ms=ms):
+                    observer.process_transition(process_type, "compensate", ms)
                 case TimeoutScheduled():
                     observer.timeout_event(process_type, "scheduled")
                 case TimeoutFired(due_ms=due):
@@ -718,10 +1149,12 @@ class ProcessRunner:
         issued: CommandsIssued,
         key: str,
         correlation_id: str | None,
+        attempt: int | None,
     ) -> None:
         for n, stored in enumerate(issued.commands):
             command = self.commands.decode(stored)
             command_key = f"{key}:command:{n}"
+            outcome: Trigger
             try:
                 await self.executor.execute(
                     command,
@@ -730,11 +1163,31 @@ class ProcessRunner:
                     idempotency_key=command_key,
                 )
             except DomainError as exc:
-                await self.step(
-                    manager,
-                    process_id,
-                    RejectedTrigger(command, str(exc)),
-                    key=f"{command_key}:rejected",
-                    correlation_id=correlation_id,
-                    causation_id=key,
-                )
+                outcome = RejectedTrigger(command, str(exc))
+            except UnknownEventType as exc:
+                name = type(command).__name__
+                raise UnknownEventType(
+                    f"process {manager.name} issued {name}, which wrote or read an event "
+                    f"whose type is not registered ({str(exc).split(';')[0]}): list the event "
+                    f"types {name} writes in {name}.emits, and those it only reads in "
+                    f"{type(manager).__name__}.decodes; then replay the dead letter"
+                ) from exc
+            except Exception as exc:
+                last = attempt is not None and manager.handler_retry.delay(attempt) is None
+                if not (issued.confirm and last) or redis_down(exc):
+                    raise
+                outcome = RejectedTrigger(command, f"failed {attempt} times: {exc!r}")
+            else:
+                if not issued.confirm:
+                    continue
+                outcome = SucceededTrigger(command)
+            suffix = "succeeded" if isinstance(outcome, SucceededTrigger) else "rejected"
+            await self.step(
+                manager,
+                process_id,
+                outcome,
+                key=f"{command_key}:{suffix}",
+                correlation_id=correlation_id,
+                causation_id=key,
+                attempt=attempt,
+            )

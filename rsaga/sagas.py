@@ -17,6 +17,7 @@ the replies it received, and the process lifecycle events.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -27,12 +28,14 @@ from rsaga.errors import ValidationError
 from rsaga.events import RecordedEvent
 from rsaga.observe import Observer
 from rsaga.processes import (
+    MAX_TIMEOUT_SECONDS,
     Decision,
     EventTrigger,
     ProcessInfo,
     ProcessManager,
     RejectedTrigger,
     StartTrigger,
+    SucceededTrigger,
     Timeout,
     TimeoutTrigger,
     Trigger,
@@ -40,6 +43,8 @@ from rsaga.processes import (
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 
 S = TypeVar("S")
+
+_STEP_NAME = re.compile(r"[A-Za-z0-9._-]{1,60}")
 
 Action = Callable[[Any, str], Command[Any]]
 """Builds a step's command from the saga's state and the saga id."""
@@ -52,11 +57,14 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     action: Action
     compensation: Action | None = None
     done: tuple[type[msgspec.Struct], ...] = ()
-    """Reply events meaning the action succeeded; empty: the command itself is the step."""
+    """Reply events meaning the action succeeded; empty: the step is synchronous, done when
+    its command succeeds (a `DomainError` from it fails the step; another error is retried
+    per the saga's `handler_retry`, then fails the step)."""
     failed: tuple[type[msgspec.Struct], ...] = ()
     """Reply events meaning the action failed."""
     compensated: tuple[type[msgspec.Struct], ...] = ()
-    """Reply events meaning the compensation succeeded; empty: the command itself."""
+    """Reply events meaning the compensation succeeded; empty: the compensation is done when
+    its command succeeds (errors count as failed attempts, as for the action)."""
     compensation_failed: tuple[type[msgspec.Struct], ...] = ()
     """Reply events meaning the compensation failed (it is retried)."""
     timeout: float = 30.0
@@ -203,6 +211,20 @@ class Saga(ProcessManager[_SagaState]):
             raise ValidationError(f"saga {cls.name} has no steps")
         if len(set(names)) != len(names):
             raise ValidationError(f"saga {cls.name} has two steps with the same name")
+        for step in cls.steps:
+            if _STEP_NAME.fullmatch(step.name) is None:
+                raise ValidationError(
+                    f"saga {cls.name}: step name {step.name!r} must be 1-60 characters of "
+                    "[A-Za-z0-9._-] (it names the step's timeouts)"
+                )
+            timeout = step.timeout
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                0 < timeout <= MAX_TIMEOUT_SECONDS
+            ):
+                raise ValidationError(
+                    f"saga {cls.name}: step {step.name} timeout must be > 0 and at most "
+                    f"{MAX_TIMEOUT_SECONDS:g} seconds, got {timeout!r}"
+                )
         replies = [
             t for step in cls.steps
             for t in (*step.done, *step.failed, *step.compensated, *step.compensation_failed)
@@ -253,6 +275,7 @@ class Saga(ProcessManager[_SagaState]):
             events=[StepStarted(step.name)],
             commands=[step.action(data, saga_id)],
             schedule=schedule,
+            confirm=not step.done,
         )
 
     def _compensate_next(
@@ -262,7 +285,7 @@ class Saga(ProcessManager[_SagaState]):
         if not progress.to_compensate:
             return Decision(
                 events=[*events, SagaCompensated(progress.failed_step, progress.failure)],
-                fail=f"compensated: {progress.failed_step} failed: {progress.failure}",
+                compensated=f"{progress.failed_step} failed: {progress.failure}",
             )
         return self._attempt_compensation(progress.to_compensate[0], 1, data, saga_id, events)
 
@@ -276,6 +299,7 @@ class Saga(ProcessManager[_SagaState]):
             events=[*events, CompensationStarted(name, attempt)],
             commands=[step.compensation(data, saga_id)],
             schedule=schedule,
+            confirm=not step.compensated,
         )
 
     def _compensation_failed(
@@ -333,6 +357,17 @@ class Saga(ProcessManager[_SagaState]):
                     return self._compensation_failed(p, reason, data, saga_id)
                 if kind == "retry-compensation" and p.phase == "compensating":
                     return self._attempt_compensation(step, attempt, data, saga_id, [])
+            case SucceededTrigger():
+                current = self._step(p.current) if p.current is not None else None
+                if current is None:
+                    return Decision()
+                if p.phase == "running" and not current.done:
+                    return self._after_success(p, data, saga_id, [StepSucceeded(current.name)])
+                if p.phase == "compensating" and not current.compensated:
+                    return self._compensate_next(
+                        _compensated(p, current.name), data, saga_id,
+                        [StepCompensated(current.name)],
+                    )
             case RejectedTrigger(reason=reason):
                 if p.phase == "running" and p.current is not None:
                     step = p.current
@@ -389,6 +424,25 @@ class Saga(ProcessManager[_SagaState]):
                     cancel=[*decision.cancel, f"compensate:{step.name}"],
                 )
         return Decision()
+
+    def compensate(self, state: _SagaState, process: ProcessInfo, reason: str) -> Decision | None:
+        """An operator's terminate with compensation: the running step fails (as if it timed
+        out, so it is compensated too: its action may have taken effect), then every done
+        step is compensated in reverse order and the saga ends compensated. A saga already
+        compensating goes on as it was."""
+        p, data = state.progress, state.user
+        if p.phase == "compensating":
+            return Decision()
+        step = p.current
+        if step is None:  # between steps: nothing runs, undo what is done
+            return self._compensate_next(
+                _failed(p, "", reason, timed_out=False, saga=self), data, process.process_id, []
+            )
+        decision = self._compensate_next(
+            _failed(p, step, reason, timed_out=True, saga=self), data, process.process_id,
+            [StepFailed(step, reason)],
+        )
+        return msgspec.structs.replace(decision, cancel=[*decision.cancel, f"step:{step}"])
 
     def report(self, event: msgspec.Struct, observer: Observer) -> None:
         """Compensations and compensation failures, for metrics."""

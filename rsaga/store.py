@@ -83,8 +83,10 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     process_type: str
     stream_id: str
     transition: str
-    """'start', 'progress', 'complete' or 'fail'."""
+    """'start', 'progress', 'complete', 'fail' or 'compensate'."""
     duration_ms: int = 0
+    next_due_ms: int | None = None
+    """Due time of the process's earliest pending timeout: it is waiting, not stuck."""
 
 
 class Effects(msgspec.Struct, frozen=True):
@@ -389,10 +391,11 @@ class EventStore:
             keys += [ks.timeouts(shard), ks.timeout_data(shard), ks.timeouts_wake(shard)]
         args.append(len(effects.index))
         for update in effects.index:
-            if update.transition not in ("start", "progress", "complete", "fail"):
+            if update.transition not in ("start", "progress", "complete", "fail", "compensate"):
                 raise ValidationError(f"unknown process transition {update.transition!r}")
             keys += ks.process_index(shard, update.process_type)
-            args += [update.transition, update.stream_id, update.duration_ms]
+            next_due = -1 if update.next_due_ms is None else update.next_due_ms
+            args += [update.transition, update.stream_id, update.duration_ms, next_due]
         args.append(len(effects.dead_letters))
         for letter in effects.dead_letters:
             args.append(2 * len(letter))

@@ -38,6 +38,7 @@ from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.logs import event_fields
 from rsaga.observe import Observer
 from rsaga.processes import (
+    DefinitionError,
     IncompatibleDefinition,
     ProcessManager,
     ProcessRunner,
@@ -46,14 +47,19 @@ from rsaga.processes import (
     UnknownProcessType,
     decode_timeout,
 )
-from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.retry import RetryPolicy
 from rsaga.scripts import EncodableArg, script
 from rsaga.store import LogEntry
 
 log = logging.getLogger("rsaga.worker")
 
 TIMEOUTS_GROUP = "rsaga-timeouts"
-"""Consumer group of the due-timeouts streams."""
+"""Prefix of the consumer groups of the due-timeouts streams (one per process type)."""
+
+
+def timeouts_group(process_type: str) -> str:
+    """The consumer group that reads the due timeouts of `process_type`."""
+    return f"{TIMEOUTS_GROUP}:{process_type}"
 
 
 def consumer_name() -> str:
@@ -204,34 +210,35 @@ class _ProcessSource:
         return store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
 
     async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_event(self.manager, item.event)
+        await self.runner.on_event(self.manager, item.event, attempt=attempt)
 
 
 class _TimeoutSource:
-    """Due timeouts of every installed process type, over a shard's due stream."""
+    """Due timeouts of one process type, over a shard's due stream (entries of other
+    types are acknowledged inside Redis: only workers that run a type receive them)."""
 
-    def __init__(self, runner: ProcessRunner) -> None:
-        self.name = TIMEOUTS_GROUP
-        self.wanted: set[str] | None = None
+    def __init__(self, manager: ProcessManager[Any], runner: ProcessRunner) -> None:
+        self.process_type = manager.name
+        self.name = timeouts_group(manager.name)
+        self.wanted: set[str] | None = {manager.name}
         self.runner = runner
-        self.retry: RetryPolicy = ExponentialBackoff(base=0.1, cap=5.0, max_retries=4)
+        self.retry: RetryPolicy = type(manager).handler_retry
 
-    def decode(self, entry: RawEntry) -> TimeoutPayload:
+    def decode(self, entry: RawEntry) -> TimeoutPayload | None:
         try:
             payload = decode_timeout(entry.fields[b"p"])
         except (KeyError, msgspec.DecodeError) as exc:
             raise EventDecodeError(
                 f"due timeout {entry.log_id} has no valid payload: {exc!r}"
             ) from None
-        self.runner.manager(payload.process_type)
-        return payload
+        return payload if payload.process_type == self.process_type else None
 
     async def handle(self, item: TimeoutPayload, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_timeout(item)
+        await self.runner.on_timeout(item, attempt=attempt)
 
 
 UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType, IncompatibleDefinition,
-                 UnknownCommandType)
+                 UnknownCommandType, DefinitionError)
 """Errors that mean an entry can never be handled: it goes to dead letters at once."""
 
 
@@ -324,7 +331,10 @@ class _Subscription:
             await self.consumer.close()
 
     async def _ensure_group(self) -> None:
-        start = START_FROM_BEGINNING if self.settings.start == "beginning" else START_FROM_NEW
+        # A timeouts group always starts at the beginning: due timeouts of its
+        # process type may be waiting for the first worker that runs it.
+        beginning = self.settings.start == "beginning" or isinstance(self.source, _TimeoutSource)
+        start = START_FROM_BEGINNING if beginning else START_FROM_NEW
         await self.consumer.ensure_group(start)
 
     async def _retrying(
@@ -595,7 +605,7 @@ class _Subscription:
             "failed_at_ms": int(time.time() * 1000),
             "consumer": self.consumer.name,
         }
-        for name in (b"s", b"v", b"d"):
+        for name in (b"s", b"v", b"d", b"p", b"t", b"due"):  # p, t, due: a due timeout
             if name in entry.fields:
                 fields[name.decode()] = entry.fields[name]
         log.error(
@@ -695,9 +705,10 @@ class Worker:
                 source = _HandlerSource(handler, executor)
             claim = self.settings.claim_timeout or type(handler).claim_timeout
             sources.append((source, "log", claim))
-        if self.runner is not None:
-            timeout = self.settings.claim_timeout or min(type(m).claim_timeout for m in managers)
-            sources.append((_TimeoutSource(self.runner), "due", timeout))
+        for manager in managers:
+            assert self.runner is not None
+            claim = self.settings.claim_timeout or type(manager).claim_timeout
+            sources.append((_TimeoutSource(manager, self.runner), "due", claim))
         limiter = anyio.CapacityLimiter(self.settings.concurrency)
         isolation = _Isolation()
         ks = store.keyspace

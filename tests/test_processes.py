@@ -7,8 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 from redis.asyncio import Redis
-
-from handlers.orders import (
+from rsaga_examples.orders import (
     WORLD_EVENTS,
     Delivered,
     InventoryReserved,
@@ -23,6 +22,7 @@ from handlers.orders import (
     ShippingService,
     StatusChanged,
 )
+
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent
 from rsaga.deadletters import DeadLetters
 from rsaga.processes import (
@@ -291,7 +291,7 @@ async def test_the_deadline_fails_a_process_with_a_clear_reason(redis: Redis, pr
     assert await timeouts_of(redis, store, "alarm-a3") == []  # the ring was cancelled
 
 
-async def test_a_timeout_for_an_unknown_process_type_goes_to_dead_letters(
+async def test_a_timeout_for_a_process_type_not_run_here_waits_for_its_workers(
     redis: Redis, prefix: str
 ) -> None:
     store = make_store(redis, prefix)
@@ -301,11 +301,9 @@ async def test_a_timeout_for_an_unknown_process_type_goes_to_dead_letters(
     await redis.zadd(store.keyspace.timeouts(0), {member: 0})
     await redis.hset(store.keyspace.timeout_data(0), member, msgspec.msgpack.encode(payload))
     await driver.run_until_idle()
-    [letter] = await DeadLetters(redis, store.keyspace).list()
-    assert letter.handler == "rsaga-timeouts"
-    assert letter.error_type == "UnknownProcessType"
-    assert "no process manager named 'vanished'" in letter.error
-    assert letter.stream_id == "vanished-x1"
+    assert await DeadLetters(redis, store.keyspace).count() == 0
+    [(_, fields)] = await redis.xrange(store.keyspace.due_timeouts(0))
+    assert (fields[b"s"], fields[b"t"]) == (b"vanished-x1", b"vanished")
 
 
 async def test_requests_are_recorded_once_per_attempt(redis: Redis, prefix: str) -> None:
@@ -347,7 +345,7 @@ async def test_100000_timeouts_due_at_the_same_moment_all_drain(
         page = [e for e in page if e[0].decode() != last]
         if not page:
             break
-        seen.update(fields[b"t"] for _, fields in page)
+        seen.update(fields[b"s"] for _, fields in page)
         last = page[-1][0].decode()
     assert len(seen) == 100_000  # each exactly once
     assert (await scheduler.tick(0)).next_due_ms is None

@@ -8,11 +8,13 @@ from typing import Any
 import httpx
 import pytest
 from redis.asyncio import Redis
+from rsaga_examples.demo import DemoOrders, DemoTravel, demo_store, run_demo
+from rsaga_examples.orders import OrderPlaced
 
-from handlers.demo import demo_store, run_demo
 from rsaga.config import Settings, StoreSettings
-from rsaga.processes import ProcessStarted
+from rsaga.processes import ProcessFailed, ProcessStarted, ProcessTerminated
 from rsaga.store import EventStore
+from rsaga.testing import Driver
 from rsaga.web import create_app
 
 TOKEN = "s3cret-operator-token"
@@ -42,7 +44,8 @@ async def demo(redis: Redis, prefix: str) -> EventStore:
 
 async def _client(store: EventStore, token: str | None) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(store=StoreSettings(prefix=store.keyspace.prefix))
-    app = create_app(settings, token=token, open_store=lambda _: store)
+    app = create_app(settings, token=token, open_store=lambda _: store,
+                     managers=[DemoOrders(), DemoTravel()])
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
@@ -169,3 +172,35 @@ async def test_actions_need_the_token_and_a_same_site_request(
     by_api = await console.post(drop, headers={"Authorization": f"Bearer {TOKEN}",
                                                "Accept": "application/json"})
     assert by_api.json() == {"message": f"no dead letter 0/{letter}"}
+
+
+async def test_an_operator_terminates_a_waiting_order_from_its_page(
+    demo: EventStore, console: httpx.AsyncClient
+) -> None:
+    driver = Driver(demo, [DemoOrders()])  # no payment service: the order waits
+    await demo.append("order-w1", [OrderPlaced("w1", 100)])
+    await driver.run_until_idle()
+    page = f"/processes/{DemoOrders.name}-w1"
+    terminate = f"/actions/terminate/{DemoOrders.name}-w1"
+    signal = f"/actions/signal/{DemoOrders.name}-w1"
+    shown = await console.get(page)
+    assert 'id="process-state"' in shown.text
+    assert "PaymentPending" in shown.text
+    assert 'id="process-actions"' not in shown.text  # not signed in
+    assert (await console.post(terminate, data={"reason": "x"})).status_code == 403
+    await console.post("/sign-in", data={"token": TOKEN})
+    signed_in = (await console.get(page)).text
+    assert 'id="process-actions"' in signed_in
+    assert "compensate first" not in signed_in  # an order is no saga
+
+    bearer = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
+    bad = await console.post(signal, data={"data": "{nope"}, headers=bearer)
+    assert bad.json()["message"].startswith("refused: signal data is not JSON")
+    done = await console.post(terminate, data={"reason": "fraud"}, headers=bearer)
+    assert done.json() == {"message": f"terminated {DemoOrders.name}-w1: failed"}
+    history = [e.data for e in (await demo.read(f"{DemoOrders.name}-w1")).events]
+    assert ProcessTerminated("fraud", "web console (127.0.0.1)") in history
+    assert isinstance(history[-1], ProcessFailed)
+    again = await console.post(terminate, data={"reason": "fraud"}, headers=bearer)
+    assert "already ended failed" in again.json()["message"]
+    assert 'id="process-actions"' not in (await console.get(page)).text  # ended: no actions

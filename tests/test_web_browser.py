@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 import pytest
 from redis.asyncio import Redis
+from rsaga_examples.demo import DemoTravel, demo_store, run_demo
 
-from handlers.demo import DemoTravel, demo_store, run_demo
 from rsaga.testing import free_port, require_real_redis
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.slow]

@@ -17,9 +17,15 @@ from worker_plugins import AlarmSet, Ping, Rang, Seen
 
 from rsaga import EventRegistry, EventStore, Keyspace
 from rsaga.deadletters import DeadLetters
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessCompleted, ProcessFailed, TimeoutFired
+from rsaga.processes import (
+    FRAMEWORK_EVENTS,
+    ProcessCompensated,
+    ProcessCompleted,
+    ProcessFailed,
+    TimeoutFired,
+)
 from rsaga.testing import RedisServer
-from rsaga.worker import TIMEOUTS_GROUP
+from rsaga.worker import timeouts_group
 
 pytestmark = pytest.mark.slow
 
@@ -289,7 +295,7 @@ async def test_killing_the_scheduler_and_a_worker_mid_timeout_applies_each_timeo
     assert await redis.zcard(zset) == 0
     assert await DeadLetters(redis, store.keyspace).count() == 0
     await wait_for(
-        lambda: _group_drained(redis, store.keyspace.due_timeouts(0), TIMEOUTS_GROUP),
+        lambda: _group_drained(redis, store.keyspace.due_timeouts(0), timeouts_group("alarm")),
         30,
         "the due stream to drain",
     )
@@ -309,7 +315,8 @@ async def test_a_saga_ends_the_same_wherever_its_worker_is_killed(
     kill_after: int,
 ) -> None:
     """Hotel and flight book, the car fails: always compensated, each effect once."""
-    from handlers.travel import TRAVEL_EVENTS, TripRequested
+    from rsaga_examples.travel import TRAVEL_EVENTS, TripRequested
+
     from rsaga.sagas import SAGA_EVENTS, SagaCompensated
 
     redis = connect(redis_server.url)
@@ -339,7 +346,8 @@ async def test_a_saga_ends_the_same_wherever_its_worker_is_killed(
 
     async def finished() -> bool:
         events = (await store.read(saga)).events
-        return bool(events) and isinstance(events[-1].data, ProcessFailed | ProcessCompleted)
+        ended = ProcessFailed | ProcessCompleted | ProcessCompensated
+        return bool(events) and isinstance(events[-1].data, ended)
 
     await wait_for(finished, 30, "the saga to end", lambda: _output(workers))
     events = (await store.read(saga)).events

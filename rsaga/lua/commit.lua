@@ -19,7 +19,8 @@
     then, if any timeout is scheduled or cancelled: the shard's timeouts
                          sorted set, timeout data hash and wake stream
     then, per index update: the process type's active set, stats hash,
-                         durations list, completed set and failed set
+                         durations list, completed, failed and
+                         compensated sets, and waiting set (Keyspace.process_index)
     then, if any dead letter is added: the shard's dead-letter stream
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
@@ -27,7 +28,8 @@
     then                 the new events as (type, envelope) pairs, stream by stream
     then                 S, and S x (timeout id, due ms, payload) to schedule
     then                 C, and C x timeout id to cancel
-    then                 I, and I x (transition, member, duration ms)
+    then                 I, and I x (transition, member, duration ms, next due
+                         ms or -1: the earliest pending timeout)
     then                 D, and D x (F, then F field/value pairs) dead letters
 
   Output:
@@ -38,6 +40,8 @@
 -- @include "now_ms"
 -- @include "timeouts"
 -- @include "process_index"
+
+local INDEX_KEYS = 7
 
 local n = tonumber(ARGV[1])
 local versions = {}
@@ -91,10 +95,15 @@ local updates = tonumber(ARGV[arg] or 0)
 if updates > 0 then
   local now = now_ms()
   for _ = 1, updates do
-    local index_keys = {KEYS[key], KEYS[key + 1], KEYS[key + 2], KEYS[key + 3], KEYS[key + 4]}
-    update_process_index(index_keys, ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], now)
-    key = key + 5
-    arg = arg + 3
+    local index_keys = {}
+    for j = 1, INDEX_KEYS do
+      index_keys[j] = KEYS[key + j - 1]
+    end
+    update_process_index(
+      index_keys, ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3], ARGV[arg + 4], now
+    )
+    key = key + INDEX_KEYS
+    arg = arg + 4
   end
 end
 arg = arg + 1

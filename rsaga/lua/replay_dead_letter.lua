@@ -1,14 +1,16 @@
 --[[
-  Put a dead letter back on its shard log for its handler only, and remove it
-  from the dead letters, atomically.
+  Put a dead letter back where it came from, for its group only, and remove it
+  from the dead letters, atomically: an event goes back on the shard log, a
+  due timeout (it has a payload, field p) back on the shard's due stream, so it
+  fires into its process's `decide` again.
 
   Input:
-    KEYS[1] dead letters   KEYS[2] shard log
+    KEYS[1] dead letters   KEYS[2] shard log   KEYS[3] due stream
     ARGV[1] dead-letter id
 
   Output:
-    the new log entry id, '' if there is no such dead letter, or '-' if it
-    records a failure with no event to replay (a process that failed)
+    the new entry id, '' if there is no such dead letter, or '-' if it records
+    a failure with nothing to replay (a process that failed and escalated)
 ]]
 -- @include "entry_field"
 
@@ -17,22 +19,22 @@ if #found == 0 then
   return ''
 end
 local fields = found[1][2]
-if not entry_field(fields, 'd') then
+local target, copied
+if entry_field(fields, 'p') then
+  target, copied = KEYS[3], {'s', 't', 'p', 'due'}
+elseif entry_field(fields, 'd') then
+  target, copied = KEYS[2], {'s', 'v', 'd'}
+else
   return '-'
 end
-local stream_id = entry_field(fields, 's')
-local log_fields = {'g', entry_field(fields, 'handler'), 'r', ARGV[1]}
-if stream_id then
-  log_fields[#log_fields + 1] = 's'
-  log_fields[#log_fields + 1] = stream_id
-end
-for _, name in ipairs({'v', 'd'}) do
+local replayed = {'g', entry_field(fields, 'handler'), 'r', ARGV[1]}
+for _, name in ipairs(copied) do
   local value = entry_field(fields, name)
   if value then
-    log_fields[#log_fields + 1] = name
-    log_fields[#log_fields + 1] = value
+    replayed[#replayed + 1] = name
+    replayed[#replayed + 1] = value
   end
 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(log_fields))
+local id = redis.call('XADD', target, '*', unpack(replayed))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return id

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,13 @@ from starlette.staticfiles import StaticFiles
 from rsaga.config import Settings
 from rsaga.deadletters import DeadLetters
 from rsaga.errors import RsagaError, ValidationError
+from rsaga.events import new_id
+from rsaga.executor import Executor
+from rsaga.handlers import installed_process_managers
 from rsaga.health import health_report
 from rsaga.inspect import STATES, list_processes, list_timeouts, process_types, show_process
+from rsaga.operator import Operator, ProcessState
+from rsaga.processes import ProcessManager, ProcessRunner
 from rsaga.store import EventStore
 from rsaga.web.views import process_detail, shown
 
@@ -80,6 +85,8 @@ class _Console:
         self.open_store = open_store
         self.token = token or None
         self.opened: EventStore | None = None
+        self.managers: list[ProcessManager[Any]] | None = None
+        self.runner: ProcessRunner | None = None
 
     @property
     def store(self) -> EventStore:
@@ -111,6 +118,13 @@ class _Console:
     @property
     def redis(self) -> Any:
         return self.store.redis
+
+    def operator(self, request: Request) -> Operator:
+        """Operator actions as the console's signed-in operator (named by their address)."""
+        if self.runner is None:
+            raise RuntimeError("the console's store is not open: run the app with its lifespan")
+        client = request.client.host if request.client else "?"
+        return Operator(self.runner, by=f"web console ({client})")
 
 
 def _console(request: Request) -> _Console:
@@ -176,7 +190,24 @@ async def process(request: Request) -> Response:
     if view is None:
         return _page(request, "error.html", message=f"no process with stream {stream_id!r}",
                      status=404)
-    return _page(request, "process.html", view=view, detail=process_detail(view), refresh=3)
+    state: ProcessState | None = None
+    missing = ""
+    try:
+        state = await console.operator(request).state(stream_id)
+    except RsagaError as exc:  # its definition is not installed where the console runs
+        missing = str(exc)
+    can_compensate = state is not None and _compensates(console, state.info.process_type)
+    return _page(
+        request, "process.html", view=view, detail=process_detail(view), state=state,
+        missing=missing, can_compensate=can_compensate, signal_key=new_id(), refresh=3,
+    )
+
+
+def _compensates(console: _Console, process_type: str) -> bool:
+    """Whether the type's definition can compensate on terminate (a saga's can)."""
+    assert console.runner is not None
+    manager = console.runner.managers.get(process_type)
+    return manager is not None and type(manager).compensate is not ProcessManager.compensate
 
 
 async def dead_letters(request: Request) -> Response:
@@ -268,27 +299,61 @@ async def _drop(request: Request, console: _Console) -> str:
     return f"dropped {shard}/{letter_id}" if dropped else f"no dead letter {shard}/{letter_id}"
 
 
+async def _terminate(request: Request, console: _Console) -> str:
+    form = await _form(request)
+    stream_id = request.path_params["stream_id"]
+    state = await console.operator(request).terminate(
+        stream_id, form.get("reason", ""), compensate=form.get("compensate") == "on"
+    )
+    return f"terminated {stream_id}: {state.info.status}"
+
+
+async def _signal(request: Request, console: _Console) -> str:
+    form = await _form(request)
+    stream_id = request.path_params["stream_id"]
+    try:
+        data = msgspec.json.decode(form.get("data", "null") or "null")
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"signal data is not JSON: {exc}") from None
+    await console.operator(request).signal(stream_id, data, key=form.get("key") or None)
+    return f"signalled {stream_id}"
+
+
+async def _retry(request: Request, console: _Console) -> str:
+    form = await _form(request)
+    return await console.operator(request).retry(
+        request.path_params["stream_id"], timer=form.get("timer") or None
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     token: str | None = None,
     open_store: Callable[[Settings], EventStore] | None = None,
+    managers: Sequence[ProcessManager[Any]] | None = None,
 ) -> Starlette:
     """The console as an ASGI app, for `rsaga web` or to mount in your own application.
 
     `token` enables actions (replay, drop, and the process actions); without it the console is
     read-only. `open_store` builds the store the console reads (default: from `settings`, knowing
-    every installed handler's events).
+    every installed handler's events). `managers` are the process definitions the console folds
+    states and acts with (default: every installed one).
     """
+    from rsaga.app import open_store as open_configured_store
     from rsaga.config import load_settings
-    from rsaga.web.views import inspection_store
 
     settings = settings or load_settings()
-    console = _Console(settings, open_store or inspection_store, token)
+    console = _Console(settings, open_store or open_configured_store, token)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         console.opened = console.open_store(settings)
+        console.runner = ProcessRunner(
+            Executor(console.opened),
+            list(managers) if managers is not None
+            else installed_process_managers(settings.worker.handlers),
+        )
         try:
             yield
         finally:
@@ -304,6 +369,9 @@ def create_app(
             Route("/dead-letters/{shard:int}/{letter_id}/replay", _action(_replay),
                   methods=["POST"]),
             Route("/dead-letters/{shard:int}/{letter_id}/drop", _action(_drop), methods=["POST"]),
+            Route("/actions/terminate/{stream_id:path}", _action(_terminate), methods=["POST"]),
+            Route("/actions/signal/{stream_id:path}", _action(_signal), methods=["POST"]),
+            Route("/actions/retry/{stream_id:path}", _action(_retry), methods=["POST"]),
             Route("/timeouts", timeouts),
             Route("/sign-in", sign_in, methods=["POST"]),
             Route("/sign-out", sign_out),

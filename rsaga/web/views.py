@@ -6,15 +6,9 @@ from typing import Any
 
 import msgspec
 
-from rsaga.config import Settings
-from rsaga.connection import connect
-from rsaga.events import EventRegistry
-from rsaga.handlers import discover_handlers
 from rsaga.inspect import ProcessView
-from rsaga.keyspace import Keyspace
-from rsaga.processes import FRAMEWORK_EVENTS, CommandsIssued, ProcessManager
+from rsaga.processes import CommandsIssued
 from rsaga.sagas import (
-    SAGA_EVENTS,
     CompensationAttemptFailed,
     CompensationStarted,
     StepCompensated,
@@ -22,25 +16,6 @@ from rsaga.sagas import (
     StepStarted,
     StepSucceeded,
 )
-from rsaga.store import EventStore
-
-
-def inspection_store(settings: Settings) -> EventStore:
-    """A store from `settings` whose registry knows rsaga's and every installed process's events."""
-    registry = EventRegistry()
-    registry.register(*FRAMEWORK_EVENTS, *SAGA_EVENTS)
-    for item in discover_handlers(settings.worker.handlers):
-        handler: Any = item.handler
-        if issubclass(handler, ProcessManager):
-            registry.register(*handler.state_events)
-        registry.register(*handler.events, *handler.decodes)
-    return EventStore(
-        connect(settings.redis),
-        registry,
-        keyspace=Keyspace(prefix=settings.store.prefix, shards=settings.store.shards),
-        max_event_bytes=settings.store.max_event_bytes,
-        page_size=settings.store.read_page_size,
-    )
 
 
 class StepView(msgspec.Struct):

@@ -1,22 +1,40 @@
 --[[
   The lifecycle index of one process type on one shard:
-  - active: sorted set of active processes scored by last progress (server ms);
-  - stats: counters started, completed, failed, and duration_ms_total;
+  - active: sorted set of active processes without a pending timeout, scored
+    by last progress (server ms): stuck once that is long ago;
+  - waiting: sorted set of active processes with a pending timeout, scored by
+    the due time of the earliest (next_due, ms): stuck once that is long past;
+  - stats: counters started, completed, failed, compensated, and duration_ms_total;
   - durations: the last 1000 durations (ms) of finished processes, for p99;
-  - completed / failed: the last 10000 finished processes scored by end time.
-  transition is 'start', 'progress', 'complete' or 'fail'.
+  - completed / failed / compensated: the last 10000 finished processes scored
+    by end time.
+  transition is 'start', 'progress', 'complete', 'fail' or 'compensate'.
 ]]
-local function update_process_index(keys, transition, member, duration_ms, now)
-  local active, stats, durations, completed, failed = keys[1], keys[2], keys[3], keys[4], keys[5]
-  if transition == 'start' then
-    redis.call('ZADD', active, now, member)
-    redis.call('HINCRBY', stats, 'started', 1)
-  elseif transition == 'progress' then
-    redis.call('ZADD', active, 'XX', now, member)
+local function update_process_index(keys, transition, member, duration_ms, next_due, now)
+  local active, stats, durations, waiting = keys[1], keys[2], keys[3], keys[7]
+  local ends = {
+    complete = {'completed', keys[4]}, fail = {'failed', keys[5]},
+    compensate = {'compensated', keys[6]},
+  }
+  if transition == 'start' or transition == 'progress' then
+    if transition == 'start' then
+      redis.call('HINCRBY', stats, 'started', 1)
+    elseif not redis.call('ZSCORE', active, member) and not redis.call('ZSCORE', waiting, member)
+    then
+      return  -- a late step of a process already finished (or never indexed)
+    end
+    if tonumber(next_due) >= 0 then
+      redis.call('ZREM', active, member)
+      redis.call('ZADD', waiting, next_due, member)
+    else
+      redis.call('ZREM', waiting, member)
+      redis.call('ZADD', active, now, member)
+    end
   else
-    local finished = transition == 'complete' and completed or failed
+    local counter, finished = ends[transition][1], ends[transition][2]
     redis.call('ZREM', active, member)
-    redis.call('HINCRBY', stats, transition == 'complete' and 'completed' or 'failed', 1)
+    redis.call('ZREM', waiting, member)
+    redis.call('HINCRBY', stats, counter, 1)
     redis.call('HINCRBY', stats, 'duration_ms_total', duration_ms)
     redis.call('LPUSH', durations, duration_ms)
     redis.call('LTRIM', durations, 0, 999)

@@ -134,6 +134,7 @@ class RequestPayment(_Request, frozen=True, tag="orders.RequestPayment"):
 
     amount: int
     payment: str = "ok"
+    emits = (PaymentRequested,)
 
     def request(self) -> msgspec.Struct:
         return PaymentRequested(self.order_id, self.amount, self.payment)
@@ -142,12 +143,16 @@ class RequestPayment(_Request, frozen=True, tag="orders.RequestPayment"):
 class ReserveInventory(_Request, frozen=True, tag="orders.ReserveInventory"):
     """Ask the inventory service to reserve stock."""
 
+    emits = (InventoryRequested,)
+
     def request(self) -> msgspec.Struct:
         return InventoryRequested(self.order_id)
 
 
 class ShipOrder(_Request, frozen=True, tag="orders.ShipOrder"):
     """Ask the shipping service to ship."""
+
+    emits = (ShipmentRequested,)
 
     def request(self) -> msgspec.Struct:
         return ShipmentRequested(self.order_id)
@@ -193,10 +198,12 @@ class OrderFulfilment(ProcessManager[Order]):
     state_events = (OrderAccepted, StatusChanged)
     commands = (RequestPayment, ReserveInventory, ShipOrder)
     decodes = (PaymentRequested, InventoryRequested, ShipmentRequested)
-    retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=5.0, cap=60.0, max_retries=3)
+    # Example-sized: a silent service fails the order within about 35 s, so the
+    # README's Procfile recipe ends in well under a minute.
+    retry: ClassVar[RetryPolicy] = ExponentialBackoff(base=1.0, cap=10.0, max_retries=2)
     deadline = 24 * 3600.0
 
-    wait_timeout: ClassVar[float] = 30.0
+    wait_timeout: ClassVar[float] = 10.0
     """Seconds to wait for each service's reply before retrying the request."""
 
     WAITS: ClassVar[dict[str, _Wait]] = {

@@ -27,6 +27,8 @@ from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.sagas import Saga, Step
 
 SERVICES = ("hotel", "flight", "car")
+STEP_TIMEOUT = 10.0
+"""Seconds each booking step waits for its service's reply (example-sized)."""
 
 
 class TripRequested(msgspec.Struct, frozen=True, tag="travel.TripRequested"):
@@ -113,6 +115,7 @@ class RequestBooking(_Append, frozen=True, tag="travel.RequestBooking"):
     """Send a booking request to a service."""
 
     request: BookingRequested
+    emits = (BookingRequested,)
 
     def event(self) -> msgspec.Struct:
         return self.request
@@ -122,6 +125,7 @@ class RequestCancellation(_Append, frozen=True, tag="travel.RequestCancellation"
     """Send a cancellation request to a service."""
 
     request: CancellationRequested
+    emits = (CancellationRequested,)
 
     def event(self) -> msgspec.Struct:
         return self.request
@@ -167,7 +171,7 @@ def _step(service: str) -> Step:
         failed=(BookingFailed,),
         compensated=(Cancelled,),
         compensation_failed=(CancellationFailed,),
-        timeout=float(os.environ.get("RSAGA_TRAVEL_STEP_TIMEOUT", "30")),
+        timeout=STEP_TIMEOUT,
     )
 
 
@@ -178,7 +182,6 @@ class TravelBooking(Saga):
     steps = tuple(_step(service) for service in SERVICES)
     starts_with = (TripRequested,)
     commands = (RequestBooking, RequestCancellation)
-    decodes = (BookingRequested, CancellationRequested)
     compensation_retry: ClassVar[RetryPolicy] = ExponentialBackoff(
         base=1.0, cap=30.0, max_retries=4
     )
