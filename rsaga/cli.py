@@ -322,7 +322,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
             if observer is not None:
                 types = worker.runner.managers if worker.runner else {}
                 groups = [(sub.consumer.log, sub.consumer.group) for sub in worker.subscriptions]
-                tg.start_soon(serve_metrics, observer.registry, args.metrics_port, stop)
+                tg.start_soon(
+                    serve_metrics, observer.registry, args.metrics_port, stop,
+                    settings.metrics.host,
+                )
                 tg.start_soon(
                     functools.partial(
                         refresh_loop, observer, store.redis, store.keyspace, stop,
@@ -358,7 +361,10 @@ async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
             if observer is not None:
-                tg.start_soon(serve_metrics, observer.registry, args.metrics_port, stop)
+                tg.start_soon(
+                    serve_metrics, observer.registry, args.metrics_port, stop,
+                    settings.metrics.host,
+                )
                 tg.start_soon(
                     functools.partial(
                         refresh_loop, observer, store.redis, store.keyspace, stop, scheduler=True
@@ -949,6 +955,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SERVICES = ("worker", "scheduler", "web")
+"""Long-running commands: they talk to many peers and must outlive each one."""
+
+
 def _leaf(exc: BaseException) -> BaseException:
     """The error inside task-group wrappers, for the one line a person sees."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
@@ -985,13 +995,15 @@ def _explain(exc: BaseException, where: str) -> tuple[int, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rsaga`` console script; returns the exit code."""
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `rsaga ... | head` ends quietly
     # Handlers named by import path are found from where rsaga runs, as celery does.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and args.command not in _SERVICES:
+        # `rsaga ... | head` ends quietly; a service keeps Python's default
+        # (ignored), or a peer closing any socket would kill it.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.command is None:
         parser.print_help()
         return 2

@@ -241,6 +241,13 @@ class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"level: must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
 
 
+class MetricsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The Prometheus endpoint of `rsaga worker` and `rsaga scheduler` (``--metrics-port``)."""
+
+    host: str = "0.0.0.0"
+    """Address the metrics endpoint listens on (every interface by default, for scrapers)."""
+
+
 class WebSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The operator console (`rsaga web`, needs the ``web`` extra)."""
 
@@ -285,6 +292,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     web: WebSettings = msgspec.field(default_factory=WebSettings)
 
     def __post_init__(self) -> None:

@@ -9,13 +9,11 @@ from typing import Any, NamedTuple
 
 import anyio
 from redis.asyncio import ConnectionPool, Redis, SSLConnection
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from rsaga.config import RedisAddress, RedisSettings, parse_redis_url, redact_url
 from rsaga.errors import ConfigError, RedisUnavailable
@@ -25,12 +23,20 @@ from rsaga.permissions import MissingPermissions, missing_permissions
 
 log = logging.getLogger("rsaga.connection")
 
+NO_RESEND = Retry(NoBackoff(), retries=0)
+"""The client's retry policy: one attempt per command, never a re-send (see `connect`)."""
+
 
 def connect(settings: RedisSettings) -> Redis:
     """A client for ``settings.url`` (TLS for ``rediss://``), with the configured credentials.
 
-    Connection errors are retried briefly by redis-py itself; longer outages
-    surface as `RedisUnavailable` from the store and are handled by the caller.
+    redis-py never re-sends a command: when a connection drops after a command
+    was sent, nobody can know whether it ran, and re-sending a script would
+    apply a command without an idempotency key twice, or strand the entries of
+    a lost group read. Connection errors reach the caller, which decides:
+    commands are retried by their handler (expected versions and idempotency
+    keys make that safe), a worker resyncs its pending entries before it reads
+    again, and outages are waited out with backoff (see docs/design.md).
     """
     if not settings.url:
         raise ConfigError("redis.url: no Redis configured (set RSAGA_REDIS_URL)")
@@ -47,8 +53,7 @@ def connect(settings: RedisSettings) -> Redis:
             socket_connect_timeout=settings.socket_timeout,
             max_connections=settings.max_connections,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            retry=NO_RESEND,
             **_credentials(settings, target),
             **_tls_files(settings),
         )

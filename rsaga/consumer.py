@@ -8,7 +8,10 @@ other consumers are handed over to the owner inside the same script. So the
 events of one stream reach a handler in version order even with many worker
 processes, while different streams spread over all of them. A consumer that
 falls silent for its claim timeout (by the server's clock) is taken over
-whole: all its pending entries and streams at once, in log order.
+whole: all its pending entries and streams at once, in log order, spread over
+the live consumers. A take-over counts a delivery only for the entries the dead
+consumer's handlers had started (`record_started`), never for those it merely
+held.
 """
 
 from __future__ import annotations
@@ -163,8 +166,23 @@ class GroupConsumer:
         args: list[EncodableArg] = [self.group, self.name, handoff_limit]
         for entry in entries:
             args += [entry.log_id, entry.raw_stream_id]
-        acked, handed = await script("ack_batch")(self.redis, self._state_keys[:4], args)
-        return int(acked), _entries(handed)
+        acked, handed, deliveries = await script("ack_batch")(
+            self.redis, self._state_keys[:4], args
+        )
+        return int(acked), _with_deliveries(handed, deliveries)
+
+    async def record_started(self, log_ids: Collection[str]) -> None:
+        """Record the entries this consumer's handlers have started and not acknowledged.
+
+        If this consumer dies, a take-over counts a delivery for these entries
+        only (acknowledged ones among them are no longer pending: they do not
+        count). One writer per consumer: each call replaces the last record.
+        """
+        field = f"running:{self.name}"
+        if log_ids:
+            await self.redis.hset(self.alive, field, " ".join(log_ids))
+        else:
+            await self.redis.hdel(self.alive, field)
 
     async def dead_letter(
         self, entry: RawEntry, fields: dict[str, EncodableArg], max_len: int
@@ -210,14 +228,6 @@ class GroupConsumer:
             [self.group, self.name, self.claim_timeout_ms],
         )
         return _with_deliveries(found, deliveries), [d.decode() for d in dead]
-
-    async def mark_running_alone(self, log_id: str | None) -> None:
-        """Name the one entry this consumer now runs alone (None: none), for fair blame."""
-        field = f"running:{self.name}"
-        if log_id is None:
-            await self.redis.hdel(self.alive, field)
-        else:
-            await self.redis.hset(self.alive, field, log_id)
 
     async def keep_alive(self, *, leaving: bool = False) -> None:
         """Renew this consumer's claim on what it holds; `leaving` gives it up at once."""

@@ -28,6 +28,29 @@ from rsaga.errors import EventDecodeError, EventTooLarge, UnknownEventType, Vali
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 
+MAX_EVENT_NESTING = 64
+"""How deep containers may nest inside one event; deeper events are refused when
+appended, since decoding them later could exhaust the reader's stack."""
+
+_CONTAINERS = (msgspec.Struct, list, tuple, dict, set, frozenset)
+
+
+def nesting_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether containers (structs, lists, dicts, sets) nest more than `limit` deep in `value`."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, msgspec.Struct):
+            children: Iterable[Any] = msgspec.structs.astuple(item)
+        elif isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        else:
+            children = item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, _CONTAINERS))
+    return False
+
 
 def new_id() -> str:
     """A fresh 128-bit id as 32 hex digits, time-ordered by its first 48 bits (ms)."""
@@ -171,6 +194,10 @@ class EventCodec:
     ) -> bytes:
         """Envelope bytes for a new event; raises before anything is written if invalid."""
         name = self.registry.name_of(event)
+        if nesting_depth_exceeds(event, MAX_EVENT_NESTING):
+            raise ValidationError(
+                f"event {name} nests containers more than {MAX_EVENT_NESTING} deep"
+            )
         payload = self._encoder.encode(event)
         envelope = _Envelope(
             bytes.fromhex(event_id),
@@ -195,14 +222,28 @@ class EventCodec:
         return event
 
     def decode_wanted(
-        self, stream_id: str, version: int, blob: bytes, wanted: Container[str] | None
+        self,
+        stream_id: str,
+        version: int,
+        blob: bytes,
+        wanted: Container[str] | None,
+        logged_type: bytes | None = None,
     ) -> RecordedEvent | None:
-        """Like `decode`, but None without decoding the payload if the type is not wanted."""
+        """Like `decode`, but None without decoding the payload if the type is not wanted.
+
+        `logged_type` is the type the log entry names beside the envelope (its
+        ``t`` field), if any; an envelope of another type is corrupt.
+        """
         where = f"{stream_id}@{version}"
         try:
             env = self._envelope_decoder.decode(blob)
-        except (msgspec.DecodeError, TypeError) as exc:
-            raise EventDecodeError(f"{where}: envelope is not valid: {exc}") from None
+        except (msgspec.DecodeError, TypeError, ValueError, RecursionError) as exc:
+            raise EventDecodeError(f"{where}: envelope is not valid: {exc!r}") from None
+        if logged_type is not None and logged_type != env.type.encode():
+            raise EventDecodeError(
+                f"{where}: the log names type {logged_type.decode(errors='replace')!r} "
+                f"but the envelope holds {env.type!r}"
+            )
         if wanted is not None and env.type not in wanted:
             return None
         try:
@@ -211,13 +252,23 @@ class EventCodec:
             raise UnknownEventType(f"{where}: event type {env.type!r} is not registered") from None
         try:
             data = decoder.decode(env.payload)
-        except msgspec.DecodeError as exc:
-            raise EventDecodeError(f"{where}: {env.type} payload is not valid: {exc}") from None
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise EventDecodeError(f"{where}: {env.type} payload is not valid: {exc!r}") from None
+        try:
+            occurred_at = datetime.fromtimestamp(env.occurred_at_ms / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            raise EventDecodeError(
+                f"{where}: occurred_at_ms {env.occurred_at_ms} is out of range"
+            ) from None
+        try:
+            event_id = env.event_id.hex()
+        except ValueError:
+            raise EventDecodeError(f"{where}: event id is not valid") from None
         return RecordedEvent(
             stream_id=stream_id,
             version=version,
-            event_id=env.event_id.hex(),
-            occurred_at=datetime.fromtimestamp(env.occurred_at_ms / 1000, UTC),
+            event_id=event_id,
+            occurred_at=occurred_at,
             type=env.type,
             data=data,
             correlation_id=env.correlation_id,

@@ -4,26 +4,42 @@ Counters and histograms count what *this* process did; run one endpoint per
 worker or scheduler process (each its own port) and let Prometheus sum them.
 Gauges that describe shared state (active processes, consumer lag and pending,
 scheduler backlog) are read from Redis, so every process reports the same
-truth and a restart loses nothing.
+truth and a restart loses nothing; ``rsaga_redis_up`` and
+``rsaga_redis_gauges_age_seconds`` say whether those values are fresh.
+
+The endpoint is prometheus_client's own WSGI app (text or OpenMetrics by the
+Accept header, gzip, the standard ``process_*`` and ``python_*`` collectors)
+on a small threaded server that can never take the process down: at most
+`MAX_CLIENTS` connections at once (more are closed at once, so scrapers can
+never use up the process's file descriptors), each dropped after
+`CLIENT_TIMEOUT` seconds of silence, and a failing ``accept()`` (the process
+out of descriptors for other reasons) is logged and waited out.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
-from collections.abc import Iterable, Mapping
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import anyio
-from anyio.abc import SocketStream
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
+    make_wsgi_app,
 )
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from redis.asyncio import Redis
 
 from rsaga.health import ProcessThresholds, redis_down
@@ -36,11 +52,27 @@ _DURATIONS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
 _PROCESS_DURATIONS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 86400)
 
 
+MAX_CLIENTS = 16
+"""Metrics connections served at once; more are closed as soon as they are accepted."""
+
+CLIENT_TIMEOUT = 10.0
+"""Seconds a metrics client may stay silent (idle or slow) before it is dropped."""
+
+
 class PrometheusObserver(Observer):
-    """Counts what the runtime reports, in its own `CollectorRegistry`."""
+    """Counts what the runtime reports, in its own `CollectorRegistry`.
+
+    A registry of its own also gets the standard process, platform and GC
+    collectors (the default registry has them already).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
         r = self.registry
         self.started = Counter(
             "rsaga_processes_started", "Processes started.", ["process_type"], registry=r
@@ -128,7 +160,24 @@ class PrometheusObserver(Observer):
             "rsaga_saga_compensation_failures", "Sagas whose compensation failed for good.",
             ["saga"], registry=r,
         )
+        self.redis_up = Gauge(
+            "rsaga_redis_up",
+            "1 if the last read of the gauges from Redis succeeded, else 0.",
+            registry=r,
+        )
+        self.gauges_age = Gauge(
+            "rsaga_redis_gauges_age_seconds",
+            "Seconds since the gauges read from Redis were last refreshed (+Inf: never).",
+            registry=r,
+        )
+        self._refreshed_at: float | None = None
+        self.gauges_age.set_function(self._gauges_age)
         self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _gauges_age(self) -> float:
+        if self._refreshed_at is None:
+            return math.inf
+        return time.monotonic() - self._refreshed_at
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -227,7 +276,13 @@ class PrometheusObserver(Observer):
                 pipe.time()
                 for shard in range(keyspace.shards):
                     pipe.zrange(keyspace.timeouts(shard), 0, 0, withscores=True)
-            replies = await pipe.execute(raise_on_error=False)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except Exception:
+                self.redis_up.set(0)
+                raise
+        self.redis_up.set(1)
+        self._refreshed_at = time.monotonic()
         at = 0
         for process_type in types:
             kinds = ["active", "waiting", "old", "retrying"]
@@ -262,36 +317,101 @@ class PrometheusObserver(Observer):
                 self._child(self.backlog, str(shard)).set(count)
 
 
+class _QuietHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT  # a socket timeout: idle and slow clients are dropped
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log no request lines."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """Thread per connection, at most `MAX_CLIENTS` of them; survives a failing accept()."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], family: socket.AddressFamily) -> None:
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._refusals = 0
+        super().__init__(address, _QuietHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays queued; waiting keeps this thread from spinning.
+                log.warning("metrics: cannot accept a connection: %s; retrying", exc)
+                time.sleep(0.5)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refusals += 1
+            if self._refusals in (1, 10, 100) or self._refusals % 1000 == 0:
+                log.warning(
+                    "metrics: %d connections refused, %d already open",
+                    self._refusals, MAX_CLIENTS,
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+
+def _with_head(app: Callable[..., Any]) -> Callable[..., Any]:
+    """`app` answering HEAD like GET without the body (prometheus_client knows only GET)."""
+
+    def answer(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ["REQUEST_METHOD"] != "HEAD":
+            return app(environ, start_response)
+        body = app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        return [b"" for _ in body]
+
+    return answer
+
+
+def start_metrics_server(
+    registry: CollectorRegistry, port: int, host: str = "0.0.0.0"
+) -> _MetricsServer:
+    """Serve `registry` on ``http://host:port/metrics`` from a daemon thread; returns the server.
+
+    Stop it with ``server.shutdown()`` and ``server.server_close()``.
+    """
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server = _MetricsServer((str(address[0]), int(address[1])), family)
+    server.set_app(_with_head(make_wsgi_app(registry)))
+    threading.Thread(target=server.serve_forever, name="rsaga-metrics", daemon=True).start()
+    log.info("serving metrics on http://%s:%d/metrics", host, server.server_port)
+    return server
+
+
 async def serve_metrics(
     registry: CollectorRegistry, port: int, stop: anyio.Event, host: str = "0.0.0.0"
 ) -> None:
     """Serve the registry on ``http://host:port/metrics`` until `stop` is set."""
-
-    async def answer(client: SocketStream) -> None:
-        async with client:
-            try:
-                request = await client.receive(65536)
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
-            if path.split(b"?")[0] == b"/metrics":
-                body, status, kind = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST
-            else:
-                body, status, kind = b"see /metrics\n", b"404 Not Found", "text/plain"
-            head = (
-                b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind.encode()
-                + b"\r\nContent-Length: " + str(len(body)).encode()
-                + b"\r\nConnection: close\r\n\r\n"
-            )
-            with contextlib.suppress(anyio.BrokenResourceError):
-                await client.send(head + body)
-
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    log.info("serving metrics on http://%s:%d/metrics", host, port)
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, answer)
+    server = start_metrics_server(registry, port, host)
+    try:
         await stop.wait()
-        tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(server.shutdown)
+        server.server_close()
 
 
 async def refresh_loop(
@@ -317,6 +437,7 @@ async def refresh_loop(
         except Exception as exc:
             if not redis_down(exc):
                 raise
+            observer.redis_up.set(0)
             log.warning("could not refresh metrics from Redis: %s", exc)
         with anyio.move_on_after(interval):
             await stop.wait()

@@ -280,7 +280,7 @@ class EventStore:
             raise EventDecodeError(
                 f"log entry {log_id} lacks a valid s/v/d field: {exc!r}"
             ) from None
-        event = self.codec.decode_wanted(stream_id, version, blob, wanted)
+        event = self.codec.decode_wanted(stream_id, version, blob, wanted, fields.get(b"t"))
         return None if event is None else LogEntry(log_id, event)
 
     # --- writing ------------------------------------------------------------------

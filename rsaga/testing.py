@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -134,7 +135,12 @@ class RedisServer:
     """
 
     def __init__(
-        self, port: int | None = None, binary: str | None = None, *, persist: bool = False
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        *,
+        persist: bool = False,
+        append_only: bool = False,
     ) -> None:
         found = binary or shutil.which("redis-server")
         if found is None:
@@ -146,6 +152,9 @@ class RedisServer:
         self._process: subprocess.Popen[bytes] | None = None
         self.persist = persist
         """Save to disk on `stop` and load on `start`, so data outlives a restart."""
+        self.append_only = append_only
+        """Log every write to an append-only file, fsynced before the reply
+        (``appendfsync always``), so data outlives even `kill`."""
 
     @staticmethod
     def available() -> bool:
@@ -161,7 +170,8 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "3600 1" if self.persist else "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.append_only else "no",
+                "--appendfsync", "always",
                 "--dir", self._dir,
                 "--logfile", str(log),
             ],
@@ -187,6 +197,16 @@ class RedisServer:
         if self._process and self._process.poll() is None:
             self._process.terminate()
             self._process.wait(timeout=10)
+
+    def freeze(self) -> None:
+        """Stop the server's process (SIGSTOP): connections stay open, nothing answers."""
+        if self._process and self._process.poll() is None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen server go on (SIGCONT)."""
+        if self._process and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Kill the server at once (SIGKILL)."""

@@ -131,22 +131,18 @@ class _Isolation:
     """One per worker: lets an entry that went through a crash run alone in the process.
 
     While it runs, every group of the process has its earlier work acknowledged
-    and names what runs alone (the entry in its own group, "-" in the others),
-    so if the process dies now, a take-over blames that entry and nothing else.
+    and records that entry as the only one started, so if the process dies now,
+    a take-over blames that entry and nothing else.
     """
 
     def __init__(self) -> None:
         self.gate = _Gate()
         self.subscriptions: list[_Subscription] = []
 
-    async def mark(self, running: _Subscription | None, log_id: str) -> None:
-        for sub in self.subscriptions:
-            value = None if running is None else (log_id if sub is running else "-")
-            await sub.deliver("marking", sub.consumer.mark_running_alone, value)
-
     async def flush_all(self) -> None:
         for sub in self.subscriptions:
-            await sub.deliver("acknowledging", sub.flush_acks)
+            if sub.acks_due:
+                await sub.deliver("acknowledging", sub.flush_acks)
 
 
 class _Source(Protocol):
@@ -269,6 +265,13 @@ class _Subscription:
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
         self._to_ack: list[RawEntry] = []
+        self._started: set[str] = set()
+        """Entries a handler has started and that are not acknowledged yet."""
+        self._started_in_redis: frozenset[str] = frozenset()
+        """`_started` as last recorded in Redis."""
+        self._start_wanted = anyio.Event()
+        self._starts_recorded = anyio.Event()
+        self._start_lock = anyio.Lock()
         self._ack_wanted = anyio.Event()
         self._space = anyio.Event()
         self._stopping = False
@@ -304,11 +307,13 @@ class _Subscription:
             async with anyio.create_task_group() as io:
                 io.start_soon(self._read_loop)
                 io.start_soon(self._ack_loop)
+                io.start_soon(self._start_loop)
                 io.start_soon(self._claim_loop)
                 io.start_soon(self._keep_alive_loop)
                 await stop.wait()
                 self._stopping = True
                 io.cancel_scope.cancel()
+            self._starts_recorded.set()  # runners waiting for a record write it themselves
             # Runners stop after their current entry; whatever still runs at the
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
@@ -406,9 +411,15 @@ class _Subscription:
             last_id = await self.deliver("reading", read_and_dispatch)
             self._read_nothing = bool(last_id)
             if last_id:
-                await self._retrying(
-                    "waiting", self.consumer.wait_for_entries, last_id, self.settings.block_ms
-                )
+                try:
+                    await self.consumer.wait_for_entries(last_id, self.settings.block_ms)
+                except Exception as exc:
+                    if not redis_down(exc):
+                        raise
+                    # No backoff of its own: the next read waits out an outage,
+                    # and a dropped connection alone must not stall reading.
+                    log.debug("%s: waiting for entries failed: %s", self.name, exc)
+                    await anyio.sleep(0.1)
 
     def _dispatch(self, entries: Sequence[RawEntry]) -> None:
         """Queue entries per stream, in the order given; start a runner per new stream."""
@@ -435,18 +446,20 @@ class _Subscription:
                 del self._queues[key]
 
     async def _run(self, entry: RawEntry) -> bool:
-        """Run one entry: with others normally, alone if it was held by a consumer that died.
+        """Run one entry: with others normally, alone if a handler started it before a crash.
 
-        Running a suspect alone, with everything before it acknowledged and its id
-        recorded, lets the next take-over blame only the entry that crashed the
-        worker, so a poison entry reaches dead letters without taking innocent
-        entries with it. Returns False if the worker is stopping and it did not run.
+        Running a suspect alone, with everything before it acknowledged and only
+        it recorded as started, lets the next take-over blame only the entry that
+        crashed the worker, so a poison entry reaches dead letters without taking
+        innocent entries with it. Returns False if the worker is stopping and it
+        did not run.
         """
         isolation = self.isolation
         if entry.deliveries <= 1:
             async with isolation.gate.shared(), self.limiter:
                 if self._stopping:
                     return False
+                await self._record_start(entry)
                 if await self._process(entry):
                     self._to_ack.append(entry)
                     self._ack_wanted.set()
@@ -455,37 +468,84 @@ class _Subscription:
             if self._stopping:
                 return False
             await isolation.flush_all()
-            await isolation.mark(self, entry.log_id)
+            await self._record_start(entry)
             if await self._process(entry):
                 self._to_ack.append(entry)
                 await self.deliver("acknowledging", self.flush_acks)
-            await isolation.mark(None, "")
         return True
+
+    async def _record_start(self, entry: RawEntry) -> None:
+        """Record in Redis that a handler starts `entry` (batched with other starts).
+
+        A take-over counts a delivery only for recorded entries, so the record
+        must be in Redis before the handler runs.
+        """
+        self._started.add(entry.log_id)
+        self._start_wanted.set()
+        while entry.log_id not in self._started_in_redis:
+            if self._stopping:
+                # The recording loop has stopped; this entry was already on
+                # its way in when the stop came, so it still runs.
+                await self._retrying("recording starts", self._write_starts)
+            else:
+                await self._starts_recorded.wait()
+
+    async def _start_loop(self) -> None:
+        while True:
+            await self._start_wanted.wait()
+            self._start_wanted = anyio.Event()
+            await self._retrying("recording starts", self._write_starts)
+
+    async def _write_starts(self) -> None:
+        """Replace this consumer's record of started entries with what has started now.
+
+        One write at a time: a late write of an older set would hide a start.
+        """
+        async with self._start_lock:
+            started = frozenset(self._started)
+            await self.consumer.record_started(started)
+            self._started_in_redis = started
+            recorded, self._starts_recorded = self._starts_recorded, anyio.Event()
+            recorded.set()
+
+    @property
+    def acks_due(self) -> bool:
+        """Whether finished entries wait to be acknowledged."""
+        return bool(self._to_ack)
 
     def _finished(self, entries: Sequence[RawEntry]) -> None:
         for entry in entries:
             self._known.discard(entry.log_id)
+            self._started.discard(entry.log_id)
         self._space.set()
 
     # --- handling one entry -----------------------------------------------------------
 
     async def _process(self, entry: RawEntry) -> bool:
         """Handle, retry or dead-letter one entry; True when it is to be acknowledged."""
+        if entry.deliveries > self.settings.max_deliveries:
+            # Checked before decoding: decoding is part of what may have crashed.
+            reason = RuntimeError(
+                f"started {entry.deliveries - 1} times without acknowledgement "
+                "(did it crash its workers?)"
+            )
+            await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
+            return False
         try:
             item = self.source.decode(entry)
         except UNDELIVERABLE as exc:
             await self._dead_letter(entry, exc, attempts=0, tb="")
             return False
+        except Exception as exc:
+            # Whatever the bytes from Redis make the decoder raise, the entry can
+            # never be handled: a dead letter with the reason, never a crash loop.
+            undecodable = EventDecodeError(f"entry {entry.log_id} cannot be decoded: {exc!r}")
+            tb = traceback.format_exc(limit=8)
+            await self._dead_letter(entry, undecodable, attempts=0, tb=tb)
+            return False
         if item is None:
             self._observer.entry_handled(self.source.name, seconds=0.0, outcome="skipped")
             return True
-        if entry.deliveries > self.settings.max_deliveries:
-            reason = RuntimeError(
-                f"delivered {entry.deliveries} times without acknowledgement "
-                "(did its worker crash while handling it?)"
-            )
-            await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
-            return False
         attempt = 0
         backoff = _Backoff()
         started = time.perf_counter()

@@ -53,7 +53,7 @@ async def scrape(port: int) -> dict[str, float]:
                 except anyio.EndOfStream:
                     break
     head, _, text = body.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
+    assert head.split(b" ", 2)[1] == b"200", head  # HTTP/1.0 or 1.1
     samples = {}
     for line in text.decode().splitlines():
         if line and not line.startswith("#"):

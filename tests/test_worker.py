@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 import msgspec
@@ -23,7 +24,8 @@ from rsaga import (
 )
 from rsaga.config import WorkerSettings
 from rsaga.consumer import GroupConsumer
-from rsaga.deadletters import DeadLetters
+from rsaga.deadletters import DeadLetter, DeadLetters
+from rsaga.events import MAX_EVENT_NESTING
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.retry import FixedDelay
 from rsaga.scripts import script
@@ -304,7 +306,7 @@ async def test_taking_over_keeps_stream_order(redis: Redis, prefix: str) -> None
     await store.append("s", [Ping(n=4)])
     taken = (await other.read(10)).entries
     assert [int(e.fields[b"v"]) for e in taken] == [1, 2, 3, 4]
-    assert [e.deliveries for e in taken] == [2, 2, 2, 1]
+    assert [e.deliveries for e in taken] == [1, 1, 1, 1]  # held, never started: no blame
     assert await redis.hget(store.keyspace.stream_owners(0, "g"), "s") == b"other"
 
 
@@ -315,14 +317,17 @@ async def test_poison_entry_redelivered_too_often_goes_to_dead_letters(
     await store.append("p", [Ping()])
     crashy = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "crashy", claim_timeout_ms=1)
     await crashy.ensure_group()
-    await crashy.read(1)
-    for n in range(FAST.max_deliveries - 1):  # each take-over is one more delivery
+    [entry] = (await crashy.read(1)).entries
+    for n in range(FAST.max_deliveries - 1):  # each crash after a start is one more delivery
+        await crashy.record_started([entry.log_id])
         await anyio.sleep(0.005)
-        entries, dead = await GroupConsumer(
+        crashy = GroupConsumer(
             redis, store.keyspace, 0, Recorder.name, f"crashy{n}", claim_timeout_ms=1
-        ).take_over_dead()
+        )
+        entries, dead = await crashy.take_over_dead()
         assert len(entries) == 1
         assert entries[0].deliveries == n + 2
+    await crashy.record_started([entry.log_id])
 
     class QuickRecorder(Recorder):
         claim_timeout = 0.05
@@ -563,3 +568,159 @@ async def test_handed_entries_beyond_a_batch_are_not_overtaken(redis: Redis, pre
     for _ in range(3):
         seen.append([int(e.fields[b"v"]) for e in (await owner.read(2)).entries])
     assert seen == [[2, 3], [4, 5], [6, 7]]
+
+
+class Deep(msgspec.Struct, frozen=True):
+    """An event with a field of any shape: nesting is up to the writer."""
+
+    x: Any
+
+
+class DeepReader(EventHandler):
+    name = "deep-reader"
+    events = (Deep,)
+    retry = FixedDelay(interval=0, max_retries=0)
+
+    async def handle(self, event: RecordedEvent, ctx: HandlerContext) -> None:
+        raise AssertionError("an undecodable event reached the handler")
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def envelope(type_name: str, payload: bytes, occurred_at_ms: int = 1_700_000_000_000) -> bytes:
+    return msgspec.msgpack.encode(
+        [bytes(16), type_name, occurred_at_ms, "corr", None, msgspec.Raw(payload)]
+    )
+
+
+async def dead_letter_of_planted_entry(
+    redis: Redis, prefix: str, fields: dict[bytes, bytes], handler: EventHandler
+) -> DeadLetter:
+    """Plant `fields` in the log before a good entry; run a worker until both are done."""
+    store = EventStore(
+        redis, EventRegistry([Ping, Seen, Deep]), keyspace=Keyspace(prefix=prefix)
+    )
+    await redis.xadd(store.keyspace.log(0), fields)
+    await store.append("after", [Ping()])
+    dead = DeadLetters(redis, store.keyspace)
+    worker = Worker(Executor(store), [handler, Recorder()], settings=FAST)
+
+    async def done() -> bool:
+        return await dead.count() == 1 and await seen_versions(store, "after") == [1]
+
+    await run_workers([worker], done)
+    [letter] = await dead.list()
+    return letter
+
+
+POISON_ENTRIES = {
+    "time out of range": (
+        "Ping",
+        envelope("Ping", msgspec.msgpack.encode(Ping()), occurred_at_ms=10**15),
+        "occurred_at_ms 1000000000000000 is out of range",
+    ),
+    "nested past the stack": (
+        "Deep",
+        envelope("Deep", b"\x81\xa1x" + b"\x91" * 20_000 + b"\x01"),  # {"x": [[[..1..]]]}
+        "RecursionError",
+    ),
+    "log type disagrees with the envelope": (
+        "Ping",
+        envelope("Stranger", msgspec.msgpack.encode({"a": 1})),
+        "the log names type 'Ping' but the envelope holds 'Stranger'",
+    ),
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISON_ENTRIES))
+async def test_an_undecodable_entry_is_a_dead_letter_not_a_crash(
+    redis: Redis, prefix: str, poison: str
+) -> None:
+    logged_type, blob, reason = POISON_ENTRIES[poison]
+    fields = {b"s": b"bad", b"v": b"1", b"t": logged_type.encode(), b"d": blob}
+    letter = await dead_letter_of_planted_entry(redis, prefix, fields, DeepReader())
+    assert letter.error_type == "EventDecodeError"
+    assert reason in letter.error
+
+
+async def test_the_delivery_count_is_checked_before_decoding(redis: Redis, prefix: str) -> None:
+    store = make_store(redis, prefix)
+    log_key = store.keyspace.log(0)
+    await redis.xadd(log_key, {b"s": b"x", b"v": b"1", b"t": b"Ping", b"d": b"\xc1"})
+    crashy = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "crashy")
+    await crashy.ensure_group()
+    [entry] = (await crashy.read(1)).entries
+    await redis.xclaim(log_key, Recorder.name, "crashy", 0, [entry.log_id], retrycount=9)
+    await crashy.keep_alive(leaving=True)  # what every crash before left
+
+    class QuickRecorder(Recorder):
+        claim_timeout = 0.1
+
+    dead = DeadLetters(redis, store.keyspace)
+    worker = Worker(Executor(store), [QuickRecorder()], settings=FAST)
+    await run_workers([worker], lambda: _has(dead.count(), 1))
+    [letter] = await dead.list()
+    assert "without acknowledgement" in letter.error
+
+
+async def test_an_event_nested_too_deep_is_refused_at_append(redis: Redis, prefix: str) -> None:
+    store = EventStore(redis, EventRegistry([Deep]), keyspace=Keyspace(prefix=prefix))
+    await store.append("ok", [Deep(nested(MAX_EVENT_NESTING - 1))])
+    with pytest.raises(ValidationError, match="nests containers more than 64 deep"):
+        await store.append("deep", [Deep({"k": nested(MAX_EVENT_NESTING)})])
+    assert await store.version("deep") == 0
+
+
+async def test_a_take_over_blames_only_the_entries_a_handler_started(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    for stream_id in "abcde":
+        await store.append(stream_id, [Ping(), Ping()])
+    crashed = GroupConsumer(redis, store.keyspace, 0, "grp", "crashed", claim_timeout_ms=1)
+    await crashed.ensure_group()
+    held = (await crashed.read(100)).entries
+    assert len(held) == 10
+    first, second = held[0], held[1]
+    await crashed.record_started([first.log_id, second.log_id])
+    await crashed.ack([first])  # one done, one running, 8 held
+    await anyio.sleep(0.005)
+    heir = GroupConsumer(redis, store.keyspace, 0, "grp", "heir", claim_timeout_ms=1)
+    taken, dead = await heir.take_over_dead()
+    assert dead == ["crashed"]
+    assert {e.log_id: e.deliveries for e in taken} == {
+        e.log_id: 2 if e is second else 1 for e in held[1:]
+    }
+
+
+async def test_a_dead_consumers_streams_are_spread_over_the_live_consumers(
+    redis: Redis, prefix: str
+) -> None:
+    store = make_store(redis, prefix)
+    streams = [f"s{n}" for n in range(6)]
+    for stream_id in streams:
+        await store.append(stream_id, [Ping(n=1), Ping(n=2)])
+
+    def consumer(name: str) -> GroupConsumer:
+        return GroupConsumer(redis, store.keyspace, 0, "grp", name, claim_timeout_ms=100)
+
+    dead, heir, peer = consumer("dead"), consumer("heir"), consumer("peer")
+    await dead.ensure_group()
+    assert len((await dead.read(100)).entries) == 12
+    await anyio.sleep(0.15)
+    await peer.keep_alive()
+    mine, _ = await heir.take_over_dead()
+    theirs = (await peer.read(100)).entries
+    assert len(mine) == len(theirs) == 6
+    for entries in (mine, theirs):
+        by_stream: dict[str, list[int]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream_id, []).append(int(entry.fields[b"v"]))
+        assert all(versions == [1, 2] for versions in by_stream.values())
+    owners = await redis.hgetall(store.keyspace.stream_owners(0, "grp"))
+    assert sorted(owners.values()) == [b"heir"] * 3 + [b"peer"] * 3

@@ -10,8 +10,10 @@
     ARGV[4 ..] pairs: entry id, stream id ('' for an entry without one)
 
   Output:
-    {acknowledged, handed}   the number of entries this call acknowledged, and
-                             the handed entries as {id, fields} in log order.
+    {acknowledged, handed, deliveries}   the number of entries this call
+                                         acknowledged, the handed entries as
+                                         {id, fields} in log order, and how
+                                         often each has been delivered.
 ]]
 -- @include "release_entry"
 -- @include "pop_handoffs"
@@ -22,5 +24,5 @@ local acknowledged = 0
 for i = 4, #ARGV, 2 do
   acknowledged = acknowledged + release_entry(log, owners, counts, group, me, ARGV[i], ARGV[i + 1])
 end
-local handed = pop_handoffs(log, handoffs, group, me, tonumber(ARGV[3]))
-return {acknowledged, handed}
+local handed, deliveries = pop_handoffs(log, handoffs, group, me, tonumber(ARGV[3]))
+return {acknowledged, handed, deliveries}

@@ -11,8 +11,10 @@
      acknowledged at once, here. For each other entry of stream S:
      - if a live consumer owns S (it holds in-flight entries of S), hand the
        entry to that owner: XCLAIM it over and note it in the owner's handoffs;
-     - if a dead consumer owns S, take over everything it holds first;
-     - then this consumer owns S, and the entry is returned.
+     - if a dead consumer owns S, take over everything it holds first
+       (spread over the live consumers, see includes/take_over.lua), and
+       hand the entry to S's new owner if that is another consumer;
+     - else this consumer owns S, and the entry is returned.
      Each entry counts towards its stream's in-flight count until acknowledged.
   3. If nothing was read at all, return the log's last entry id, so the caller
      can block on XREAD from there without missing anything.
@@ -40,11 +42,7 @@ local group, me, count, timeout_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumb
 local now = now_ms()
 redis.call('HSET', alive, me, now)
 
-local entries, more_handed = pop_handoffs(log, handoffs, group, me, count)
-local deliveries = {}
-for i = 1, #entries do
-  deliveries[i] = 1
-end
+local entries, deliveries, more_handed = pop_handoffs(log, handoffs, group, me, count)
 local read = {}
 if not more_handed then
   local reply = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', count, 'STREAMS', log, '>')
@@ -74,8 +72,9 @@ for _, entry in ipairs(read) do
       owner = redis.call('HGET', owners, stream_id) or false
     end
     if owner and owner ~= me and is_dead(alive, owner, now, timeout_ms) then
-      take_over(log, group, owners, alive, handoffs, me, owner, entries, deliveries)
-      owner = me
+      take_over(log, group, owners, alive, handoffs, me, owner, entries, deliveries, now,
+                timeout_ms)
+      owner = redis.call('HGET', owners, stream_id) or false
     end
     if owner and owner ~= me then
       mine = false

@@ -1,7 +1,8 @@
 --[[
   Take over every consumer of a group that has been silent for longer than the
   claim timeout (its worker died or hung): all its pending entries and the
-  ownership of their streams (see includes/take_over.lua). Consumers with
+  ownership of their streams, spread over the live consumers (see
+  includes/take_over.lua). Consumers with
   pending entries that never reported being alive count as dead too.
 
   Input:
@@ -9,9 +10,9 @@
     ARGV[1] group   ARGV[2] consumer   ARGV[3] claim timeout ms
 
   Output:
-    {entries, deliveries, dead}   entries as {id, fields} in log order, how often
-                                  each has been delivered, and the consumers
-                                  taken over
+    {entries, deliveries, dead}   the entries this consumer runs, as {id, fields}
+                                  in log order, how often each has been
+                                  delivered, and the consumers taken over
 ]]
 -- @include "now_ms"
 -- @include "is_dead"
@@ -37,7 +38,8 @@ end
 local entries, deliveries, dead = {}, {}, {}
 for consumer in pairs(suspects) do
   if consumer ~= me and is_dead(alive, consumer, now, timeout_ms) then
-    take_over(log, group, owners, alive, handoffs, me, consumer, entries, deliveries)
+    take_over(log, group, owners, alive, handoffs, me, consumer, entries, deliveries, now,
+              timeout_ms)
     dead[#dead + 1] = consumer
   end
 end

@@ -1,16 +1,17 @@
 --[[
   Take up to `limit` of the entries other consumers handed to `consumer` (see
-  read_batch.lua), oldest first, and return them in log order, each as
-  {id, fields}, plus whether more stay queued. An entry someone else has taken
-  over since, or that is no longer pending, is skipped. While some stay queued
-  the consumer must not read new entries: they would overtake the queued ones.
+  read_batch.lua and take_over.lua), oldest first, and return them in log
+  order, each as {id, fields}, with how often each has been delivered, plus
+  whether more stay queued. An entry someone else has taken over since, or that
+  is no longer pending, is skipped. While some stay queued the consumer must
+  not read new entries: they would overtake the queued ones.
 ]]
 local function pop_handoffs(log, handoffs, group, consumer, limit)
   local queued = redis.call('HGET', handoffs, consumer)
   if not queued then
-    return {}, false
+    return {}, {}, false
   end
-  local entries, rest, taken = {}, {}, 0
+  local entries, deliveries, rest, taken = {}, {}, {}, 0
   for id in string.gmatch(queued, '%S+') do
     if taken < limit then
       taken = taken + 1
@@ -19,6 +20,7 @@ local function pop_handoffs(log, handoffs, group, consumer, limit)
         local found = redis.call('XRANGE', log, id, id)
         if #found == 1 then
           entries[#entries + 1] = found[1]
+          deliveries[#deliveries + 1] = pending[1][4]
         end
       end
     else
@@ -30,5 +32,5 @@ local function pop_handoffs(log, handoffs, group, consumer, limit)
   else
     redis.call('HSET', handoffs, consumer, table.concat(rest, ' '))
   end
-  return entries, #rest > 0
+  return entries, deliveries, #rest > 0
 end
