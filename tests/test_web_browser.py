@@ -13,13 +13,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import pytest
 from redis.asyncio import Redis
-from rsaga_examples.demo import DemoTravel, demo_store, run_demo
+from rsaga_examples.demo import DemoOrders, DemoTravel, demo_store, run_demo
+from rsaga_examples.orders import OrderPlaced
 
-from rsaga.testing import free_port, require_real_redis
+from rsaga.testing import Driver, ManualClock, free_port, require_real_redis
 
 pytestmark = [pytest.mark.real_redis, pytest.mark.slow]
 
@@ -36,8 +38,17 @@ def _chromium() -> str:
     return found
 
 
-async def _prepare(url: str, prefix: str) -> str:
-    """A finished demo run and one dead letter; the stream id of a completed trip."""
+class Prepared(NamedTuple):
+    trip: str
+    """Stream id of a completed trip."""
+    order: str
+    """Stream id of an order waiting for a payment that never comes."""
+    correlation: str
+    """The waiting order's correlation id."""
+
+
+async def _prepare(url: str, prefix: str) -> Prepared:
+    """A finished demo run, a waiting order and one dead letter."""
     redis = Redis.from_url(url)
     try:
         report = await run_demo(redis, orders=6, trips=8, failure_rate=0.4, timeout_rate=0.0,
@@ -51,7 +62,13 @@ async def _prepare(url: str, prefix: str) -> str:
             "failed_at_ms": str(int(time.time() * 1000)), "t": "x", "d": "",
         })
         completed = [o.id for o in report.outcomes if o.kind == "trip" and o.actual == "completed"]
-        return f"{DemoTravel.name}-{completed[0]}"
+        # No payment service: the order waits (on a manual clock at the real time).
+        driver = Driver(store, [DemoOrders()], clock=ManualClock(int(time.time() * 1000)))
+        await store.append("order-w1", [OrderPlaced("w1", 100)])
+        await driver.run_until_idle()
+        order = f"{DemoOrders.name}-w1"
+        correlation = (await store.read(order)).events[0].correlation_id
+        return Prepared(f"{DemoTravel.name}-{completed[0]}", order, correlation)
     finally:
         await redis.aclose()
 
@@ -84,12 +101,13 @@ def console(real_redis_url: str, prefix: str, tmp_path: Path) -> Iterator[str]:
         server.wait(10)
 
 
-def test_an_operator_finds_a_saga_reads_it_and_acts_on_a_dead_letter(
+def test_an_operator_finds_a_process_reads_it_and_acts_on_it(
     console: str, real_redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
     playwright_api = pytest.importorskip("playwright.sync_api")
+    expect = playwright_api.expect
     chromium = _chromium()
-    trip = anyio.run(_prepare, real_redis_url, prefix)
+    prepared = anyio.run(_prepare, real_redis_url, prefix)
     shots = DOCS if os.environ.get("RSAGA_UPDATE_SCREENSHOTS") == "1" else tmp_path
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
@@ -101,43 +119,58 @@ def test_an_operator_finds_a_saga_reads_it_and_acts_on_a_dead_letter(
 
         page.goto(console + "/")
         types = page.locator("#process-types")
-        playwright_api.expect(types).to_contain_text("travel-booking")
-        playwright_api.expect(types).to_contain_text("order-fulfilment")
+        expect(types).to_contain_text("travel-booking")
+        expect(types).to_contain_text("order-fulfilment")
         page.screenshot(path=str(shots / "console-overview.png"), full_page=True)
 
+        # A saga, found by type, state and process id prefix.
         page.get_by_role("link", name="Processes").click()
         page.select_option("select[name=type]", "travel-booking")
         page.select_option("select[name=state]", "completed")
-        page.fill("input[name=prefix]", trip[:-1])
+        page.fill("input[name=prefix]", prepared.trip.removeprefix(f"{DemoTravel.name}-")[:-1])
         page.get_by_role("button", name="Find").click()
-        playwright_api.expect(page.locator("#process-list")).to_be_visible()
-        page.get_by_role("link", name=trip).click()
-
-        playwright_api.expect(page.locator("#process-status")).to_have_text("completed")
-        playwright_api.expect(page.locator("#saga-steps li.step-done")).to_have_count(3)
-        playwright_api.expect(page.locator("#timeline")).to_contain_text("rsaga.saga.Completed")
+        expect(page.locator("#process-list")).to_be_visible()
+        page.get_by_role("link", name=prepared.trip).click()
+        expect(page.locator("#process-status")).to_have_text("completed")
+        expect(page.locator("#saga-steps li.step-done")).to_have_count(3)
+        expect(page.locator("#timeline")).to_contain_text("rsaga.saga.Completed")
         page.screenshot(path=str(shots / "console-process.png"), full_page=True)
 
+        # An order, found by its correlation id, read, then terminated with the token.
+        page.get_by_role("link", name="Processes").click()
+        page.select_option("select[name=state]", "any")
+        page.fill("input[name=correlation]", prepared.correlation)
+        page.get_by_role("button", name="Find").click()
+        expect(page.locator("#process-list tbody tr")).to_have_count(1)
+        page.get_by_role("link", name=prepared.order).click()
+        expect(page.locator("#process-status")).to_have_text("active")
+        expect(page.locator("#process-state")).to_contain_text("PaymentPending")
+        expect(page.locator("#timeline")).to_contain_text("rsaga.ProcessStarted")
+        assert page.locator("#process-actions").count() == 0  # not signed in
+        page.fill("input[name=token]", TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        page.fill("#process-actions input[name=reason]", "customer cancelled by phone")
+        page.get_by_role("button", name="Terminate").click()
+        expect(page.locator(".flash")).to_contain_text("terminated")
+        expect(page.locator("#process-status")).to_have_text("failed")
+        expect(page.locator("#timeline")).to_contain_text("rsaga.ProcessTerminated")
+        assert page.locator("#process-actions").count() == 0  # it ended: nothing to act on
+
+        # Dead letters: drop one after confirming; without the session the endpoint refuses.
         page.get_by_role("link", name="Dead letters").click()
         table = page.locator("#dead-letters")
-        playwright_api.expect(table).to_contain_text("card <script>alert(1)</script> declined")
-        assert page.get_by_role("button", name="Replay").count() == 0  # not signed in
+        expect(table).to_contain_text("card <script>alert(1)</script> declined")
+        page.get_by_role("button", name="Drop").click()
+        expect(page.locator(".flash")).to_contain_text("dropped")
+        assert dialogs == ["Terminate this process?", "Drop this dead letter for good?"]
+        expect(page.get_by_text("No dead letters.")).to_be_visible()
+        page.get_by_role("link", name="sign out").click()
         refused = page.evaluate(
-            "async () => (await fetch(document.querySelector('#dead-letters td').textContent"
-            ".trim().replace(/^/, '/dead-letters/').replace(/$/, '/drop'),"
-            " {method: 'POST'})).status"
+            "async () => (await fetch('/dead-letters/0/1-0/drop', {method: 'POST'})).status"
         )
         assert refused == 403
 
-        page.fill("input[name=token]", TOKEN)
-        page.get_by_role("button", name="Sign in").click()
-        playwright_api.expect(page.get_by_role("button", name="Drop")).to_be_visible()
-        page.get_by_role("button", name="Drop").click()
-        playwright_api.expect(page.locator(".flash")).to_contain_text("dropped")
-        assert dialogs == ["Drop this dead letter for good?"]
-        playwright_api.expect(page.get_by_text("No dead letters.")).to_be_visible()
-
         time.sleep(3)  # one live refresh of the page must not break it
-        playwright_api.expect(page.get_by_text("No dead letters.")).to_be_visible()
+        expect(page.get_by_text("No dead letters.")).to_be_visible()
         assert errors == []
         browser.close()

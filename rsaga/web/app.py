@@ -31,8 +31,14 @@ from rsaga.errors import RsagaError, ValidationError
 from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.handlers import installed_process_managers
-from rsaga.health import health_report
-from rsaga.inspect import STATES, list_processes, list_timeouts, process_types, show_process
+from rsaga.health import ProcessThresholds, health_report, process_thresholds
+from rsaga.inspect import (
+    SEARCH_STATES,
+    list_timeouts,
+    process_types,
+    search_processes,
+    show_process,
+)
 from rsaga.operator import Operator, ProcessState
 from rsaga.processes import ProcessManager, ProcessRunner
 from rsaga.store import EventStore
@@ -119,6 +125,11 @@ class _Console:
     def redis(self) -> Any:
         return self.store.redis
 
+    def thresholds(self) -> dict[str, ProcessThresholds]:
+        """Each installed process type's health thresholds (its own, or the defaults)."""
+        managers = self.runner.managers.values() if self.runner else ()
+        return process_thresholds(self.settings.health, [type(m) for m in managers])
+
     def operator(self, request: Request) -> Operator:
         """Operator actions as the console's signed-in operator (named by their address)."""
         if self.runner is None:
@@ -150,7 +161,9 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
 
 async def overview(request: Request) -> Response:
     console = _console(request)
-    report = await health_report(console.redis, console.store.keyspace, console.settings.health)
+    report = await health_report(
+        console.redis, console.store.keyspace, console.settings.health, console.thresholds()
+    )
     if request.query_params.get("format") == "json":
         return JSONResponse(msgspec.to_builtins(report, enc_hook=str))
     return _page(request, "overview.html", report=report, refresh=5)
@@ -161,22 +174,28 @@ async def processes(request: Request) -> Response:
     store = console.store
     params = request.query_params
     state = params.get("state", "active")
-    if state not in STATES:
-        return _page(request, "error.html", message=f"unknown state {state!r}", status=400)
-    known = await process_types(store.redis, store.keyspace)
     chosen = params.get("type", "")
-    prefix = params.get("prefix", "")
-    limit = min(max(int(params.get("limit", "50") or 50), 1), 500)
-    rows = await list_processes(
-        store.redis, store.keyspace, types=[chosen] if chosen else known, state=state,
-        limit=limit, stuck_after=console.settings.health.stuck_after,
-    )
-    if prefix:
-        rows = [r for r in rows if r.stream_id.startswith(prefix)]
-    rows.sort(key=lambda r: r.at, reverse=state != "stuck")
+    correlation = params.get("correlation", "").strip()
+    prefix = params.get("prefix", "").strip()
+    try:
+        limit = min(max(int(params.get("limit", "50") or 50), 1), 500)
+        page = await search_processes(
+            store.redis, store.keyspace, types=[chosen] if chosen else None,
+            state=None if state == "any" else state, correlation_id=correlation or None,
+            id_prefix=prefix or None, limit=limit, cursor=params.get("cursor") or None,
+            settings=console.settings.health, thresholds=console.thresholds(),
+        )
+    except (ValidationError, ValueError) as exc:
+        return _page(request, "error.html", message=str(exc), status=400)
+    older = None
+    if page.cursor:
+        query = {k: v for k, v in params.items() if k != "cursor"}
+        older = f"/processes?{urlencode({**query, 'cursor': page.cursor})}"
     return _page(
-        request, "processes.html", rows=rows, types=known, states=STATES, chosen=chosen,
-        state=state, prefix=prefix, limit=limit, refresh=5,
+        request, "processes.html", rows=page.items, older=older,
+        types=await process_types(store.redis, store.keyspace), states=[*SEARCH_STATES, "any"],
+        chosen=chosen, state=state, correlation=correlation, prefix=prefix, limit=limit,
+        refresh=0 if params.get("cursor") else 5,
     )
 
 
