@@ -1,4 +1,5 @@
-"""What one `rsaga health` costs with many processes: round trips, time, index memory.
+"""What one `rsaga health` and one console refresh cost with many processes: round trips,
+time, index memory.
 
 Usage::
 
@@ -8,8 +9,9 @@ Starts a private ``redis-server`` (`rsaga.testing.RedisServer`), fills the proce
 indexes through real commits (each starts one process: a `ProcessStarted` event and
 its index update, the same script call a process manager's first step makes; sent
 64 at a time), then times `health_report` with every per-type check on, counting
-its round trips (each command sent alone or each pipeline is one), and one
-`search_processes` page.
+its round trips (each command sent alone or each pipeline is one), one
+`search_processes` page, and one live refresh of the console's overview and of its
+process list (what a browser's poll asks for, through the ASGI app in process).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ async def main(processes: int, type_count: int) -> None:
             search_s = time.perf_counter() - began
         with RoundTrips() as correlation_trips:
             found = await search_processes(redis, store.keyspace, correlation_id="order-4711")
+        refreshes = await console_refreshes(store, settings)
         print(f"{processes} active processes of {type_count} types: filled in {filled:.1f} s "
               f"({processes / filled:.0f} commits/s); everything stored (streams, shard log, "
               f"indexes) {memory / processes:.0f} bytes per process, of which the process "
@@ -130,7 +133,35 @@ async def main(processes: int, type_count: int) -> None:
         print(f"search, newest 50 active: {search_trips.count} round trips, "
               f"{search_s * 1000:.0f} ms; by correlation id: {correlation_trips.count} round "
               f"trips, {[r.stream_id for r in found.items]}; first page {len(page.items)}")
+        for page_name, (trips_per_refresh, ms) in refreshes.items():
+            print(f"console refresh of {page_name}: {trips_per_refresh} round trips, {ms:.0f} ms")
         await redis.aclose()
+
+
+async def console_refreshes(
+    store: EventStore, health: HealthSettings
+) -> dict[str, tuple[int, float]]:
+    """Round trips and milliseconds of one live refresh of each console page."""
+    import httpx
+
+    from rsaga.config import Settings, StoreSettings
+    from rsaga.web import create_app
+
+    settings = Settings(store=StoreSettings(prefix=store.keyspace.prefix), health=health)
+    app = create_app(settings, open_store=lambda _: store, managers=[])
+    found = {}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
+            for name, path in (("overview", "/"), ("process list", "/processes")):
+                await client.get(path)  # warm
+                with RoundTrips() as trips:
+                    began = time.perf_counter()
+                    answer = await client.get(path, headers={"X-Rsaga-Fragment": "1"})
+                    took = (time.perf_counter() - began) * 1000
+                answer.raise_for_status()
+                found[name] = (trips.count, took)
+    return found
 
 
 if __name__ == "__main__":
