@@ -30,6 +30,7 @@ from rsaga.processes import (
     ProcessStarted,
     decode_timeout,
 )
+from rsaga.worker import timeouts_group
 
 
 class ProcessState(msgspec.Struct):
@@ -128,10 +129,11 @@ class Operator:
         """The latest dead letter of a trigger of this process, as (shard, id), if any."""
         redis, keyspace = self.store.redis, self.store.keyspace
         found: tuple[int, str] | None = None
+        groups = {manager.name, timeouts_group(manager.name)}  # its events, its timeouts
         for shard in range(keyspace.shards):
             entries: Any = await redis.xrevrange(keyspace.dead_letters(shard), count=1000)
             for entry_id, fields in entries:
-                if fields.get(b"handler", b"").decode(errors="replace") != manager.name:
+                if fields.get(b"handler", b"").decode(errors="replace") not in groups:
                     continue
                 if self._triggers(manager, process_id, fields):
                     if found is None or _later(entry_id.decode(), found[1]):

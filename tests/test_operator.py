@@ -44,7 +44,9 @@ from rsaga.processes import (
     ProcessRetried,
     ProcessSignalled,
     ProcessTerminated,
+    Timeout,
     TimeoutFired,
+    TimeoutTrigger,
     Trigger,
 )
 from rsaga.sagas import StepCompensated, StepSucceeded
@@ -92,7 +94,11 @@ class ApprovalProcess(ProcessManager[list[str]]):
     def decide(self, state: list[str], trigger: Trigger, process: ProcessInfo) -> Decision:
         match trigger:
             case EventTrigger(event=RecordedEvent(data=Approval())):
-                return Decision(events=[Approved("nobody")])
+                return Decision(events=[Approved("nobody")], schedule=[Timeout("remind", 60)])
+            case TimeoutTrigger(name="remind"):
+                if ApprovalProcess.broken:
+                    raise DomainError("reminders are broken")
+                return Decision(events=[Approved("timer")])
             case EventTrigger(event=RecordedEvent(data=Reminder())):
                 if ApprovalProcess.broken:
                     raise DomainError("reminders are broken")
@@ -264,8 +270,30 @@ async def test_retry_redelivers_a_dead_lettered_trigger_after_the_fix(driver: Dr
     assert (await ops.state("approval-r2")).state == ["nobody", "reminded"]
     history = await events_of(driver, "approval-r2")
     assert ProcessRetried(f"dead letter 0/{letter.id}", BY) in history
+    assert (await ops.retry("approval-r2")).startswith("fired timeout remind")
     with pytest.raises(NothingToRetry, match="no pending timeout and no dead-lettered"):
         await ops.retry("approval-r2")
+
+
+async def test_retry_redelivers_a_dead_lettered_timeout(driver: Driver) -> None:
+    await driver.store.append("request-r4", [Approval("r4")])
+    await driver.run_until_idle()
+    ApprovalProcess.broken = True
+    try:
+        await driver.advance(60)  # the reminder fires into a broken decide: dead-lettered
+    finally:
+        ApprovalProcess.broken = False
+    letters = DeadLetters(driver.store.redis, driver.store.keyspace)
+    [letter] = await letters.list()
+    assert letter.timeout == "remind"
+    ops = operator(driver)
+
+    said = await ops.retry("approval-r4")
+    await driver.run_until_idle()
+
+    assert said == f"re-delivered dead letter 0/{letter.id}"
+    assert (await ops.state("approval-r4")).state == ["nobody", "timer"]
+    assert await letters.list() == []
 
 
 async def test_state_is_the_definitions_fold(driver: Driver) -> None:
