@@ -99,7 +99,7 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   (``timeouts_per_s``), against ``raw_per_s``: a Lua loop that only XADDs the
   same due-stream entries, 1,000 per call (``ratio_to_raw``).
 - ``process_e2e``: 2 workers running the handlers installed from
-  ``handlers.orders`` (order fulfilment and the simulated payment, inventory
+  ``rsaga_examples.orders`` (order fulfilment and the simulated payment, inventory
   and shipping services, named with ``--handler``) and one scheduler; after
   50 warm-up orders, 1,000 `OrderPlaced` events at once:
   ``processes_per_s`` = orders / time from the first append until the
@@ -109,7 +109,7 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   shard-log entries one order writes (every group reads every one). Then
   ``dur_p50_ms`` / ``dur_p99_ms``: the same duration for orders placed at a
   paced ``dur_rate`` per second for 3 s.
-- ``saga_e2e``: the same for the travel-booking saga of ``handlers.travel``:
+- ``saga_e2e``: the same for the travel-booking saga of ``rsaga_examples.travel``:
   2 workers running ``travel-booking``, ``hotel-service``, ``flight-service``
   and ``car-service`` (entry points; ``RSAGA_HANDLERS`` for any not
   installed), services replying at once, and one scheduler; after 50 warm-up
@@ -175,9 +175,9 @@ import msgspec
 from plugins import PROBE_TIMEOUT, Fired, Ping, Seen, TimerProbe, latency_key
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from rsaga_examples.orders import OrderPlaced
+from rsaga_examples.travel import SERVICES, TRAVEL_EVENTS, TripRequested
 
-from handlers.orders import OrderPlaced
-from handlers.travel import SERVICES, TRAVEL_EVENTS, TripRequested
 from rsaga import (
     Command,
     DomainError,
@@ -780,7 +780,7 @@ E2E_PACED_RATE = 20
 """Orders per second appended while measuring process duration."""
 E2E_PACED_SECONDS = 3.0
 E2E_GROUPS = ("order-fulfilment", "payment-service", "inventory-service", "shipping-service")
-"""The handlers process_e2e runs (entry points of handlers.orders), so its log's groups."""
+"""The handlers process_e2e runs (entry points of rsaga_examples.orders), so its log's groups."""
 SAGA_TRIPS = 1_000
 SAGA_WARMUP_TRIPS = 50
 SAGA_WORKERS = 2
@@ -790,10 +790,10 @@ SAGA_PACED_RATE = 20
 """Trips per second requested while measuring saga duration."""
 SAGA_PACED_SECONDS = 3.0
 SAGA_HANDLERS = {
-    "travel-booking": "handlers.travel:TravelBooking",
-    "hotel-service": "handlers.travel:HotelService",
-    "flight-service": "handlers.travel:FlightService",
-    "car-service": "handlers.travel:CarService",
+    "travel-booking": "rsaga_examples.travel:TravelBooking",
+    "hotel-service": "rsaga_examples.travel:HotelService",
+    "flight-service": "rsaga_examples.travel:FlightService",
+    "car-service": "rsaga_examples.travel:CarService",
 }
 """The handlers saga_e2e runs (name -> import path, used if no entry point has the name)."""
 POLL = 0.005

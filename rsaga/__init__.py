@@ -5,6 +5,7 @@ The public API is what this module exports; everything else is internal.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from rsaga.app import open_store
 from rsaga.clock import Clock, ManualClock, SystemClock
 from rsaga.commands import Command, StatelessCommand, StreamId, Writes
 from rsaga.config import Settings, load_settings
@@ -107,4 +108,5 @@ __all__ = [
     "Writes",
     "__version__",
     "load_settings",
+    "open_store",
 ]

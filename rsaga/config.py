@@ -6,12 +6,17 @@ one `ConfigError` line naming the key and the problem; the CLI exits 2 on it.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import inspect
+import itertools
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NamedTuple, get_args
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -25,27 +30,78 @@ DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
 
 
 class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """How to reach Redis."""
+    """How to reach Redis: address, credentials, TLS files and time limits.
+
+    The password never shows in a message or a ``repr`` (``***``).
+    """
 
     url: str = ""
-    """``redis://[user:password@]host:port/db`` or ``rediss://`` for TLS; empty: none."""
+    """``redis://[user:password@]host:port/db``, ``rediss://`` for TLS or ``unix://``;
+    empty: no server (`rsaga demo` then runs on embedded fakeredis)."""
+    username: str = ""
+    """ACL user (instead of the one in `url`); empty: the URL's, or ``default``."""
+    password: str = ""
+    """Password (instead of the one in `url`); prefer `password_file`."""
+    password_file: str = ""
+    """File holding the password (one line), read at every new connection."""
+    tls_ca: str = ""
+    """PEM file of the CA that signed the server's certificate (``rediss://`` only)."""
+    tls_cert: str = ""
+    """PEM file of this client's certificate, for servers that require one (mutual TLS)."""
+    tls_key: str = ""
+    """PEM file of the private key of `tls_cert` (if not in the same file)."""
     socket_timeout: float = 5.0
     """Seconds before a Redis call without a blocking timeout gives up."""
+    connect_timeout: float = 60.0
+    """Seconds a starting worker or scheduler waits for Redis to answer before it exits 1."""
     max_connections: int = 1000
     """Ceiling on the connection pool of one process (connections open as needed)."""
 
     def __post_init__(self) -> None:
-        if self.url:
-            parts = urlsplit(self.url)
-            if parts.scheme not in ("redis", "rediss", "unix"):
-                raise ValueError(
-                    f"url: scheme must be redis://, rediss:// or unix://, "
-                    f"got {redact_url(self.url)!r}"
-                )
+        address = parse_redis_url(self.url) if self.url else None
+        if address is not None and self.username and address.username:
+            raise ValueError("username: given twice, in redis.url and redis.username")
+        passwords = [
+            name
+            for name, given in (
+                ("redis.url", address is not None and address.password is not None),
+                ("redis.password", bool(self.password)),
+                ("redis.password_file", bool(self.password_file)),
+            )
+            if given
+        ]
+        if len(passwords) > 1:
+            raise ValueError(f"password: given more than once, in {' and '.join(passwords)}")
+        if self.password_file and not Path(self.password_file).is_file():
+            raise ValueError(f"password_file: no such file: {self.password_file}")
+        self._check_tls(address)
         if self.socket_timeout <= 0:
             raise ValueError(f"socket_timeout: must be > 0, got {self.socket_timeout}")
+        if self.connect_timeout < 0:
+            raise ValueError(f"connect_timeout: must be >= 0, got {self.connect_timeout}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections: must be >= 1, got {self.max_connections}")
+
+    def _check_tls(self, address: RedisAddress | None) -> None:
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if not path:
+                continue
+            if address is None or address.scheme != "rediss":
+                where = redact_url(self.url) if self.url else "empty"
+                raise ValueError(f"{name}: TLS needs a rediss:// url, redis.url is {where}")
+            if not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key: set redis.tls_cert too (the certificate of this key)")
+
+    def __repr__(self) -> str:
+        shown = {
+            name: "***" if name == "password" and value else value
+            for name, value in msgspec.structs.asdict(self).items()
+        }
+        shown["url"] = redact_url(self.url)
+        return "RedisSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,7 +110,8 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefix: str = "rsaga"
     """Prefix of every key."""
     shards: int = 1
-    """Number of shards; each stream id maps to one. Changing it remaps streams."""
+    """Number of shards; each stream id maps to one (``crc32 % shards``) and its keys carry
+    the shard as a hash tag. Changing it remaps streams."""
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     """Largest encoded event accepted."""
     read_page_size: int = DEFAULT_PAGE_SIZE
@@ -72,7 +129,7 @@ class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The command executor."""
 
     retry: RetryPolicy = DEFAULT_COMMAND_RETRY
-    """Retry policy on version conflicts."""
+    """Retry policy on version conflicts: ``kind`` "fixed", "exponential" or "linear"."""
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -93,8 +150,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_ttl: float = 15.0
     """Seconds a worker's heartbeat lives unless renewed."""
     claim_timeout: float | None = None
-    """Seconds a silent worker keeps its entries before others take over; None: each
-    handler's own `claim_timeout`."""
+    """Seconds a silent worker keeps its entries before others take over; None (empty in
+    the environment): each handler's own `claim_timeout`."""
     max_deliveries: int = 5
     """Deliveries without acknowledgement (crashes) before an entry goes to dead letters."""
     dead_letter_max_len: int = 100_000
@@ -140,7 +197,8 @@ class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Thresholds of `rsaga health` (warning: exit 1, critical: exit 2)."""
 
     stuck_after: float = 3600.0
-    """Seconds without progress after which an active process counts as stuck (warning)."""
+    """Seconds without progress after which an active process with no pending timeout counts
+    as stuck (warning); one waiting on a timeout is stuck once it is `overdue_after` late."""
     overdue_after: float = 60.0
     """Seconds past due after which an unmoved timeout is overdue (critical)."""
     lag_warning: int = 1000
@@ -170,6 +228,40 @@ class LoggingSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"level: must be DEBUG, INFO, WARNING or ERROR, got {self.level!r}")
 
 
+class WebSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The operator console (`rsaga web`, needs the ``web`` extra)."""
+
+    host: str = "127.0.0.1"
+    """Address the console listens on; loopback by default."""
+    port: int = 8080
+    """Port the console listens on."""
+    token: str = ""
+    """Operator token that enables actions (replay, drop, terminate...); empty: read-only."""
+    token_file: str = ""
+    """File holding the operator token (one line), instead of `token`."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: must be in 1..65535, got {self.port}")
+        if self.token and self.token_file:
+            raise ValueError("token: given twice, in web.token and web.token_file")
+        if self.token_file and not Path(self.token_file).is_file():
+            raise ValueError(f"token_file: no such file: {self.token_file}")
+
+    def operator_token(self) -> str | None:
+        """The operator token (from `token` or `token_file`), or None: the console is read-only."""
+        if self.token_file:
+            return Path(self.token_file).read_text().strip() or None
+        return self.token or None
+
+    def __repr__(self) -> str:
+        token = "***" if self.token else ""
+        return (
+            f"WebSettings(host={self.host!r}, port={self.port!r}, token={token!r}, "
+            f"token_file={self.token_file!r})"
+        )
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """All of rsaga's settings."""
 
@@ -180,6 +272,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    web: WebSettings = msgspec.field(default_factory=WebSettings)
 
     def __post_init__(self) -> None:
         if self.worker.block_ms >= self.redis.socket_timeout * 1000:
@@ -189,33 +282,162 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
 
 
-ENV_OVERRIDES: dict[str, tuple[str, str]] = {
-    "RSAGA_REDIS_URL": ("redis", "url"),
-    "RSAGA_REDIS_SOCKET_TIMEOUT": ("redis", "socket_timeout"),
-    "RSAGA_REDIS_MAX_CONNECTIONS": ("redis", "max_connections"),
-    "RSAGA_PREFIX": ("store", "prefix"),
-    "RSAGA_SHARDS": ("store", "shards"),
-    "RSAGA_MAX_EVENT_BYTES": ("store", "max_event_bytes"),
-    "RSAGA_HANDLERS": ("worker", "handlers"),
-    "RSAGA_CONCURRENCY": ("worker", "concurrency"),
-    "RSAGA_SHUTDOWN_TIMEOUT": ("worker", "shutdown_timeout"),
-    "RSAGA_CLAIM_TIMEOUT": ("worker", "claim_timeout"),
-    "RSAGA_STUCK_AFTER": ("health", "stuck_after"),
-    "RSAGA_LOG_FORMAT": ("logging", "format"),
-    "RSAGA_LOG_LEVEL": ("logging", "level"),
+_SHORT_NAMES: dict[tuple[str, str], str] = {
+    ("store", "prefix"): "RSAGA_PREFIX",
+    ("store", "shards"): "RSAGA_SHARDS",
+    ("store", "max_event_bytes"): "RSAGA_MAX_EVENT_BYTES",
+    ("worker", "handlers"): "RSAGA_HANDLERS",
+    ("worker", "concurrency"): "RSAGA_CONCURRENCY",
+    ("worker", "shutdown_timeout"): "RSAGA_SHUTDOWN_TIMEOUT",
+    ("worker", "claim_timeout"): "RSAGA_CLAIM_TIMEOUT",
+    ("health", "stuck_after"): "RSAGA_STUCK_AFTER",
+    ("logging", "format"): "RSAGA_LOG_FORMAT",
+    ("logging", "level"): "RSAGA_LOG_LEVEL",
 }
-"""Environment variables and the setting each overrides."""
+"""Established names of the most used settings; every other one is RSAGA_<SECTION>_<KEY>."""
+
+
+def _setting_keys() -> list[tuple[str, str]]:
+    return [
+        (section.name, field.name)
+        for section in msgspec.structs.fields(Settings)
+        for field in msgspec.structs.fields(section.type)
+    ]
+
+
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    _SHORT_NAMES.get(key, f"RSAGA_{key[0]}_{key[1]}".upper()): key for key in _setting_keys()
+}
+"""Environment variables and the setting each overrides: one for every setting."""
+
+OTHER_VARIABLES: dict[str, str] = {
+    "RSAGA_CONFIG": "the config file",
+    "RSAGA_REQUIRE_REDIS": "the test kit: fail, not skip, without redis-server",
+    "RSAGA_TEST_REDIS_URL": "the test kit: the Redis of real-Redis tests",
+    "RSAGA_UPDATE_SCREENSHOTS": "the test suite: refresh the console screenshots in docs/",
+    "RSAGA_SERVICE_LATENCY_MS": "the example application: simulated service latency",
+}
+"""``RSAGA_*`` variables that are not settings but are read by someone (never an error)."""
+
+_LIST_SEPARATOR = ","
+
+
+def _field(section: str, key: str) -> msgspec.structs.FieldInfo:
+    section_type = next(f.type for f in msgspec.structs.fields(Settings) if f.name == section)
+    return next(f for f in msgspec.structs.fields(section_type) if f.name == key)
+
+
+def _from_env(section: str, key: str, text: str) -> Any:
+    """An environment variable's text as the value the setting's type wants:
+    a list is comma-separated, a table (the retry policy) JSON, empty is None
+    where None is allowed; msgspec converts the rest from the text."""
+    default = getattr(getattr(Settings(), section), key)
+    if isinstance(default, list):
+        return [item.strip() for item in text.split(_LIST_SEPARATOR) if item.strip()]
+    if isinstance(default, msgspec.Struct):
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"expected a JSON object ({exc})") from None
+    if text == "" and type(None) in get_args(_field(section, key).type):
+        return None
+    return text
+
+
+def _unknown_variables(env: Mapping[str, str]) -> None:
+    known = [*ENV_OVERRIDES, *OTHER_VARIABLES]
+    for var in sorted(env):
+        if var.startswith("RSAGA_") and var not in known:
+            # Compared without the prefix every candidate shares, or all look close.
+            close = difflib.get_close_matches(
+                var.removeprefix("RSAGA_"), [k.removeprefix("RSAGA_") for k in known], n=1
+            )
+            hint = f"did you mean RSAGA_{close[0]}?" if close else "see the README's Configuration"
+            raise ConfigError(f"environment: {var} is not a known variable; {hint}")
+
+
+class RedisAddress(NamedTuple):
+    """A Redis URL split into the address (no credentials in it) and the credentials."""
+
+    scheme: str
+    address: str
+    """The URL without its user part: safe to print, parse and hand to redis-py."""
+    username: str | None
+    password: str | None
+
+
+def _split_user_part(url: str) -> tuple[str, str | None, str]:
+    """(scheme://, user part or None, the rest), split without parsing.
+
+    The user part ends at the *last* ``@``: a password may hold ``@``, ``/``,
+    ``?`` or ``#`` unencoded, which would make a URL parser read part of it as
+    the host, port or path (and print it in the error).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head = scheme + sep
+    if "@" not in rest:
+        return head, None, rest
+    user_part, _, rest = rest.rpartition("@")
+    return head, user_part, rest
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password (in the user part or the query) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        netloc = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-    if "password=" in parts.query:
-        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
-    return urlunsplit(parts)
+    """`url` with its password (in the user part or the query) replaced by ``***``.
+
+    Never raises, whatever `url` holds.
+    """
+    head, user_part, rest = _split_user_part(url)
+    if user_part is not None:
+        user, has_password, _ = user_part.partition(":")
+        user_part = f"{user}:***" if has_password else user
+        head += user_part + "@"
+    return head + re.sub(r"([?&]password=)[^&#]*", r"\1***", rest)
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """Split and check a Redis URL; `ValueError` ("url: ...", password redacted) if bad.
+
+    The user part is taken off before anything parses the URL, so a password
+    with unencoded ``/``, ``#`` or ``?`` is read as a password, never printed.
+    """
+    head, user_part, rest = _split_user_part(url)
+    scheme = head.removesuffix("://")
+    shown = redact_url(url)
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"url: scheme must be redis://, rediss:// or unix://, got {shown!r}")
+    username = password = None
+    if user_part is not None:
+        user, has_password, secret = user_part.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if has_password else None
+    address = head + rest
+    parts = urlsplit(address)
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"url: unix:// needs the socket's path, got {shown!r}")
+    else:
+        if not parts.hostname:
+            raise ValueError(f"url: no host in {shown!r}")
+        try:
+            parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+        except ValueError:
+            raise ValueError(f"url: port must be a number, got {shown!r}") from None
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError(
+                f"url: database must be a number (redis://host:port/0), got {shown!r}"
+            )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = [value for name, value in query if name == "password"]
+    if in_query:
+        if password is not None:
+            raise ValueError(f"url: password given twice (user part and query) in {shown!r}")
+        password = in_query[0]
+        rest_of_query = urlencode([(name, value) for name, value in query if name != "password"])
+        address = urlunsplit(parts._replace(query=rest_of_query))
+    return RedisAddress(scheme, address, username, password)
 
 
 _AT_PATH = re.compile(r"^(.*) - at `\$\.?(.*)`$")
@@ -254,13 +476,17 @@ def load_settings(
     elif explicit:
         raise ConfigError(f"{config_path}: config file not found")
     source = str(config_path) if config_path.exists() else "defaults"
+    _unknown_variables(env)
     from_env: dict[str, str] = {}
     for var, (section, key) in ENV_OVERRIDES.items():
         if var in env:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{source}: {section}: expected a table")
-            table[key] = env[var].split(",") if key == "handlers" else env[var]
+            try:
+                table[key] = _from_env(section, key, env[var])
+            except ValueError as exc:
+                raise ConfigError(f"environment: {section}.{key} (from {var}): {exc}") from None
             from_env[f"{section}.{key}"] = var
     if from_env:
         source += " + environment"
@@ -268,3 +494,52 @@ def load_settings(
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_one_line(exc, source, from_env)) from None
+
+
+def settings_table() -> str:
+    """The README's table of every setting: key, environment variable, default, meaning.
+
+    Meanings are the settings' own docstrings in this module, so the table
+    cannot drift from the code (a test compares it with the README).
+    """
+    meanings = _field_docstrings()
+    defaults = Settings()
+    rows = [
+        "| setting | env | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for var, (section, key) in ENV_OVERRIDES.items():
+        default = getattr(getattr(defaults, section), key)
+        env = f"`{var}`"
+        if isinstance(default, list):
+            env += " (comma-separated)"
+        elif isinstance(default, msgspec.Struct):
+            env += " (JSON)"
+        shown = msgspec.json.encode(default).decode()
+        meaning = meanings[(section, key)].replace("``", "`").replace("|", "\\|")
+        rows.append(f"| `{section}.{key}` | {env} | `{shown}` | {meaning} |")
+    return "\n".join(rows)
+
+
+def _field_docstrings() -> dict[tuple[str, str], str]:
+    """(section, key) -> the docstring under the field, joined into one line."""
+    classes = {
+        cls.__name__: section.name
+        for section in msgspec.structs.fields(Settings)
+        for cls in [section.type]
+    }
+    found: dict[tuple[str, str], str] = {}
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef) or node.name not in classes:
+            continue
+        for field, doc in itertools.pairwise(node.body):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                found[(classes[node.name], field.target.id)] = " ".join(doc.value.value.split())
+    return found

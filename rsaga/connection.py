@@ -2,31 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
 
-from redis.asyncio import ConnectionPool, Redis
+import anyio
+from redis.asyncio import ConnectionPool, Redis, SSLConnection
 from redis.backoff import ExponentialBackoff
+from redis.credentials import CredentialProvider
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from rsaga.config import RedisSettings, redact_url
+from rsaga.config import RedisAddress, RedisSettings, parse_redis_url, redact_url
 from rsaga.errors import ConfigError, RedisUnavailable
+from rsaga.health import redis_down
+from rsaga.keyspace import Keyspace
+from rsaga.permissions import MissingPermissions, missing_permissions
+
+log = logging.getLogger("rsaga.connection")
 
 
 def connect(settings: RedisSettings) -> Redis:
-    """A client for ``settings.url`` (TLS for ``rediss://``; ACL user and password from it).
+    """A client for ``settings.url`` (TLS for ``rediss://``), with the configured credentials.
 
     Connection errors are retried briefly by redis-py itself; longer outages
     surface as `RedisUnavailable` from the store and are handled by the caller.
     """
     if not settings.url:
         raise ConfigError("redis.url: no Redis configured (set RSAGA_REDIS_URL)")
+    # Only the credential-free address is ever parsed by redis-py, so no
+    # error it raises can quote the password.
+    target = parse_redis_url(settings.url)
     try:
         # A plain pool (a blocking one costs ~20% per round trip, measured);
         # max_connections is a ceiling, connections are opened as needed.
         pool = ConnectionPool.from_url(
-            settings.url,
+            target.address,
             decode_responses=False,
             socket_timeout=settings.socket_timeout,
             socket_connect_timeout=settings.socket_timeout,
@@ -34,10 +49,52 @@ def connect(settings: RedisSettings) -> Redis:
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            **_credentials(settings, target),
+            **_tls_files(settings),
         )
     except ValueError as exc:
         raise ConfigError(f"redis.url: {exc} ({redact_url(settings.url)})") from None
     return Redis(connection_pool=pool)
+
+
+class PasswordFile(CredentialProvider):
+    """Credentials whose password is read from a file at every new connection,
+    so a rotated secret is picked up without a restart."""
+
+    def __init__(self, username: str | None, path: str) -> None:
+        self.username = username
+        self.path = Path(path)
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        """(password,) or (username, password), the password read from the file now."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RedisAuthenticationError(
+                f"redis.password_file: cannot read {self.path}: {exc.strerror}"
+            ) from None
+        password = text.removesuffix("\n").removesuffix("\r")
+        return (self.username, password) if self.username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        """As `get_credentials` (a small local file: reading it does not block for long)."""
+        return self.get_credentials()
+
+
+def _credentials(settings: RedisSettings, target: RedisAddress) -> dict[str, Any]:
+    username = settings.username or target.username
+    if settings.password_file:
+        return {"credential_provider": PasswordFile(username, settings.password_file)}
+    return {"username": username, "password": settings.password or target.password}
+
+
+def _tls_files(settings: RedisSettings) -> dict[str, Any]:
+    files = {
+        "ssl_ca_certs": settings.tls_ca,
+        "ssl_certfile": settings.tls_cert,
+        "ssl_keyfile": settings.tls_key,
+    }
+    return {option: path for option, path in files.items() if path}
 
 
 def embedded() -> Redis:
@@ -52,11 +109,105 @@ def embedded() -> Redis:
     return client  # type: ignore[no-any-return]
 
 
-async def ping(redis: Redis, where: str) -> dict[str, Any]:
-    """PING and INFO server, or `RedisUnavailable` naming `where` (without password)."""
+class ServerInfo(NamedTuple):
+    """What a Redis server says about itself ("?" where it would not say)."""
+
+    version: str
+    mode: str
+
+
+async def server_info(redis: Redis) -> ServerInfo:
+    """Version and mode from ``HELLO`` (allowed to every ACL user), else ``INFO server``."""
     try:
-        await redis.ping()
-        info: dict[str, Any] = await redis.info("server")
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {exc}") from exc
+        reply: Any = await redis.execute_command("HELLO")  # type: ignore[no-untyped-call]
+    except ResponseError:
+        try:
+            info: dict[str, Any] = await redis.info("server")
+        except ResponseError:  # INFO is @dangerous: a restricted user may not run it
+            return ServerInfo("?", "?")
+        return ServerInfo(str(info.get("redis_version", "?")), str(info.get("redis_mode", "?")))
+    if isinstance(reply, list):  # RESP2 servers (and fakeredis) answer a flat list
+        reply = dict(zip(reply[::2], reply[1::2], strict=True))
+    fields = {_text(key): _text(value) for key, value in reply.items()}
+    return ServerInfo(fields.get("version", "?"), fields.get("mode", "?"))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def ping(
+    redis: Redis, where: str, *, wait: float = 0.0, keyspace: Keyspace | None = None
+) -> ServerInfo:
+    """PING Redis (waiting up to `wait` seconds for it to come up) and say what it is.
+
+    While it is unreachable (refused, timed out, loading) a warning is logged
+    every few seconds; then `RedisUnavailable` names `where` (never a
+    password). Refused credentials fail at once: waiting will not fix them.
+    With `keyspace`, the user's ACL permissions on it are checked too
+    (`MissingPermissions`, one line).
+    """
+    info = await _reachable(redis, where, wait)
+    if keyspace is not None:
+        missing = await missing_permissions(redis, keyspace)
+        if missing:
+            raise MissingPermissions(missing, keyspace.prefix)
     return info
+
+
+async def _reachable(redis: Redis, where: str, wait: float) -> ServerInfo:
+    deadline = time.monotonic() + wait
+    next_log = time.monotonic()
+    delay = 0.1
+    while True:
+        try:
+            await redis.ping()
+            return await server_info(redis)
+        except RedisAuthenticationError as exc:
+            # The cause tells the CLI this is a configuration problem (exit 2), not an outage.
+            raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from exc
+        except Exception as exc:
+            if not redis_down(exc):
+                raise
+            mistake = _tls_mistake(redis, exc)
+            if mistake:
+                raise RedisUnavailable(f"cannot use Redis at {where}: {mistake}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" (waited {wait:g} s)" if wait else ""
+                raise RedisUnavailable(f"cannot reach Redis at {where}{waited}: {exc}") from exc
+            if time.monotonic() >= next_log:
+                log.warning("waiting for Redis at %s (%.0f s left): %s", where, left, exc)
+                next_log = time.monotonic() + LOG_EVERY
+            await anyio.sleep(min(delay, left))
+            delay = min(delay * 2, 1.0)
+
+
+LOG_EVERY = 5.0
+"""Seconds between log lines while a starting process waits for Redis."""
+
+
+def _tls_mistake(redis: Redis, exc: BaseException) -> str | None:
+    """What is wrong with the TLS settings, if `exc` says so (waiting will not fix it).
+
+    A server that requires a client certificate checks it after the handshake
+    (TLS 1.3) and just drops a client without one, which redis-py reports as
+    a reset connection: say what that means.
+    """
+    if redis.connection_pool.connection_class is not SSLConnection:
+        return None
+    kwargs = redis.connection_pool.connection_kwargs
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        hint = "" if kwargs.get("ssl_ca_certs") else "; set redis.tls_ca to the CA that signed it"
+        return f"the server's certificate is not trusted{hint} ({text})"
+    dropped = any(
+        sign in text.lower()
+        for sign in ("reset by peer", "closed by server", "certificate required")
+    )
+    if dropped and not kwargs.get("ssl_certfile"):
+        return (
+            "the server closed the TLS connection: it requires a client certificate; "
+            f"set redis.tls_cert and redis.tls_key ({text})"
+        )
+    return None

@@ -19,9 +19,10 @@ import types
 import typing
 from collections.abc import Container, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic
 
 import msgspec
+from typing_extensions import TypeVar
 
 from rsaga.errors import EventDecodeError, EventTooLarge, UnknownEventType, ValidationError
 
@@ -33,8 +34,16 @@ def new_id() -> str:
     return (time.time_ns() // 1_000_000).to_bytes(6, "big").hex() + os.urandom(10).hex()
 
 
-class RecordedEvent(msgspec.Struct, frozen=True):
-    """An event as stored: where it is, when and why it happened, and its data."""
+EventData = TypeVar("EventData", default=Any)
+"""The type of a `RecordedEvent`'s data; `Any` when not given."""
+
+
+class RecordedEvent(msgspec.Struct, Generic[EventData], frozen=True):
+    """An event as stored: where it is, when and why it happened, and its data.
+
+    ``RecordedEvent[Deposited]`` types `data` as ``Deposited`` for mypy; a bare
+    ``RecordedEvent`` has ``data: Any``.
+    """
 
     stream_id: str
     """The stream the event belongs to."""
@@ -46,7 +55,7 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     """When the event was recorded (UTC, millisecond precision)."""
     type: str
     """The event type name, as registered."""
-    data: Any
+    data: EventData
     """The user's event struct."""
     correlation_id: str
     """Id shared by everything one business request caused."""

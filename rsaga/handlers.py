@@ -160,6 +160,10 @@ def import_handler(path: str) -> InstalledHandler:
         target = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"handler {path!r} cannot be imported: {exc}") from None
+    except Exception as exc:  # the module itself raised while being imported
+        raise ConfigError(
+            f"handler {path!r} failed at import: {type(exc).__name__}: {exc}"
+        ) from exc
     return _load(target, f"import path {path}")
 
 
@@ -186,3 +190,14 @@ def discover_handlers(import_paths: Iterable[str] = ()) -> list[InstalledHandler
             )
         by_name[item.handler.name] = item
     return list(by_name.values())
+
+
+def installed_process_managers(import_paths: Iterable[str] = ()) -> list[ProcessManager[Any]]:
+    """One instance of every installed process type (entry points and `import_paths`)."""
+    from rsaga.processes import ProcessManager
+
+    return [
+        item.handler()
+        for item in discover_handlers(import_paths)
+        if issubclass(item.handler, ProcessManager)
+    ]

@@ -139,18 +139,24 @@ class HealthReport(msgspec.Struct):
         return {"ok": 0, "warning": 1, "critical": 2}[self.status]
 
 
-async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthReport:
-    """Compute the health of a deployment from Redis alone (not one process's memory).
-
-    `settings` is a `HealthSettings`; `keyspace` a `Keyspace`.
-    """
-    now_ms = await _server_ms(redis)
+async def live_heartbeats(redis: Redis, keyspace: Any) -> list[Heartbeat]:
+    """The heartbeats of every live worker and scheduler under `keyspace`'s prefix."""
     beats: list[Heartbeat] = []
     async for key in redis.scan_iter(match=keyspace.heartbeat_pattern(), count=500):
         blob = await redis.get(key)
         if blob:
             with contextlib.suppress(msgspec.DecodeError):
                 beats.append(msgspec.json.decode(blob, type=Heartbeat))
+    return beats
+
+
+async def health_report(redis: Redis, keyspace: Any, settings: Any) -> HealthReport:
+    """Compute the health of a deployment from Redis alone (not one process's memory).
+
+    `settings` is a `HealthSettings`; `keyspace` a `Keyspace`.
+    """
+    now_ms = await _server_ms(redis)
+    beats = await live_heartbeats(redis, keyspace)
     types: set[str] = set()
     async for key in redis.scan_iter(match=keyspace.stats_pattern(), count=500):
         types.add(key.decode().split(":stats:", 1)[1])

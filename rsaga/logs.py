@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
+
+# C0 and C1 controls (ESC starts terminal sequences that retitle windows or hide
+# text) and the bidirectional overrides that reorder what a reader sees.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 _FIELDS = ("correlation_id", "causation_id", "event_id", "stream_id", "version", "group")
 
@@ -49,10 +54,16 @@ class _Formatter(logging.Formatter):
         return " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
 
 
+def printable(text: str) -> str:
+    """`text` with every control character escaped (``\\x1b``, ``\\n``), safe to show a
+    person: data read from Redis must not drive their terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def _quote(value: Any) -> str:
     text = str(value)
-    if not text or any(c in text for c in ' ="\n'):
-        return json.dumps(text)
+    if not text or any(c in text for c in ' ="\\') or _CONTROL.search(text):
+        return json.dumps(text)  # escapes every control character
     return text
 
 

@@ -164,7 +164,32 @@ class ProcessCompensated(msgspec.Struct, frozen=True, tag="rsaga.ProcessCompensa
     duration_ms: int = 0
 
 
+class ProcessTerminated(msgspec.Struct, frozen=True, tag="rsaga.ProcessTerminated"):
+    """An operator ended the process (with `compensate`, a saga undoes its steps first)."""
+
+    reason: str
+    by: str
+    compensate: bool = False
+
+
+class ProcessSignalled(msgspec.Struct, frozen=True, tag="rsaga.ProcessSignalled"):
+    """An operator delivered `data` to the process (`decide` saw it as an `AdvanceTrigger`)."""
+
+    data: Any
+    by: str
+
+
+class ProcessRetried(msgspec.Struct, frozen=True, tag="rsaga.ProcessRetried"):
+    """An operator re-ran the process's current step: `what` was fired or re-delivered."""
+
+    what: str
+    by: str
+
+
 FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
+    ProcessTerminated,
+    ProcessSignalled,
+    ProcessRetried,
     ProcessStarted,
     TimeoutScheduled,
     TimeoutCancelled,
@@ -229,6 +254,33 @@ Trigger = (
     EventTrigger | TimeoutTrigger | StartTrigger | AdvanceTrigger | RejectedTrigger
     | SucceededTrigger
 )
+
+
+class OperatorAction(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's action on one process (see `rsaga.operator`); `decide` never sees it,
+    only what it stands for (an `AdvanceTrigger` for a signal, a `TimeoutTrigger` for a retry)."""
+
+    action: Literal["terminate", "signal", "retry"]
+    by: str
+    reason: str = ""
+    compensate: bool = False
+    data: Any = None
+    timeout: str | None = None
+    """retry: the pending timeout to fire now (None: the next one due, the deadline aside)."""
+    dead_letter: str = ""
+    """retry: the dead-lettered trigger about to be re-delivered (recorded only)."""
+
+
+class ProcessNotFound(ValidationError):
+    """An operator action named a stream that holds no process."""
+
+
+class ProcessFinished(ValidationError):
+    """An operator action on a process that already ended."""
+
+
+class NothingToRetry(ValidationError):
+    """`retry` of a process with no pending timeout and no dead-lettered trigger."""
 
 
 # --- decisions --------------------------------------------------------------------------
@@ -399,6 +451,8 @@ class ProcessInfo(msgspec.Struct):
     """Pending timeouts: name -> token."""
     due: dict[str, int] = msgspec.field(default_factory=dict)
     """Pending timeouts: name -> due time (ms since the epoch)."""
+    attempts: dict[str, int] = msgspec.field(default_factory=dict)
+    """Pending timeouts: name -> attempt."""
     retries: dict[str, int] = msgspec.field(default_factory=dict)
     """Retries scheduled so far, per step."""
     definition_version: int = 1
@@ -474,6 +528,11 @@ class ProcessManager(Generic[S]):
     def decide(self, state: S, trigger: Trigger, process: ProcessInfo) -> Decision:
         """What to do about `trigger`; a finished process is never asked."""
         raise NotImplementedError
+
+    def compensate(self, state: S, process: ProcessInfo, reason: str) -> Decision | None:
+        """What to do when an operator terminates the process with compensation (`reason`
+        says who and why); None: this type has nothing to compensate (the default; sagas do)."""
+        return None
 
     def report(self, event: msgspec.Struct, observer: Observer) -> None:
         """Tell `observer` about one of this process's own new events (none by default)."""
@@ -616,13 +675,15 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
                 info.status = "active"
                 info.started_at_ms = int(event.occurred_at.timestamp() * 1000)
                 info.definition_version = version
-            case TimeoutScheduled(name=name, token=token, due_ms=due_ms):
+            case TimeoutScheduled(name=name, token=token, due_ms=due_ms, attempt=attempt):
                 info.pending[name] = token
                 info.due[name] = due_ms
+                info.attempts[name] = attempt
             case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
                 if info.pending.get(name) == token:
                     del info.pending[name]
                     info.due.pop(name, None)
+                    info.attempts.pop(name, None)
             case RetryScheduled(step=step, attempt=attempt):
                 info.retries[step] = attempt
             case ProcessCompleted():
@@ -631,7 +692,10 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
                 info.status = "failed"
             case ProcessCompensated():
                 info.status = "compensated"
-            case CommandsIssued() | CommandRejected():
+            case (
+                CommandsIssued() | CommandRejected() | ProcessTerminated() | ProcessSignalled()
+                | ProcessRetried()
+            ):
                 pass
             case _:
                 state.state = self.manager.apply(state.state, event)
@@ -640,6 +704,8 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     def handle(self, state: _Loaded) -> Writes | WritePlan:
         info, trigger = state.info, self.trigger
         manager: ProcessManager[Any] = self.manager
+        if isinstance(trigger, OperatorAction):
+            return self._operate(state, trigger)
         if info.finished:
             return {}
         if info.status != "new" and info.definition_version < manager.compatible_since:
@@ -661,15 +727,67 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
         elif (runaway := self._runaway(info)) is not None:
             decision = Decision(fail=runaway)
         else:
-            where = f"process {manager.name} {info.process_id}"
-            try:
-                decided = manager.decide(state.state, trigger, info)
-            except DomainError as exc:
-                raise DefinitionError(f"{where}: decide() raised {exc!r}") from exc
-            decision = check_decision(decided, where, self.events, self.commands)
+            decision = self._decide(state, trigger)
         if decision.is_empty() and not plan.events:
             return {}
         return plan.build(decision)
+
+    def _decide(self, state: _Loaded, trigger: Trigger) -> Decision:
+        """`decide`, with what it returns checked (a `DomainError` is a definition error)."""
+        manager: ProcessManager[Any] = self.manager
+        where = f"process {manager.name} {state.info.process_id}"
+        try:
+            decided = manager.decide(state.state, trigger, state.info)
+        except DomainError as exc:
+            raise DefinitionError(f"{where}: decide() raised {exc!r}") from exc
+        return check_decision(decided, where, self.events, self.commands)
+
+    def _operate(self, state: _Loaded, action: OperatorAction) -> WritePlan:
+        """An operator's action: refused unless the process is active; always recorded."""
+        info, manager = state.info, self.manager
+        where = f"process {info.stream_id}"
+        if info.status == "new":
+            raise ProcessNotFound(f"no process with stream {info.stream_id!r}")
+        if info.finished:
+            raise ProcessFinished(
+                f"{where} already ended {info.status}: nothing to {action.action}"
+            )
+        plan = _Plan(manager, info, self.now_ms, self.commands, self.correlation_id)
+        if action.action == "terminate":
+            plan.events.append(ProcessTerminated(action.reason, action.by, action.compensate))
+            reason = f"terminated by {action.by}: {action.reason}"
+            if not action.compensate:
+                return plan.build(Decision(fail=reason))
+            decided = manager.compensate(state.state, info, reason)
+            if decided is None:
+                raise ValidationError(
+                    f"{where}: {manager.name} is not a saga and has no compensations; "
+                    "terminate it without compensating"
+                )
+            where = f"process {manager.name} {info.process_id}"
+            return plan.build(check_decision(decided, where, self.events, self.commands))
+        if action.action == "signal":
+            plan.events.append(ProcessSignalled(action.data, action.by))
+            return plan.build(self._decide(state, AdvanceTrigger(action.data)))
+        if action.dead_letter:
+            plan.events.append(ProcessRetried(f"dead letter {action.dead_letter}", action.by))
+            return plan.build(Decision())
+        name = action.timeout
+        if name is None:
+            waiting = {n: due for n, due in info.due.items() if n != DEADLINE}
+            name = min(waiting, key=waiting.__getitem__, default=None)
+        if name is None or name not in info.pending:
+            raise NothingToRetry(
+                f"{where} has no pending timeout {name!r} to fire" if action.timeout else
+                f"{where} has no pending timeout and no dead-lettered trigger: nothing to retry"
+            )
+        fired = TimeoutTrigger(name, info.attempts.get(name, 1), info.due[name], info.pending[name])
+        plan.events.append(ProcessRetried(f"timeout {name}", action.by))
+        plan.fired(fired)
+        plan.cancel.append(timeout_id(info.stream_id, name))  # fired now, not again when due
+        if name == DEADLINE:
+            return plan.build(Decision(fail=f"deadline of {manager.deadline:g}s passed"))
+        return plan.build(self._decide(state, fired))
 
 
     def _runaway(self, info: ProcessInfo) -> str | None:
@@ -933,11 +1051,25 @@ class ProcessRunner:
             key=key or f"{process_type}:advance:{new_id()}",
         )
 
+    def fold(
+        self, manager: ProcessManager[Any], process_id: str, events: Sequence[RecordedEvent]
+    ) -> tuple[ProcessInfo, Any]:
+        """What the process's `events` fold to: rsaga's `ProcessInfo` and the user's state."""
+        step = _Step(
+            stream=StreamId(manager.stream_id(process_id)), manager=manager,
+            process_id=process_id, trigger=None, now_ms=self.clock.now_ms(),
+            commands=self.commands, events=self.executor.store.registry, correlation_id="",
+        )
+        loaded = step.initial_state()
+        for event in events:
+            loaded = step.apply(loaded, event)
+        return loaded.info, loaded.state
+
     async def step(
         self,
         manager: ProcessManager[Any],
         process_id: str,
-        trigger: Trigger,
+        trigger: Trigger | OperatorAction,
         *,
         key: str,
         correlation_id: str | None = None,
@@ -981,7 +1113,10 @@ class ProcessRunner:
                 )
 
     def _observe(
-        self, manager: ProcessManager[Any], trigger: Trigger, events: list[RecordedEvent]
+        self,
+        manager: ProcessManager[Any],
+        trigger: Trigger | OperatorAction,
+        events: list[RecordedEvent],
     ) -> None:
         observer = self.executor.observer
         process_type = manager.name

@@ -425,6 +425,25 @@ class Saga(ProcessManager[_SagaState]):
                 )
         return Decision()
 
+    def compensate(self, state: _SagaState, process: ProcessInfo, reason: str) -> Decision | None:
+        """An operator's terminate with compensation: the running step fails (as if it timed
+        out, so it is compensated too: its action may have taken effect), then every done
+        step is compensated in reverse order and the saga ends compensated. A saga already
+        compensating goes on as it was."""
+        p, data = state.progress, state.user
+        if p.phase == "compensating":
+            return Decision()
+        step = p.current
+        if step is None:  # between steps: nothing runs, undo what is done
+            return self._compensate_next(
+                _failed(p, "", reason, timed_out=False, saga=self), data, process.process_id, []
+            )
+        decision = self._compensate_next(
+            _failed(p, step, reason, timed_out=True, saga=self), data, process.process_id,
+            [StepFailed(step, reason)],
+        )
+        return msgspec.structs.replace(decision, cancel=[*decision.cancel, f"step:{step}"])
+
     def report(self, event: msgspec.Struct, observer: Observer) -> None:
         """Compensations and compensation failures, for metrics."""
         if isinstance(event, StepCompensated):

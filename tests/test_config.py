@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
+import msgspec
 import pytest
 
 from rsaga import ConfigError, ExponentialBackoff, FixedDelay, LinearBackoff, load_settings
-from rsaga.config import ENV_OVERRIDES, RedisSettings, Settings, redact_url
+from rsaga.config import (
+    ENV_OVERRIDES,
+    OTHER_VARIABLES,
+    RedisSettings,
+    Settings,
+    parse_redis_url,
+    redact_url,
+    settings_table,
+)
 from rsaga.executor import DEFAULT_COMMAND_RETRY
 
 
@@ -257,6 +268,11 @@ def test_bad_url_scheme_is_refused_without_leaking_the_password() -> None:
         ("redis://user:p@ss@host/0", "redis://user:***@host/0"),
         ("redis://host:6379/0", "redis://host:6379/0"),
         ("redis://user@host:6379/0", "redis://user@host:6379/0"),
+        ("redis://app:Zx9/Qw+7Lk==@host:6379/0", "redis://app:***@host:6379/0"),
+        ("rediss://app:a#b?c@host:6380", "rediss://app:***@host:6380"),
+        ("unix://:p/w@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("redis://h:6379/0?password=s3&db=1", "redis://h:6379/0?password=***&db=1"),
+        ("not a url", "not a url"),
     ],
 )
 def test_redact_url_hides_the_password(url: str, redacted: str) -> None:
@@ -274,4 +290,207 @@ def test_retry_policy_from_file_kinds(tmp_path: Path) -> None:
     )
     assert load_settings(path, environ={}).executor.retry == ExponentialBackoff(
         base=0.5, cap=2.0, multiplier=3.0
+    )
+
+
+SLASHY_PASSWORDS = ["Zx9/Qw+7Lk==", "Ab3#Cd4?Ef5", "Pq7@Rs8/Tu9#Vw0?Xy1", "Mn2%2FOp3"]
+
+
+@pytest.mark.parametrize("password", SLASHY_PASSWORDS)
+def test_a_password_with_reserved_characters_is_read_as_a_password(password: str) -> None:
+    settings = load_settings(environ={"RSAGA_REDIS_URL": f"redis://app:{password}@host:6380/2"})
+    address = parse_redis_url(settings.redis.url)
+    assert address.address == "redis://host:6380/2"
+    assert address.username == "app"
+    assert address.password == unquote(password)
+    assert password not in repr(settings)
+
+
+@pytest.mark.parametrize("password", SLASHY_PASSWORDS)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:{}@host:port/0",
+        "redis://app:{}@host:6379/abc",
+        "redis://app:{}@:6379/0",
+        "http://app:{}@host:6379/0",
+    ],
+)
+def test_a_bad_url_never_prints_its_password(url: str, password: str) -> None:
+    message = config_error(environ={"RSAGA_REDIS_URL": url.format(password)})
+    assert "RSAGA_REDIS_URL" in message
+    assert "app:***@" in message
+    for piece in re.split(r"[/#?@%]", password):
+        assert piece not in message
+
+
+def test_a_non_numeric_database_is_a_config_error() -> None:
+    message = config_error(environ={"RSAGA_REDIS_URL": "redis://host:6379/abc"})
+    assert "redis.url (from RSAGA_REDIS_URL): database must be a number" in message
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/0", "redis://h:6379/", "redis://h:6379", "redis://h/15"]
+)
+def test_numeric_or_no_database_is_accepted(url: str) -> None:
+    assert load_settings(environ={"RSAGA_REDIS_URL": url}).redis.url == url
+
+
+def test_password_settings_from_the_environment(tmp_path: Path) -> None:
+    secret = write(tmp_path / "secret", "from-file\n")
+    settings = load_settings(
+        environ={
+            "RSAGA_REDIS_URL": "redis://host:6379/0",
+            "RSAGA_REDIS_USERNAME": "app",
+            "RSAGA_REDIS_PASSWORD_FILE": str(secret),
+        }
+    )
+    assert settings.redis.username == "app"
+    assert settings.redis.password_file == str(secret)
+    settings = load_settings(
+        environ={"RSAGA_REDIS_URL": "redis://host:6379/0", "RSAGA_REDIS_PASSWORD": "hunter2"}
+    )
+    assert settings.redis.password == "hunter2"
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.redis)
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        (
+            {"RSAGA_REDIS_URL": "redis://:inurl@h/0", "RSAGA_REDIS_PASSWORD": "hunter2"},
+            "redis.password (from RSAGA_REDIS_PASSWORD): given more than once, in redis.url and",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "redis://h/0?password=inurl", "RSAGA_REDIS_PASSWORD": "hunter2"},
+            "redis.password (from RSAGA_REDIS_PASSWORD): given more than once, in redis.url and",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "redis://u@h/0", "RSAGA_REDIS_USERNAME": "other"},
+            "redis.username (from RSAGA_REDIS_USERNAME): given twice",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "redis://h/0", "RSAGA_REDIS_PASSWORD_FILE": "/nonexistent/pw"},
+            "redis.password_file (from RSAGA_REDIS_PASSWORD_FILE): no such file: /nonexistent/pw",
+        ),
+    ],
+)
+def test_conflicting_or_missing_credentials_are_config_errors(
+    environ: dict[str, str], needle: str
+) -> None:
+    message = config_error(environ=environ)
+    assert needle in message
+    assert "hunter2" not in message
+    assert "inurl" not in message
+
+
+def test_tls_files_from_the_environment(tmp_path: Path) -> None:
+    ca, cert, key = (write(tmp_path / name, "PEM") for name in ("ca.pem", "c.pem", "k.pem"))
+    settings = load_settings(
+        environ={
+            "RSAGA_REDIS_URL": "rediss://host:6380/0",
+            "RSAGA_REDIS_TLS_CA": str(ca),
+            "RSAGA_REDIS_TLS_CERT": str(cert),
+            "RSAGA_REDIS_TLS_KEY": str(key),
+        }
+    )
+    assert (settings.redis.tls_ca, settings.redis.tls_cert, settings.redis.tls_key) == (
+        str(ca), str(cert), str(key)
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "needle"),
+    [
+        (
+            {"RSAGA_REDIS_URL": "redis://:pw@host/0", "RSAGA_REDIS_TLS_CA": "{ca}"},
+            "redis.tls_ca (from RSAGA_REDIS_TLS_CA): TLS needs a rediss:// url, "
+            "redis.url is redis://:***@host/0",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "rediss://host/0", "RSAGA_REDIS_TLS_CERT": "/nonexistent.pem"},
+            "redis.tls_cert (from RSAGA_REDIS_TLS_CERT): no such file: /nonexistent.pem",
+        ),
+        (
+            {"RSAGA_REDIS_URL": "rediss://host/0", "RSAGA_REDIS_TLS_KEY": "{ca}"},
+            "redis.tls_key (from RSAGA_REDIS_TLS_KEY): set redis.tls_cert too",
+        ),
+    ],
+)
+def test_bad_tls_settings_are_config_errors(
+    tmp_path: Path, environ: dict[str, str], needle: str
+) -> None:
+    ca = write(tmp_path / "ca.pem", "PEM")
+    message = config_error(environ={k: v.format(ca=ca) for k, v in environ.items()})
+    assert needle in message
+
+
+def test_every_setting_has_exactly_one_environment_variable() -> None:
+    every = [
+        (section.name, field.name)
+        for section in msgspec.structs.fields(Settings)
+        for field in msgspec.structs.fields(section.type)
+    ]
+    assert sorted(ENV_OVERRIDES.values()) == sorted(every)
+    assert all(var.startswith("RSAGA_") for var in ENV_OVERRIDES)
+
+
+@pytest.mark.parametrize(
+    ("var", "text", "expected"),
+    [
+        ("RSAGA_HANDLERS", "a.b:C, d:E", ["a.b:C", "d:E"]),
+        ("RSAGA_EXECUTOR_RETRY", '{"kind": "fixed", "interval": 0.5}', FixedDelay(interval=0.5)),
+        ("RSAGA_CLAIM_TIMEOUT", "", None),
+        ("RSAGA_CLAIM_TIMEOUT", "2.5", 2.5),
+        ("RSAGA_WORKER_BATCH_SIZE", "7", 7),
+        ("RSAGA_WORKER_START", "new", "new"),
+        ("RSAGA_HEALTH_FAILURE_RATE_WARNING", "0.25", 0.25),
+        ("RSAGA_SCHEDULER_MAX_SLEEP", "1", 1.0),
+        ("RSAGA_REDIS_CONNECT_TIMEOUT", "0", 0.0),
+    ],
+)
+def test_environment_values_of_every_kind(var: str, text: str, expected: object) -> None:
+    section, key = ENV_OVERRIDES[var]
+    settings = load_settings(environ={var: text})
+    assert getattr(getattr(settings, section), key) == expected
+
+
+def test_a_retry_policy_that_is_not_json_is_one_line() -> None:
+    message = config_error(environ={"RSAGA_EXECUTOR_RETRY": "fixed"})
+    assert "executor.retry (from RSAGA_EXECUTOR_RETRY): expected a JSON object" in message
+
+
+@pytest.mark.parametrize(
+    ("var", "closest"),
+    [
+        ("RSAGA_SHARD", "RSAGA_SHARDS"),
+        ("RSAGA_REDIS_PASWORD", "RSAGA_REDIS_PASSWORD"),
+        ("RSAGA_LOGLEVEL", "RSAGA_LOG_LEVEL"),
+        ("RSAGA_WORKER_CONCURRENCY", "RSAGA_CONCURRENCY"),
+    ],
+)
+def test_an_unknown_variable_is_an_error_naming_the_closest(var: str, closest: str) -> None:
+    message = config_error(environ={var: "2"})
+    assert message == f"environment: {var} is not a known variable; did you mean {closest}?"
+
+
+def test_an_unknown_variable_far_from_any_known_one_points_at_the_readme() -> None:
+    message = config_error(environ={"RSAGA_XYZZY": "1"})
+    assert message == (
+        "environment: RSAGA_XYZZY is not a known variable; see the README's Configuration"
+    )
+
+
+def test_variables_that_are_not_settings_are_accepted() -> None:
+    environ = dict.fromkeys(OTHER_VARIABLES, "1")
+    environ.pop("RSAGA_CONFIG")
+    assert load_settings(environ={**environ, "OTHER_APP_SHARD": "x"}) == Settings()
+
+
+def test_the_readme_configuration_table_matches_the_settings() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, (
+        "README's configuration table is stale; regenerate it with "
+        "python -c 'from rsaga.config import settings_table; print(settings_table())'"
     )

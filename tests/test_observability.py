@@ -13,8 +13,7 @@ import anyio
 import msgspec
 import pytest
 from redis.asyncio import Redis
-
-from handlers.orders import (
+from rsaga_examples.orders import (
     WORLD_EVENTS,
     InventoryService,
     OrderFulfilment,
@@ -22,6 +21,7 @@ from handlers.orders import (
     PaymentService,
     ShippingService,
 )
+
 from rsaga import EventRegistry, EventStore, Executor, Keyspace
 from rsaga.config import HealthSettings, WorkerSettings
 from rsaga.health import Heartbeat, health_report

@@ -7,8 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 from redis.asyncio import Redis
-
-from handlers.orders import (
+from rsaga_examples.orders import (
     WORLD_EVENTS,
     Delivered,
     InventoryReserved,
@@ -23,6 +22,7 @@ from handlers.orders import (
     ShippingService,
     StatusChanged,
 )
+
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent
 from rsaga.deadletters import DeadLetters
 from rsaga.processes import (

@@ -7,8 +7,7 @@ import random
 import msgspec
 import pytest
 from redis.asyncio import Redis
-
-from handlers.travel import (
+from rsaga_examples.travel import (
     SERVICES,
     TRAVEL_EVENTS,
     Booked,
@@ -20,6 +19,7 @@ from handlers.travel import (
     TravelBooking,
     TripRequested,
 )
+
 from rsaga import EventRegistry, EventStore, Keyspace, RecordedEvent
 from rsaga.deadletters import DeadLetters
 from rsaga.processes import (
@@ -201,7 +201,7 @@ async def test_a_step_whose_service_never_replies_times_out_and_compensates(
     ]
     failed = next(e.data for e in events if isinstance(e.data, StepFailed))
     assert failed.timed_out
-    assert failed.reason == "no reply within 30s"
+    assert failed.reason == f"no reply within {TravelBooking.steps[1].timeout:g}s"
     assert (await service_events(store, "t6"))["car"] == []
 
 

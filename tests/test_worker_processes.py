@@ -315,7 +315,8 @@ async def test_a_saga_ends_the_same_wherever_its_worker_is_killed(
     kill_after: int,
 ) -> None:
     """Hotel and flight book, the car fails: always compensated, each effect once."""
-    from handlers.travel import TRAVEL_EVENTS, TripRequested
+    from rsaga_examples.travel import TRAVEL_EVENTS, TripRequested
+
     from rsaga.sagas import SAGA_EVENTS, SagaCompensated
 
     redis = connect(redis_server.url)

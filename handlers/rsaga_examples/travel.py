@@ -27,6 +27,8 @@ from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.sagas import Saga, Step
 
 SERVICES = ("hotel", "flight", "car")
+STEP_TIMEOUT = 10.0
+"""Seconds each booking step waits for its service's reply (example-sized)."""
 
 
 class TripRequested(msgspec.Struct, frozen=True, tag="travel.TripRequested"):
@@ -169,7 +171,7 @@ def _step(service: str) -> Step:
         failed=(BookingFailed,),
         compensated=(Cancelled,),
         compensation_failed=(CancellationFailed,),
-        timeout=float(os.environ.get("RSAGA_TRAVEL_STEP_TIMEOUT", "30")),
+        timeout=STEP_TIMEOUT,
     )
 
 
