@@ -17,17 +17,15 @@ local function update_process_index(keys, transition, member, duration_ms, next_
     compensate = {'compensated', keys[6]},
   }
   if transition == 'start' or transition == 'progress' then
+    local indexed = redis.call('ZREM', active, member) + redis.call('ZREM', waiting, member)
     if transition == 'start' then
       redis.call('HINCRBY', stats, 'started', 1)
-    elseif not redis.call('ZSCORE', active, member) and not redis.call('ZSCORE', waiting, member)
-    then
+    elseif indexed == 0 then
       return  -- a late step of a process already finished (or never indexed)
     end
     if tonumber(next_due) >= 0 then
-      redis.call('ZREM', active, member)
       redis.call('ZADD', waiting, next_due, member)
     else
-      redis.call('ZREM', waiting, member)
       redis.call('ZADD', active, now, member)
     end
   else
