@@ -36,7 +36,7 @@ from rsaga_examples.travel import (
 
 from rsaga import EventRegistry, EventStore, Executor, Keyspace
 from rsaga.config import WorkerSettings
-from rsaga.processes import ProcessCompleted, ProcessFailed
+from rsaga.processes import ProcessCompensated, ProcessCompleted, ProcessFailed
 from rsaga.scheduler import Scheduler
 from rsaga.testing import Driver, fake_redis, fake_store
 from rsaga.worker import Worker
@@ -93,7 +93,8 @@ async def _ended_after(driver: Driver, stream: str) -> float:
     elapsed = 0.0
     while elapsed < 3600:
         events = (await driver.store.read(stream)).events
-        if events and isinstance(events[-1].data, ProcessCompleted | ProcessFailed):
+        ended = ProcessCompleted | ProcessFailed | ProcessCompensated
+        if events and isinstance(events[-1].data, ended):
             return elapsed - STEP
         await driver.advance(STEP)
         elapsed += STEP
