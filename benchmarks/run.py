@@ -114,11 +114,11 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   and ``car-service`` (entry points; ``RSAGA_HANDLERS`` for any not
   installed), services replying at once, and one scheduler; after 50 warm-up
   trips, 1,000 `TripRequested` events at once, 30% of them with ``fail_at``
-  a random service, so their saga compensates what was booked and fails.
+  a random service, so their saga compensates what was booked.
   ``sagas_per_s`` = trips / time from the first append until the saga's
-  process-stats hash has completed + failed = all (checked afterwards: the
+  process-stats hash has completed + compensated = all (checked afterwards: the
   planned split, and each saga stream ending in ProcessCompleted or a
-  compensated ProcessFailed); ``saga_p50_ms`` / ``saga_p99_ms`` from each
+  ProcessCompensated); ``saga_p50_ms`` / ``saga_p99_ms`` from each
   saga's ProcessStarted to its last event, ``burst_p50_ms`` /
   ``burst_p99_ms`` from the TripRequested append (queueing included);
   ``log_entries_per_saga``. Then ``dur_*`` (from the append) and
@@ -195,11 +195,12 @@ from rsaga.connection import connect as rsaga_connect
 from rsaga.events import new_id
 from rsaga.processes import (
     FRAMEWORK_EVENTS,
+    ProcessCompensated,
     ProcessCompleted,
-    ProcessFailed,
     ProcessRunner,
     ProcessStarted,
     TimeoutPayload,
+    decode_timeout,
     timeout_id,
 )
 from rsaga.sagas import SAGA_EVENTS
@@ -1259,7 +1260,8 @@ async def timeout_lateness(bench: Bench, *, count: int, spread: float) -> Metric
     while True:
         page: Any = await redis.xrange(keyspace.due_timeouts(0), after, "+", count=10_000)
         for entry_id, fields in page:
-            if fields[b"t"].endswith(f"|{PROBE_TIMEOUT}".encode()) and b"cal-" not in fields[b"t"]:
+            probe = decode_timeout(fields[b"p"])
+            if probe.name == PROBE_TIMEOUT and b"cal-" not in fields[b"s"]:
                 moves.append(int(entry_id.partition(b"-")[0]) - float(fields[b"due"]))
         if len(page) < 10_000:
             break
@@ -1465,12 +1467,15 @@ async def saga_e2e(bench: Bench, *, trips: int, workers: int, failing: float) ->
         return out
 
     async def lifecycle() -> tuple[int, int]:
-        """(completed, failed) sagas so far; a compensated saga counts as failed."""
+        """(completed, compensated) sagas so far; a failed saga fails the scenario."""
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hget(stats, "completed")
+            pipe.hget(stats, "compensated")
             pipe.hget(stats, "failed")
-            completed, failed = await pipe.execute()
-        return int(completed or 0), int(failed or 0)
+            completed, compensated, failed = await pipe.execute()
+        if int(failed or 0):
+            raise ScenarioFailed(f"{int(failed)} sagas failed (a compensation failed?)")
+        return int(completed or 0), int(compensated or 0)
 
     def finished(n: int) -> Callable[[], Awaitable[bool]]:
         async def check() -> bool:
@@ -1483,7 +1488,7 @@ async def saga_e2e(bench: Bench, *, trips: int, workers: int, failing: float) ->
     ) -> tuple[list[float], list[float]]:
         """Per trip, ms from ProcessStarted and from TripRequested to the saga's last event.
 
-        Checks that each saga ended as planned: completed, or failed as compensated.
+        Checks that each saga ended as planned: completed, or compensated.
         """
         own: list[float] = []
         total: list[float] = []
@@ -1507,8 +1512,8 @@ async def saga_e2e(bench: Bench, *, trips: int, workers: int, failing: float) ->
                 ok = (
                     isinstance(last.data, ProcessCompleted)
                     if refused is None
-                    else isinstance(last.data, ProcessFailed)
-                    and last.data.reason.startswith(f"compensated: {refused} failed")
+                    else isinstance(last.data, ProcessCompensated)
+                    and last.data.reason.startswith(f"{refused} failed")
                 )
                 if not ok:
                     raise ScenarioFailed(
@@ -1544,7 +1549,7 @@ async def saga_e2e(bench: Bench, *, trips: int, workers: int, failing: float) ->
         log_entries = int(await redis.xlen(keyspace.log(0))) - log_before
         await fleet.wait("every group to read the whole log", drained, poll=0.01)
         drained_s = perf_counter() - started
-        completed, failed = await lifecycle()
+        completed, compensated = await lifecycle()
 
         paced_plan = plan("p", round(SAGA_PACED_RATE * SAGA_PACED_SECONDS * 2))
         paced_ms = await append_paced(
@@ -1558,8 +1563,10 @@ async def saga_e2e(bench: Bench, *, trips: int, workers: int, failing: float) ->
     refused = sum(fail_at[t] is not None for t in burst_ids) + sum(
         fail_at[f"w{i}"] is not None for i in range(SAGA_WARMUP_TRIPS)
     )
-    if failed != refused or completed != SAGA_WARMUP_TRIPS + trips - refused:
-        raise ScenarioFailed(f"{completed} completed and {failed} failed; {refused} were refused")
+    if compensated != refused or completed != SAGA_WARMUP_TRIPS + trips - refused:
+        raise ScenarioFailed(
+            f"{completed} completed and {compensated} compensated; {refused} were refused"
+        )
     burst_own, burst_total = await durations(burst_ids, burst_ms)
     paced_own, paced_total = await durations(paced, paced_ms)
     return {

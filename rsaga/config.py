@@ -197,7 +197,8 @@ class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Thresholds of `rsaga health` (warning: exit 1, critical: exit 2)."""
 
     stuck_after: float = 3600.0
-    """Seconds without progress after which an active process counts as stuck (warning)."""
+    """Seconds without progress after which an active process with no pending timeout counts
+    as stuck (warning); one waiting on a timeout is stuck once it is `overdue_after` late."""
     overdue_after: float = 60.0
     """Seconds past due after which an unmoved timeout is overdue (critical)."""
     lag_warning: int = 1000

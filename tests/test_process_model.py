@@ -594,6 +594,9 @@ TestProcessModel = ProcessModel.TestCase
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fakeredis", "redis"])
 def test_process_model_many_examples(backend: str, request: pytest.FixtureRequest) -> None:
+    """About four minutes per backend: only when asked for with ``-m slow``."""
+    if "slow" not in (request.config.option.markexpr or "").replace("not slow", ""):
+        pytest.skip("many examples: run with -m slow")
     class Model(ProcessModel):
         redis_url = request.getfixturevalue("real_redis_url") if backend == "redis" else None
 

@@ -83,16 +83,13 @@ local function update_process_index(
     redis.call('HSET', records, member, cjson.encode({c = correlation, s = now}))
   end
   if transition == 'start' or transition == 'progress' then
-    if transition == 'progress' and not redis.call('ZSCORE', active, member)
-      and not redis.call('ZSCORE', waiting, member)
-    then
+    local indexed = redis.call('ZREM', active, member) + redis.call('ZREM', waiting, member)
+    if transition == 'progress' and indexed == 0 then
       return  -- a late step of a process already finished (or never indexed)
     end
     if tonumber(next_due) >= 0 then
-      redis.call('ZREM', active, member)
       redis.call('ZADD', waiting, next_due, member)
     else
-      redis.call('ZREM', waiting, member)
       redis.call('ZADD', active, now, member)
     end
     if retries >= 0 then
