@@ -25,7 +25,7 @@ from rsaga.errors import RsagaError
 from rsaga.processes import decode_timeout
 from rsaga.store import EventStore
 from rsaga.testing import RedisServer
-from rsaga.worker import TIMEOUTS_GROUP
+from rsaga.worker import timeouts_group
 
 pytestmark = pytest.mark.slow
 
@@ -92,14 +92,18 @@ def log_dead_letters(store: EventStore, fields: dict[bytes, bytes]) -> int:
 
 
 def due_dead_letters(fields: dict[bytes, bytes]) -> int:
-    if fields.get(b"g", TIMEOUTS_GROUP.encode()) != TIMEOUTS_GROUP.encode():
+    """How many dead letters a due entry makes: timeouts go to one group per process type,
+    and entries that name another type (field `t`) or group (`g`) are acknowledged unread;
+    a valid payload of another type is ignored, an undecodable one is a dead letter."""
+    group = timeouts_group("alarm").encode()
+    if fields.get(b"g", group) != group or fields.get(b"t", b"alarm") != b"alarm":
         return 0
     try:
         payload = decode_timeout(fields[b"p"])
     except (msgspec.DecodeError, KeyError):
         return 1
-    assume(payload.process_type != "alarm")
-    return 1  # an unknown process type
+    assume(payload.process_type != "alarm")  # a valid alarm timeout is no garbage
+    return 0
 
 
 def decodes_as_event(store: EventStore, blob: bytes | None) -> bool:
