@@ -204,3 +204,17 @@ async def test_an_operator_terminates_a_waiting_order_from_its_page(
     again = await console.post(terminate, data={"reason": "fraud"}, headers=bearer)
     assert "already ended failed" in again.json()["message"]
     assert 'id="process-actions"' not in (await console.get(page)).text  # ended: no actions
+
+
+async def test_process_search_by_time_range(console: httpx.AsyncClient) -> None:
+    query = {"type": "travel-booking", "state": "any"}
+    everything = await console.get("/processes", params=query)
+    assert everything.text.count('href="/processes/travel-booking-') == 6
+    future = await console.get("/processes", params={**query, "started_after": "2999-01-01T00:00"})
+    assert 'id="process-list"' not in future.text
+    past = await console.get("/processes", params={**query, "started_after": "2000-01-01T00:00",
+                                                   "finished_before": "2999-01-01T00:00"})
+    assert past.text.count('href="/processes/travel-booking-') == 6
+    bad = await console.get("/processes", params={**query, "started_after": "yesterday"})
+    assert bad.status_code == 400
+    assert "started after: not a time" in bad.text

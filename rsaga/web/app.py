@@ -177,6 +177,7 @@ async def processes(request: Request) -> Response:
     chosen = params.get("type", "")
     correlation = params.get("correlation", "").strip()
     prefix = params.get("prefix", "").strip()
+    bounds = {name: params.get(name, "") for name in _TIME_BOUNDS}
     try:
         limit = min(max(int(params.get("limit", "50") or 50), 1), 500)
         page = await search_processes(
@@ -184,6 +185,7 @@ async def processes(request: Request) -> Response:
             state=None if state == "any" else state, correlation_id=correlation or None,
             id_prefix=prefix or None, limit=limit, cursor=params.get("cursor") or None,
             settings=console.settings.health, thresholds=console.thresholds(),
+            **{name: _utc(name, text) for name, text in bounds.items() if text},
         )
     except (ValidationError, ValueError) as exc:
         return _page(request, "error.html", message=str(exc), status=400)
@@ -195,8 +197,21 @@ async def processes(request: Request) -> Response:
         request, "processes.html", rows=page.items, older=older,
         types=await process_types(store.redis, store.keyspace), states=[*SEARCH_STATES, "any"],
         chosen=chosen, state=state, correlation=correlation, prefix=prefix, limit=limit,
+        bounds=bounds,
         refresh=0 if params.get("cursor") else 5,
     )
+
+
+_TIME_BOUNDS = ("started_after", "started_before", "finished_after", "finished_before")
+
+
+def _utc(name: str, text: str) -> datetime:
+    """A time bound from a ``datetime-local`` input (no zone: the console shows UTC)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValidationError(f"{name.replace('_', ' ')}: not a time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 async def process(request: Request) -> Response:
