@@ -377,11 +377,6 @@ async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _inspection_store(settings: Settings) -> EventStore:
-    """A store whose registry knows every installed handler's and process's events."""
-    return open_store(settings)
-
-
 def _process_types(settings: Settings) -> list[type[ProcessManager[Any]]]:
     """The installed process managers and sagas: their health thresholds apply."""
     return [
@@ -434,7 +429,7 @@ async def _health(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _process(args: argparse.Namespace, settings: Settings) -> int:
     """List processes, or show one."""
-    store = _inspection_store(settings)
+    store = open_store(settings)
     try:
         if args.action == "show":
             view = await show_process(store, args.id)
@@ -488,7 +483,7 @@ async def _process(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _operate(args: argparse.Namespace, settings: Settings) -> int:
     """Act on one process as an operator: state, terminate, signal, retry."""
-    store = _inspection_store(settings)
+    store = open_store(settings)
     try:
         runner = ProcessRunner(
             Executor(store), installed_process_managers(settings.worker.handlers)
@@ -547,7 +542,7 @@ async def _timeouts(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _stream(args: argparse.Namespace, settings: Settings) -> int:
     """Show the events of one stream."""
-    store = _inspection_store(settings)
+    store = open_store(settings)
     try:
         rows = await read_events(store, args.id, from_version=args.from_version, limit=args.limit)
     finally:

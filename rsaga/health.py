@@ -235,9 +235,14 @@ async def live_heartbeats(redis: Redis, keyspace: Keyspace) -> list[Heartbeat]:
     if not consumers:
         return []
     blobs: Any = await redis.mget([keyspace.heartbeat(c.decode()) for c in consumers])
+    return _heartbeats(blobs)
+
+
+def _heartbeats(blobs: Iterable[Any]) -> list[Heartbeat]:
+    """The heartbeats among GET replies (gone, unreadable or failed ones left out)."""
     beats: list[Heartbeat] = []
     for blob in blobs:
-        if blob:
+        if blob and not isinstance(blob, Exception):
             with contextlib.suppress(msgspec.DecodeError):
                 beats.append(msgspec.json.decode(blob, type=Heartbeat))
     return beats
@@ -305,12 +310,7 @@ async def health_report(
             pipe.xlen(keyspace.dead_letters(shard))
             pipe.zcount(keyspace.timeouts(shard), "-inf", overdue_before)
         replies = iter(await pipe.execute(raise_on_error=False))
-    beats: list[Heartbeat] = []
-    for _ in consumers:
-        blob = next(replies)
-        if blob and not isinstance(blob, Exception):
-            with contextlib.suppress(msgspec.DecodeError):
-                beats.append(msgspec.json.decode(blob, type=Heartbeat))
+    beats = _heartbeats([next(replies) for _ in consumers])
     processes = []
     retried: dict[tuple[int, str], list[tuple[bytes, float]]] = {}
     for process_type in ordered:

@@ -76,13 +76,23 @@ class Operator:
         info, state = self.runner.fold(manager, process_id, events)
         return ProcessState(info, state)
 
-    async def _act(self, stream_id: str, action: OperatorAction, key: str) -> ProcessState:
-        manager, process_id, events = await self._locate(stream_id)
+    async def _act(
+        self,
+        stream_id: str,
+        action: OperatorAction,
+        key: str,
+        located: tuple[ProcessManager[Any], str, list[RecordedEvent]] | None = None,
+    ) -> tuple[ProcessState, list[RecordedEvent]]:
+        """Run `action` as one step; the process's state after it, and the events since the
+        read that located it (read once, from where that read ended)."""
+        manager, process_id, events = located or await self._locate(stream_id)
         await self.runner.step(
             manager, process_id, action, key=key,
             correlation_id=events[0].correlation_id if events else None,
         )
-        return await self.state(stream_id)
+        since = (await self.store.read(stream_id, from_version=len(events) + 1)).events
+        info, state = self.runner.fold(manager, process_id, [*events, *since])
+        return ProcessState(info, state), since
 
     async def terminate(
         self, stream_id: str, reason: str, *, compensate: bool = False
@@ -93,13 +103,13 @@ class Operator:
             raise ValidationError("terminate: give a reason (it is recorded with your name)")
         action = OperatorAction(action="terminate", by=self.by, reason=reason,
                                 compensate=compensate)
-        return await self._act(stream_id, action, f"operator:terminate:{new_id()}")
+        return (await self._act(stream_id, action, f"operator:terminate:{new_id()}"))[0]
 
     async def signal(self, stream_id: str, data: Any, *, key: str | None = None) -> ProcessState:
         """Deliver `data` to the process's `decide` as an `AdvanceTrigger`, once per `key`
         (default: a new key, so every call delivers)."""
         action = OperatorAction(action="signal", by=self.by, data=data)
-        return await self._act(stream_id, action, f"operator:signal:{key or new_id()}")
+        return (await self._act(stream_id, action, f"operator:signal:{key or new_id()}"))[0]
 
     async def retry(self, stream_id: str, *, timer: str | None = None) -> str:
         """Re-run the process's current step now; says what it re-ran.
@@ -108,16 +118,18 @@ class Operator:
         otherwise the pending timeout named `timer`, or the next one due (the deadline
         aside), fires now, as if its time had come.
         """
-        manager, process_id, _ = await self._locate(stream_id)
+        located = await self._locate(stream_id)
+        manager, process_id, _ = located
         letter = None if timer is not None else await self._dead_letter_of(manager, process_id)
         action = OperatorAction(
             action="retry", by=self.by, timeout=timer,
             dead_letter=f"{letter[0]}/{letter[1]}" if letter else "",
         )
-        state = await self._act(stream_id, action, f"operator:retry:{new_id()}")
+        state, written = await self._act(
+            stream_id, action, f"operator:retry:{new_id()}", located
+        )
         if letter is None:
-            events = (await self.store.read(stream_id)).events
-            what = next(e.data.what for e in reversed(events) if isinstance(e.data, ProcessRetried))
+            what = next(e.data.what for e in written if isinstance(e.data, ProcessRetried))
             return f"fired {what} (the process is {state.info.status})"
         shard, letter_id = letter
         await DeadLetters(self.store.redis, self.store.keyspace).replay(letter_id, shard=shard)

@@ -6,6 +6,7 @@ import inspect
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -70,3 +71,15 @@ async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
 def prefix() -> str:
     """A key prefix of this test's own, so tests can share one server."""
     return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str) -> Path:
+    """For CLI tests: an empty working directory (no config file), a clean RSAGA_*
+    environment, and this test's prefix."""
+    for var in list(os.environ):
+        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
+            monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RSAGA_PREFIX", prefix)
+    return tmp_path

@@ -22,17 +22,6 @@ from rsaga.deadletters import DeadLetters
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, prefix: str) -> Path:
-    """An empty working directory (no config file) and a clean RSAGA_* environment."""
-    for var in list(os.environ):
-        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
-            monkeypatch.delenv(var)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RSAGA_PREFIX", prefix)
-    return tmp_path
-
-
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

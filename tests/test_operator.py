@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -319,17 +318,12 @@ async def _waiting_order(url: str, prefix: str, order_id: str) -> None:
 
 
 def test_the_cli_verbs_act_on_one_process(
+    env: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
     real_redis_url: str,
     prefix: str,
 ) -> None:
-    for var in list(os.environ):
-        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
-            monkeypatch.delenv(var)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RSAGA_PREFIX", prefix)
     monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
     anyio.run(_waiting_order, real_redis_url, prefix, "c1")
     stream = "order-fulfilment-c1"

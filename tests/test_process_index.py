@@ -4,7 +4,6 @@ of process types, and process search; on fakeredis and on a real Redis."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,15 +259,10 @@ async def test_search_refuses_bad_input(redis: Redis, prefix: str) -> None:
 
 @pytest.fixture
 def cli_env(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, real_redis_url: str, prefix: str
+    env: Path, monkeypatch: pytest.MonkeyPatch, real_redis_url: str
 ) -> pytest.MonkeyPatch:
     """A clean RSAGA_* environment on the real Redis, under the test's prefix."""
-    for var in list(os.environ):
-        if var.startswith("RSAGA_") and var != "RSAGA_REQUIRE_REDIS":
-            monkeypatch.delenv(var)
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
-    monkeypatch.setenv("RSAGA_PREFIX", prefix)
     return monkeypatch
 
 
