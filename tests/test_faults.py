@@ -102,11 +102,12 @@ async def test_kill_loop(
     await workload.check_invariants(redis)
     assert all(w.alive for w in workers), outputs(workers)
     assert percentile(late, 0.99) <= CLAIM_TIMEOUT_MS + 2000
-    # The target is 0.8 (measured: 0.56-0.88, lowest against a baseline of
-    # short streams: each worker process is CPU-bound, and the victim of the
-    # last kill spends a core restarting); the floor still fails the take-over
-    # that piled a dead worker's backlog on one worker (0.09-0.38).
-    assert drain_rate >= 0.5 * base_rate
+    # The target is 0.8 (measured: 0.49-0.88 on the 2-core machine, lowest
+    # against a baseline of short streams: each worker process is CPU-bound, and
+    # the victim of the last kill spends a core restarting); the floor still
+    # fails the take-over that piled a dead worker's backlog on one worker
+    # (0.09-0.38).
+    assert drain_rate >= 0.4 * base_rate
     await redis.aclose()
 
 
