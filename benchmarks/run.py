@@ -34,6 +34,19 @@ a warm-up of ``--warmup`` seconds (0.5), then ``--duration`` seconds (3) timed.
   commits one event to each.
 - ``command_len50_c32``: the same with account streams seeded to 50 events,
   so a command reads and folds ~100 events: the cost of folding history.
+- ``command_len1000_c32``: the same over 1,000 accounts of 1,000 events each
+  (1M events; 10,000 accounts would be 10M), ~2,000 events per command
+  without a snapshot; ``ratio_to_command`` as for len50.
+- ``contended_c64``: 64 tasks transferring 1 between random pairs of only 10
+  accounts (one executor, so one state cache), for 10 x ``--duration`` seconds
+  (30 at the default 3; no warm-up): the streams grow by thousands of events
+  while it runs. ``first_tenth_per_s`` / ``last_tenth_per_s``: commands done
+  per second in the first and the last tenth of the run, and
+  ``last_to_first`` their ratio (history length must not slow commands down);
+  ``retries_per_op`` (version conflicts per command done), ``gave_up``
+  (commands whose retries ran out), ``events_read_per_attempt`` (events read
+  from Redis per attempt, retries included: a retry should read only what
+  changed since the version it saw), ``final_stream_len``.
 
 Each scenario that uses accounts seeds a set of its own (one deposit each,
 outside the timed part), so streams stay short (``events_read_per_op`` shows
@@ -93,7 +106,24 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   idle server (1000/hz ms).
 - ``timeout_lateness_loaded``: the same with 30,000 timeouts due over 3 s
   (10,000 per second); ``fired_per_s`` = timeouts / time from the first due
-  time until all fired.
+  time until all fired. ``timeout_lateness_loaded_w2``: the same with 2
+  worker processes (``workers`` says how many ran).
+- ``timeout_capacity``: one worker running `plugins.TimerProbe`, no
+  scheduler; 20,000 probes started (their timeouts due at once, and the
+  worker has read every start from the log), then this process drains the
+  timeouts onto the due stream with `Scheduler.drain` (``move_s``) and times
+  until every probe completed: ``steps_per_s`` = process steps per second
+  one worker sustains from a full due stream.
+- ``memory_per_process``: order fulfilment (``rsaga_examples.orders``) with a
+  worker and a scheduler, in two keyspaces: ``finished_*`` with every service
+  running, so 1,000 orders (after 50 warm-up ones) run to completion;
+  ``active_*`` with only the process running, so 1,000 orders start and wait
+  for their payment. ``*_bytes``: the growth of MEMORY USAGE (SAMPLES 0)
+  summed over every key of the keyspace but the shard log and the due stream,
+  per order (streams, process index, timeouts); ``*_log_bytes``: the shard
+  log's growth per order (a delivery channel, trimmed after
+  ``worker.log_retention``); ``*_used_memory``: INFO ``used_memory`` growth
+  per order (only meaningful on a quiet server).
 - ``timeout_drain``: 100,000 timeouts due in the past written directly to the
   shard's sorted set and data hash, then `Scheduler.drain` times
   (``timeouts_per_s``), against ``raw_per_s``: a Lua loop that only XADDs the
@@ -162,7 +192,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +217,7 @@ from rsaga import (
     ExpectedVersion,
     Keyspace,
     RecordedEvent,
+    RetriesExhausted,
     StreamId,
     Writes,
 )
@@ -206,6 +237,7 @@ from rsaga.processes import (
 from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
 from rsaga.scripts import Script, script
+from rsaga.store import StreamSlice
 from rsaga.testing import RedisServer, free_port
 
 Metric = float | int | str | None
@@ -221,6 +253,14 @@ PAGE_SIZE = 512
 CONCURRENCIES = (1, 32)
 LONG_HISTORY = 50
 """Events per account stream for command_len50_c32."""
+VERY_LONG_HISTORY = 1_000
+"""Events per account stream for command_len1000_c32."""
+VERY_LONG_ACCOUNTS = 1_000
+"""Accounts seeded for command_len1000_c32 (1M events: 10,000 would be 10M)."""
+CONTENDED_ACCOUNTS = 10
+CONTENDED_CONCURRENCY = 64
+CONTENDED_SECONDS = 30.0
+"""contended_c64's run: 10 x --duration, at most this."""
 
 
 # --- the domain the benchmarks run ----------------------------------------------------
@@ -513,6 +553,8 @@ class Bench:
 
             started = perf_counter()
             await run_batch(seed, len(ids))
+            # Commands never read the shard log: do not keep a million entries of it.
+            await self.redis.unlink(store.keyspace.log(0))
             progress(
                 f"  seeded {count:,} accounts of {history} events"
                 f" in {perf_counter() - started:.1f}s"
@@ -665,27 +707,54 @@ async def append(bench: Bench, *, concurrency: int) -> Metrics:
     return await bench.measure(op, concurrency)
 
 
-async def command(bench: Bench, *, concurrency: int, history: int = 1) -> Metrics:
+class CountingStore(EventStore):
+    """An `EventStore` that counts the reads it serves and the events they return."""
+
+    reads = 0
+    events_read = 0
+
+    async def read_streams(
+        self,
+        stream_ids: Sequence[str],
+        *,
+        from_version: int = 1,
+        from_versions: Mapping[str, int] | None = None,
+    ) -> dict[str, StreamSlice]:
+        found = await super().read_streams(
+            stream_ids, from_version=from_version, from_versions=from_versions
+        )
+        self.reads += 1
+        self.events_read += sum(len(s.events) for s in found.values())
+        return found
+
+
+async def command(
+    bench: Bench, *, concurrency: int, history: int = 1, count: int = ACCOUNTS
+) -> Metrics:
     """Executor.execute of a Transfer between 2 of 10,000 accounts: read 2, fold, write 2."""
-    accounts = await bench.accounts(f"command{concurrency}h{history}", history=history)
-    executor = Executor(accounts.store)
+    accounts = await bench.accounts(
+        f"command{concurrency}h{history}", count=count, history=history
+    )
+    store = CountingStore(bench.redis, bench.registry, keyspace=accounts.store.keyspace)
+    executor = Executor(store)
     await script("commit").load(bench.redis)
     rng = random.Random(4)
     ids = accounts.ids
-    counts = [0, 0, 0]  # operations, attempts, events read by the last attempt
+    counts = [0, 0]  # operations, attempts
 
     async def op() -> None:
         a, b = random_pair(rng, len(ids))
         result = await executor.execute(Transfer(source=StreamId(ids[a]), target=StreamId(ids[b])))
         counts[0] += 1
         counts[1] += result.attempts
-        counts[2] += sum(result.versions.values()) - len(result.events)
 
     def reset() -> None:
-        counts[:] = [0, 0, 0]
+        counts[:] = [0, 0]
+        store.events_read = 0
 
     metrics = await bench.measure(op, concurrency, before_timed=reset)
-    ops, attempts, events_read = counts
+    ops, attempts = counts
+    events_read = store.events_read
     metrics["retries_per_op"] = round((attempts - ops) / ops, 4) if ops else None
     metrics["events_read_per_op"] = round(events_read / ops, 2) if ops else None
     return metrics
@@ -746,6 +815,84 @@ scenario(
     history=LONG_HISTORY,
     doc=f"command_c32 with account streams of {LONG_HISTORY} events: the cost of folding",
 )(command)
+scenario(
+    "command_len1000_c32",
+    ratios={"ratio_to_raw": "raw_evalsha_c32", "ratio_to_command": "command_c32"},
+    concurrency=32,
+    history=VERY_LONG_HISTORY,
+    count=VERY_LONG_ACCOUNTS,
+    timeout=600,
+    doc=(
+        f"command_c32 over {VERY_LONG_ACCOUNTS:,} account streams of {VERY_LONG_HISTORY:,}"
+        " events each"
+    ),
+)(command)
+
+
+async def contended(bench: Bench, *, concurrency: int, accounts: int) -> Metrics:
+    """Transfers among 10 accounts by 64 tasks: does the rate hold as the streams grow?"""
+    seconds = min(CONTENDED_SECONDS, 10 * bench.duration)
+    keyspace = bench.keyspace(f"contended{concurrency}")
+    store = CountingStore(bench.redis, bench.registry, keyspace=keyspace)
+    ids = [account_id(n) for n in range(accounts)]
+    for stream_id in ids:
+        await store.append(stream_id, [Deposited(INITIAL_BALANCE)])
+    executor = Executor(store)
+    await script("commit").load(bench.redis)
+    rng = random.Random(6)
+    finished: list[float] = []
+    counts = [0, 0, 0]  # commands done, attempts, commands that gave up
+
+    async def op() -> None:
+        a, b = random_pair(rng, accounts)
+        try:
+            result = await executor.execute(
+                Transfer(source=StreamId(ids[a]), target=StreamId(ids[b]))
+            )
+        except RetriesExhausted as exc:
+            counts[1] += exc.attempts
+            counts[2] += 1
+            return
+        counts[0] += 1
+        counts[1] += result.attempts
+        finished.append(perf_counter())
+
+    stats_before = await bench.commandstats()
+    started = perf_counter()
+    _, elapsed = await drive(op, concurrency, seconds)
+    stats_after = await bench.commandstats()
+    tenth = elapsed / 10
+    first = sum(1 for t in finished if t - started < tenth) / tenth
+    last = sum(1 for t in finished if t - started >= elapsed - tenth) / tenth
+    ops, attempts, gave_up = counts
+    versions = [await store.version(s) for s in ids]
+    return {
+        "seconds": round(elapsed, 1),
+        "ops": ops,
+        "ops_per_s": round(ops / elapsed, 1),
+        "first_tenth_per_s": round(first, 1),
+        "last_tenth_per_s": round(last, 1),
+        "last_to_first": round(last / first, 3) if first else None,
+        "gave_up": gave_up,
+        "retries_per_op": round((attempts - ops) / ops, 3) if ops else None,
+        "events_read_per_attempt": round(store.events_read / attempts, 1) if attempts else None,
+        "server_cmds_per_op": round(
+            (sum(stats_after.values()) - sum(stats_before.values())) / max(ops, 1), 2
+        ),
+        "final_stream_len": max(versions),
+    }
+
+
+scenario(
+    "contended_c64",
+    concurrency=CONTENDED_CONCURRENCY,
+    accounts=CONTENDED_ACCOUNTS,
+    timeout=600,
+    doc=(
+        f"{CONTENDED_CONCURRENCY} tasks transferring among {CONTENDED_ACCOUNTS} accounts"
+        f" for 10 x --duration s (<= {CONTENDED_SECONDS:g}): first vs last tenth"
+    ),
+)(contended)
 scenario("event_bytes", events=EVENT_BYTES_EVENTS)(event_bytes)
 
 
@@ -770,6 +917,7 @@ IDLE_TIMEOUTS = 200
 IDLE_SPREAD = 4.0
 LOADED_RATE = 10_000
 LOADED_SECONDS = 3.0
+CAPACITY_TIMEOUTS = 20_000
 START_CONCURRENCY = 32
 """Concurrent process starts when scheduling timeouts in advance."""
 DRAIN_TIMEOUTS = 100_000
@@ -1190,10 +1338,12 @@ async def handler_throughput(
     }
 
 
-async def timeout_lateness(bench: Bench, *, count: int, spread: float) -> Metrics:
+async def timeout_lateness(
+    bench: Bench, *, count: int, spread: float, workers: int = 1
+) -> Metrics:
     """Lateness of `count` timeouts due over `spread` s: scheduler + worker + process step."""
     redis = bench.redis
-    keyspace = bench.keyspace(f"timer{count}")
+    keyspace = bench.keyspace(f"timer{count}w{workers}")
     store = EventStore(redis, EventRegistry(), keyspace=keyspace)
     runner = ProcessRunner(Executor(store), [TimerProbe()])
     probe = TimerProbe.name
@@ -1210,7 +1360,8 @@ async def timeout_lateness(bench: Bench, *, count: int, spread: float) -> Metric
         return int(await redis.hget(keyspace.process_stats(0, probe), "completed") or 0)
 
     with Fleet(bench.url, keyspace) as fleet:
-        fleet.start("worker", "--handler", probe, handlers="plugins:TimerProbe")
+        for _ in range(workers):
+            fleet.start("worker", "--handler", probe, handlers="plugins:TimerProbe")
         fleet.start("scheduler")
         startup = await fleet.ready(redis)
 
@@ -1268,6 +1419,7 @@ async def timeout_lateness(bench: Bench, *, count: int, spread: float) -> Metric
         after = f"({page[-1][0].decode()}"
     return {
         "timeouts": count,
+        "workers": workers,
         "redis_hz": hz,
         "startup_s": round(startup, 2),
         "setup_s": round(setup_s, 2),
@@ -1275,6 +1427,122 @@ async def timeout_lateness(bench: Bench, *, count: int, spread: float) -> Metric
         **ms_percentiles(moves, "move", max_too=True),
         "fired_per_s": round(count / max(spread, (done_ms - first_due) / 1000), 1),
         **usage,
+    }
+
+
+async def timeout_capacity(bench: Bench, *, count: int) -> Metrics:
+    """Process steps/s one worker sustains from a due stream already full of timeouts."""
+    redis = bench.redis
+    keyspace = bench.keyspace("capacity")
+    store = EventStore(redis, EventRegistry(), keyspace=keyspace)
+    runner = ProcessRunner(Executor(store), [TimerProbe()])
+    probe = TimerProbe.name
+    # Due at once but not before every process has started: drained by this process.
+    due_ms = time.time_ns() // 1_000_000 + 1
+
+    async def start(i: int) -> None:
+        await runner.start(probe, f"c{i}", due_ms)
+
+    async def completed() -> bool:
+        done = int(await redis.hget(keyspace.process_stats(0, probe), "completed") or 0)
+        return done >= count
+
+    with Fleet(bench.url, keyspace) as fleet:
+        fleet.start("worker", "--handler", probe, handlers="plugins:TimerProbe")
+        startup = await fleet.ready(redis)
+        began = perf_counter()
+        await run_batch(start, count, START_CONCURRENCY)
+        await fleet.wait(
+            "the worker to catch up with the log",
+            lambda: acknowledged(redis, keyspace.log(0), [probe]),
+        )
+        setup_s = perf_counter() - began
+        before = await Usage.now(redis, fleet)
+        started = perf_counter()
+        moved = await Scheduler(redis, keyspace).drain(0)
+        move_s = perf_counter() - started
+        if moved != count:
+            raise ScenarioFailed(f"moved {moved} of {count} timeouts")
+        await fleet.wait("every timeout to fire", completed, poll=0.02)
+        elapsed = perf_counter() - started
+        usage = (await Usage.now(redis, fleet)).since(before, count)
+        fleet.check()
+    return {
+        "timeouts": count,
+        "startup_s": round(startup, 2),
+        "setup_s": round(setup_s, 2),
+        "move_s": round(move_s, 3),
+        "steps_per_s": round(count / elapsed, 1),
+        **usage,
+    }
+
+
+MEMORY_PROCESSES = 1_000
+"""Orders memory_per_process runs to the end, and as many it leaves waiting."""
+
+
+async def key_bytes(redis: Redis, keyspace: Keyspace, skip: Sequence[str]) -> int:
+    """MEMORY USAGE (SAMPLES 0) summed over every key of `keyspace` but those in `skip`."""
+    keys = [
+        k async for k in redis.scan_iter(match=f"{keyspace.prefix}:*", count=10_000)
+        if k.decode() not in skip
+    ]
+    total = 0
+    for start in range(0, len(keys), 1000):
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys[start : start + 1000]:
+                pipe.memory_usage(key, samples=0)
+            total += sum(int(n or 0) for n in await pipe.execute())
+    return total
+
+
+async def memory_phase(bench: Bench, phase: str, groups: Sequence[str], orders: int) -> Metrics:
+    """Bytes per order `orders` orders add, run by a worker with `groups` and a scheduler."""
+    redis = bench.redis
+    keyspace = bench.keyspace(f"mem{phase}")
+    store = EventStore(redis, EventRegistry([OrderPlaced]), keyspace=keyspace)
+    process = groups[0]
+    # Finished orders count as "completed"; with no services running, orders wait.
+    field = "completed" if phase == "finished" else "started"
+    # Delivery channels, trimmed once read: reported apart.
+    channels = [keyspace.log(0), keyspace.due_timeouts(0)]
+
+    async def reached(n: int) -> bool:
+        return int(await redis.hget(keyspace.process_stats(0, process), field) or 0) >= n
+
+    def log_read() -> Awaitable[bool]:
+        return acknowledged(redis, keyspace.log(0), groups)
+
+    async def sizes() -> tuple[int, int, int]:
+        used = int((await redis.info("memory"))["used_memory"])
+        log = int(await redis.memory_usage(keyspace.log(0), samples=0) or 0)
+        return await key_bytes(redis, keyspace, channels), log, used
+
+    with Fleet(bench.url, keyspace) as fleet:
+        fleet.start("worker", *(arg for group in groups for arg in ("--handler", group)))
+        fleet.start("scheduler")
+        await fleet.ready(redis)
+        warm = [(f"order-w{i}", OrderPlaced(f"w{i}", 100)) for i in range(E2E_WARMUP_ORDERS)]
+        await append_fast(store, warm)
+        await fleet.wait("the warm-up orders", lambda: reached(E2E_WARMUP_ORDERS))
+        await fleet.wait("the log read", log_read)
+        before = await sizes()
+        await append_fast(store, [(f"order-{i}", OrderPlaced(str(i), 100)) for i in range(orders)])
+        await fleet.wait("the orders", lambda: reached(E2E_WARMUP_ORDERS + orders))
+        await fleet.wait("the log read", log_read)
+        after = await sizes()
+        fleet.check()
+    keys, log, used = (round((a - b) / orders) for a, b in zip(after, before, strict=True))
+    return {f"{phase}_bytes": keys, f"{phase}_log_bytes": log, f"{phase}_used_memory": used}
+
+
+async def memory_per_process(bench: Bench, *, orders: int) -> Metrics:
+    """Bytes in Redis per finished and per active order-fulfilment process."""
+    return {
+        "orders": orders,
+        **await memory_phase(bench, "finished", E2E_GROUPS, orders),
+        # Only the process runs: every order waits for its payment.
+        **await memory_phase(bench, "active", E2E_GROUPS[:1], orders),
     }
 
 
@@ -1629,6 +1897,28 @@ scenario(
     count=round(LOADED_RATE * LOADED_SECONDS),
     spread=LOADED_SECONDS,
 )(timeout_lateness)
+scenario(
+    "timeout_lateness_loaded_w2",
+    rate="fired_per_s",
+    timeout=300,
+    doc="timeout_lateness_loaded with 2 worker processes",
+    count=round(LOADED_RATE * LOADED_SECONDS),
+    spread=LOADED_SECONDS,
+    workers=2,
+)(timeout_lateness)
+scenario(
+    "timeout_capacity",
+    rate="steps_per_s",
+    timeout=300,
+    doc=f"process steps/s one worker sustains from {CAPACITY_TIMEOUTS:,} due timeouts",
+    count=CAPACITY_TIMEOUTS,
+)(timeout_capacity)
+scenario(
+    "memory_per_process",
+    timeout=300,
+    doc=f"bytes in Redis per finished and per active order process ({MEMORY_PROCESSES:,} each)",
+    orders=MEMORY_PROCESSES,
+)(memory_per_process)
 scenario("timeout_drain", rate="timeouts_per_s", timeout=180, count=DRAIN_TIMEOUTS)(
     timeout_drain
 )

@@ -311,7 +311,10 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     )
     observer = PrometheusObserver() if args.metrics_port else None
     worker = Worker(
-        Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
+        Executor(
+            store, retry=settings.executor.retry, observer=observer or NO_OBSERVER,
+            state_cache_size=settings.executor.state_cache_size,
+        ),
         [item.handler() for item in selected],
         settings=worker_settings,
     )

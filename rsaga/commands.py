@@ -9,7 +9,7 @@ or to streams that `more_streams` asked for after seeing the state.
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, NewType, TypeVar
 
 import msgspec
@@ -59,6 +59,11 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     emits: ClassVar[tuple[type[msgspec.Struct], ...]] = ()
     """Event types `handle` may write. A process that issues the command registers them,
     so a worker can execute it whatever handlers it runs."""
+    cache_state: ClassVar[bool] = True
+    """Whether an executor may keep the folded state for the next command of the same
+    `fold_key` and fold only newer events onto it. Caching assumes the fold depends on
+    the command's type (not its field values: see `fold_key`) and not on how events of
+    *different* streams interleave (each stream's events still apply in order)."""
 
     def read_streams(self) -> list[str]:
         """The streams this command reads: the values of its `StreamId` fields."""
@@ -80,6 +85,15 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     def metric_label(self) -> str:
         """The command's label in metrics: its class name."""
         return type(self).__name__
+
+    def fold_key(self) -> Hashable:
+        """What identifies this command's fold in the executor's state cache: its type and
+        streams. A command whose `initial_state` or `apply` reads its own fields adds them."""
+        return (type(self), tuple(self.read_streams()))
+
+    def resume(self, state: S) -> S:
+        """A copy of a cached state, adjusted to this command before `handle` (default: as is)."""
+        return state
 
     def initial_state(self) -> S:
         """The state before any event has been applied."""

@@ -24,6 +24,7 @@ from rsaga.errors import ConfigError
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES
 from rsaga.executor import DEFAULT_COMMAND_RETRY
 from rsaga.retry import RetryPolicy
+from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE
 from rsaga.store import DEFAULT_PAGE_SIZE
 
 DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
@@ -130,6 +131,13 @@ class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     retry: RetryPolicy = DEFAULT_COMMAND_RETRY
     """Retry policy on version conflicts: ``kind`` "fixed", "exponential" or "linear"."""
+    state_cache_size: int = DEFAULT_STATE_CACHE_SIZE
+    """Folded states (per command fold or process stream) a worker keeps, so the next
+    command folds only newer events; 0 turns the cache off."""
+
+    def __post_init__(self) -> None:
+        if self.state_cache_size < 0:
+            raise ValueError(f"state_cache_size: must be >= 0, got {self.state_cache_size}")
 
 
 class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

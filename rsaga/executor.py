@@ -21,7 +21,8 @@ from rsaga.events import RecordedEvent, new_id
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
-from rsaga.store import EventStore, StreamSlice, StreamWrite
+from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE, CachedFold, StateCache, clone
+from rsaga.store import CommitResult, EventStore, StreamWrite
 
 DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
     base=0.002, cap=0.25, max_retries=25, jitter=1.0
@@ -54,8 +55,11 @@ class Executor:
         retry: RetryPolicy = DEFAULT_COMMAND_RETRY,
         rng: random.Random | None = None,
         observer: Observer = NO_OBSERVER,
+        state_cache_size: int = DEFAULT_STATE_CACHE_SIZE,
     ) -> None:
+        """`state_cache_size`: folded states kept between commands (0: none, fold anew)."""
         self.store = store
+        self.cache = StateCache(state_cache_size) if state_cache_size else None
         self.retry = retry
         self.observer = observer
         self._rng = rng or random.Random()
@@ -125,9 +129,38 @@ class Executor:
         key: str | None,
         attempt: int,
     ) -> ExecutionResult:
-        state = command.initial_state()
-        slices: dict[str, StreamSlice] = {}
-        new = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
+        cache = self.cache if command.cache_state else None
+        fold_key = command.fold_key() if cache is not None else None
+        base = cache.take(fold_key) if cache is not None else None
+        fold = _Fold(command, base, cached=cache is not None)
+        try:
+            if base is not None and key is not None and key in base.keys:
+                return ExecutionResult(dict(fold.versions), [], attempt, duplicate=True)
+            if base is not None and attempt == 1:
+                # Decide on the cached state unread: if it is stale, the commit conflicts.
+                # Refusing or writing nothing needs fresh state, so only a write is final.
+                written = await self._decide(
+                    command, fold, correlation, causation, key, final=False
+                )
+                if written is not None:
+                    return ExecutionResult(written.versions, written.events, attempt)
+            if await self._read(command, fold, key):
+                return ExecutionResult(dict(fold.versions), [], attempt, duplicate=True)
+            written = await self._decide(command, fold, correlation, causation, key, final=True)
+            assert written is not None
+            return ExecutionResult(written.versions, written.events, attempt)
+        finally:
+            if cache is not None and fold.whole:
+                cache.put(fold_key, CachedFold(fold.versions, fold.state, fold.keys))
+
+    async def _read(self, command: Command[Any], fold: _Fold, key: str | None) -> bool:
+        """Read what `fold` lacks and fold it (streams `more_streams` asks for too).
+
+        True if an event carries the idempotency `key` (a duplicate). A stream now
+        shorter than folded (deleted) makes the whole fold start again from version 1.
+        """
+        declared = (validate_stream_id(s) for s in command.read_streams())
+        new = list(dict.fromkeys([*declared, *fold.versions]))
         rounds = 0
         while new:
             rounds += 1
@@ -136,37 +169,106 @@ class Executor:
                     f"{type(command).__name__}.more_streams kept asking for new streams "
                     f"after {MAX_RESOLVE_ROUNDS} rounds"
                 )
-            read = await self.store.read_streams(new)
+            froms = {s: fold.versions.get(s, 0) + 1 for s in new}
+            read = await self.store.read_streams(new, from_versions=froms)
+            if any(read[s].version < froms[s] - 1 for s in new):
+                fold.restart()
+                new = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
+                continue
+            fold.whole = False
             for stream_id in new:
                 for event in read[stream_id].events:
-                    if key is not None and event.command_id == key:
-                        slices.update(read)
-                        versions = {s: sl.version for s, sl in slices.items()}
-                        return ExecutionResult(versions, [], attempt, duplicate=True)
-                    state = command.apply(state, event)
-            slices.update(read)
-            more = (validate_stream_id(s) for s in command.more_streams(state))
-            new = [s for s in dict.fromkeys(more) if s not in slices]
+                    if event.command_id is not None:
+                        if event.command_id == key:
+                            return True
+                        fold.keys.add(event.command_id)
+                    fold.state = command.apply(fold.state, event)
+                fold.versions[stream_id] = read[stream_id].version
+            fold.whole = True
+            more = (validate_stream_id(s) for s in command.more_streams(fold.state))
+            new = [s for s in dict.fromkeys(more) if s not in fold.versions]
+        return False
 
-        decided = command.handle(state)
+    async def _decide(
+        self,
+        command: Command[Any],
+        fold: _Fold,
+        correlation: str,
+        causation: str | None,
+        key: str | None,
+        *,
+        final: bool,
+    ) -> CommitResult | None:
+        """`handle` on a copy of the folded state, then commit what it decided.
+
+        Not `final` (the state was not read in this attempt): None instead of
+        refusing or writing nothing, and new streams asked for are not read.
+        """
+        state = command.resume(clone(fold.state)) if fold.cached else fold.state
+        if not final and any(
+            validate_stream_id(s) not in fold.versions for s in command.more_streams(state)
+        ):
+            return None
+        try:
+            decided = command.handle(state)
+        except DomainError:
+            if final:
+                raise
+            return None
         effects = None
         if isinstance(decided, WritePlan):
             writes, effects = decided.writes, decided.effects
         else:
             writes = decided
-        undeclared = [s for s in writes if s not in slices]
+        undeclared = [s for s in writes if s not in fold.versions]
         if undeclared:
             raise UndeclaredStream(
                 f"{type(command).__name__} wrote to {', '.join(map(repr, undeclared))}, "
                 "which it did not declare as read"
             )
         if not any(writes.values()) and effects is None:
-            return ExecutionResult({s: sl.version for s, sl in slices.items()}, [], attempt)
+            return CommitResult(dict(fold.versions), []) if final else None
         result = await self.store.commit(
-            [StreamWrite(s, sl.version, writes.get(s, ())) for s, sl in slices.items()],
+            [StreamWrite(s, v, writes.get(s, ())) for s, v in fold.versions.items()],
             correlation_id=correlation,
             causation_id=causation,
             command_id=key,
             effects=effects,
         )
-        return ExecutionResult(result.versions, result.events, attempt)
+        if fold.cached:
+            fold.advance(result, key)
+        return result
+
+
+class _Fold:
+    """The state one attempt folds, at the versions it folded, and the keys it saw."""
+
+    def __init__(self, command: Command[Any], base: CachedFold | None, *, cached: bool) -> None:
+        self.command = command
+        self.cached = cached
+        """The state outlives the attempt: `handle` gets a copy, commits are folded in."""
+        if base is None:
+            self.restart()
+        else:
+            self.state: Any = base.state
+            self.versions: dict[str, int] = base.versions
+            self.keys: set[str] = base.keys
+            self.whole = True
+            """False while events are being folded: a half-folded state is not kept."""
+
+    def restart(self) -> None:
+        """Start from nothing: the initial state, no stream read."""
+        self.state = self.command.initial_state()
+        self.versions = {}
+        self.keys = set()
+        self.whole = True
+
+    def advance(self, result: CommitResult, key: str | None) -> None:
+        """Fold the events a commit wrote: the state at the versions after it."""
+        self.whole = False
+        for event in result.events:
+            self.state = self.command.apply(self.state, event)
+        if key is not None:
+            self.keys.add(key)
+        self.versions.update(result.versions)
+        self.whole = True

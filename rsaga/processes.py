@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar, Generic, Literal, NoReturn, TypeVar
 
 import msgspec
@@ -670,6 +670,15 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     def metric_label(self) -> str:
         """Steps are counted per process type."""
         return str(self.manager.name)
+
+    def fold_key(self) -> Hashable:
+        """One cached fold per process stream and manager object."""
+        return (_Step, self.manager, self.stream)
+
+    def resume(self, state: _Loaded) -> _Loaded:
+        """A cached fold was made at another step's time."""
+        state.info.now_ms = self.now_ms
+        return state
 
     def initial_state(self) -> _Loaded:
         manager: ProcessManager[Any] = self.manager

@@ -191,19 +191,28 @@ class EventStore:
         return (await self.read_streams([stream_id], from_version=from_version))[stream_id]
 
     async def read_streams(
-        self, stream_ids: Sequence[str], *, from_version: int = 1
+        self,
+        stream_ids: Sequence[str],
+        *,
+        from_version: int = 1,
+        from_versions: Mapping[str, int] | None = None,
     ) -> dict[str, StreamSlice]:
-        """Read several streams: one pipelined round trip per page of the longest stream."""
+        """Read several streams: one pipelined round trip per page of the longest stream.
+
+        Each from `from_version`, or from its own version in `from_versions`.
+        """
         for stream_id in stream_ids:
             validate_stream_id(stream_id)
-        if from_version < 1:
-            raise ValidationError(f"from_version must be >= 1, got {from_version}")
         ids = list(dict.fromkeys(stream_ids))
+        starts = dict.fromkeys(ids, from_version)
+        starts.update(from_versions or {})
+        if min(starts.values(), default=1) < 1:
+            raise ValidationError(f"from_version must be >= 1, got {min(starts.values())}")
         if len({self.keyspace.shard_of(s) for s in ids}) > 1:
-            return await self._read_across_shards(ids, from_version)
+            return await self._read_across_shards(ids, starts)
         events: dict[str, list[RecordedEvent]] = {s: [] for s in ids}
         versions: dict[str, int] = {}
-        next_version = dict.fromkeys(ids, from_version)
+        next_version = {s: starts[s] for s in ids}
         pending = ids
         decode = self.codec.decode
         with self._talking_to_redis():
@@ -230,7 +239,7 @@ class EventStore:
         return {s: StreamSlice(s, versions[s], events[s]) for s in ids}
 
     async def _read_across_shards(
-        self, ids: list[str], from_version: int
+        self, ids: list[str], starts: dict[str, int]
     ) -> dict[str, StreamSlice]:
         """Streams in different shards cannot share a script: read each shard apart."""
         by_shard: dict[int, list[str]] = {}
@@ -238,7 +247,7 @@ class EventStore:
             by_shard.setdefault(self.keyspace.shard_of(stream_id), []).append(stream_id)
         found: dict[str, StreamSlice] = {}
         for group in by_shard.values():
-            found.update(await self.read_streams(group, from_version=from_version))
+            found.update(await self.read_streams(group, from_versions=starts))
         return {s: found[s] for s in ids}
 
     async def version(self, stream_id: str) -> int:

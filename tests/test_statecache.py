@@ -1,0 +1,206 @@
+"""The executor's state cache on fakeredis and on a real redis-server.
+
+Two executors over the same streams stand for two workers: each has its own
+cache, so what one writes makes the other's cache stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from bank import BANK_EVENTS, Deposit, Deposited, OpenAccount, Transfer, Withdraw, Withdrawn
+from redis.asyncio import Redis
+
+from rsaga import DomainError, EventRegistry, EventStore, Executor, Keyspace, StreamId
+from rsaga.processes import (
+    AdvanceTrigger,
+    Decision,
+    ProcessCompleted,
+    ProcessInfo,
+    ProcessManager,
+    ProcessRunner,
+    StartTrigger,
+    Timeout,
+    TimeoutTrigger,
+    Trigger,
+    decode_timeout,
+)
+from rsaga.statecache import CachedFold, StateCache
+from rsaga.store import StreamSlice
+
+
+class CountingStore(EventStore):
+    """Records what each read asked for: (stream id, from version) pairs."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.reads: list[list[tuple[str, int]]] = []
+        self.events_read = 0
+
+    async def read_streams(
+        self,
+        stream_ids: Sequence[str],
+        *,
+        from_version: int = 1,
+        from_versions: Any = None,
+    ) -> dict[str, StreamSlice]:
+        found = await super().read_streams(
+            stream_ids, from_version=from_version, from_versions=from_versions
+        )
+        starts = from_versions or {}
+        self.reads.append([(s, starts.get(s, from_version)) for s in stream_ids])
+        self.events_read += sum(len(s.events) for s in found.values())
+        return found
+
+
+def stores(redis: Redis, prefix: str) -> tuple[CountingStore, EventStore]:
+    keyspace = Keyspace(prefix=prefix)
+    registry = EventRegistry(BANK_EVENTS)
+    return CountingStore(redis, registry, keyspace=keyspace), EventStore(
+        redis, registry, keyspace=keyspace
+    )
+
+
+def acct(name: str) -> StreamId:
+    return StreamId(name)
+
+
+async def with_account(
+    redis: Redis, prefix: str, initial: int
+) -> tuple[CountingStore, EventStore, Executor]:
+    """Stores over one keyspace, and an executor (on the counting one) that opened "a"."""
+    store, plain = stores(redis, prefix)
+    executor = Executor(store)
+    await executor.execute(OpenAccount(account=acct("a"), owner="a", initial=initial))
+    return store, plain, executor
+
+
+async def test_a_cached_fold_skips_the_read_and_folds_what_it_wrote(
+    redis: Redis, prefix: str
+) -> None:
+    store, _, executor = await with_account(redis, prefix, 10)
+    store.reads.clear()
+    for _ in range(3):
+        await executor.execute(Deposit(account=acct("a"), amount=1))
+    await executor.execute(Withdraw(account=acct("a"), amount=13))
+    # Deposit and Withdraw are different folds: each reads once, then writes unread.
+    assert store.reads == [[("a", 1)], [("a", 1)]]
+    with pytest.raises(DomainError):
+        await executor.execute(Withdraw(account=acct("a"), amount=1))
+    # A refusal is never decided on unread state: it reads what is new (nothing).
+    assert store.reads[-1] == [("a", 7)]
+    assert [e.data for e in (await store.read("a")).events][-1] == Withdrawn(13)
+
+
+async def test_a_stale_cache_after_another_executor_wrote_reads_only_the_change(
+    redis: Redis, prefix: str
+) -> None:
+    store, plain = stores(redis, prefix)
+    mine, theirs = Executor(store), Executor(plain)
+    await mine.execute(OpenAccount(account=acct("a"), owner="a", initial=100))
+    await mine.execute(OpenAccount(account=acct("b"), owner="b"))
+    await mine.execute(Transfer(source=acct("a"), target=acct("b"), amount=10))  # cached: a@3 b@2
+    for _ in range(3):
+        await theirs.execute(Deposit(account=acct("a"), amount=5))  # a -> 6, unseen by mine
+    store.reads.clear()
+    store.events_read = 0
+    result = await mine.execute(Transfer(source=acct("a"), target=acct("b"), amount=10))
+    assert result.attempts == 2  # the unread attempt conflicted
+    assert store.reads == [[("a", 4), ("b", 3)]]  # the retry read from the versions it saw
+    assert store.events_read == 3
+    assert result.versions == {"a": 7, "b": 3}
+    balances = {s: sum(
+        e.data.amount if isinstance(e.data, Deposited) else -e.data.amount
+        for e in (await plain.read(s)).events if isinstance(e.data, Deposited | Withdrawn)
+    ) for s in ("a", "b")}
+    assert balances == {"a": 95, "b": 20}
+
+
+async def test_a_refusal_on_stale_state_is_checked_against_fresh_state(
+    redis: Redis, prefix: str
+) -> None:
+    _, plain, mine = await with_account(redis, prefix, 10)
+    theirs = Executor(plain)
+    await mine.execute(Withdraw(account=acct("a"), amount=5))  # cached: balance 5
+    await theirs.execute(Deposit(account=acct("a"), amount=100))
+    result = await mine.execute(Withdraw(account=acct("a"), amount=50))
+    assert result.attempts == 1
+    assert result.versions == {"a": 5}
+
+
+async def test_a_key_another_executor_applied_is_a_duplicate_for_a_stale_cache(
+    redis: Redis, prefix: str
+) -> None:
+    store, plain = stores(redis, prefix)
+    mine, theirs = Executor(store), Executor(plain)
+    await mine.execute(OpenAccount(account=acct("a"), owner="a"))
+    await mine.execute(Deposit(account=acct("a"), amount=1), idempotency_key="k1")
+    first = await mine.execute(Deposit(account=acct("a"), amount=1), idempotency_key="k1")
+    assert first.duplicate
+    await theirs.execute(Deposit(account=acct("a"), amount=1), idempotency_key="k2")
+    again = await mine.execute(Deposit(account=acct("a"), amount=1), idempotency_key="k2")
+    assert again.duplicate
+    assert [e.command_id for e in (await plain.read("a")).events] == [None, "k1", "k2"]
+
+
+async def test_a_stream_deleted_under_a_cache_is_folded_again_from_the_start(
+    redis: Redis, prefix: str
+) -> None:
+    _, plain, mine = await with_account(redis, prefix, 10)
+    await mine.execute(Deposit(account=acct("a"), amount=1))  # cached: a@3, balance 11
+    await redis.delete(plain.keyspace.stream("a"))
+    await plain.append("a", [Deposited(1)])  # a@1 now, never opened
+    with pytest.raises(DomainError, match="not open"):
+        await mine.execute(Deposit(account=acct("a"), amount=1))
+
+
+def test_the_cache_keeps_the_newest_entry_and_evicts_the_least_recently_used() -> None:
+    cache = StateCache(2)
+    cache.put("x", CachedFold({"s": 3}, "new", set()))
+    cache.put("x", CachedFold({"s": 2}, "old", set()))
+    assert cache.take("x") == CachedFold({"s": 3}, "new", set())
+    cache.put("x", CachedFold({"s": 1}, 1, set()))
+    cache.put("y", CachedFold({"s": 1}, 2, set()))
+    cache.put("z", CachedFold({"s": 1}, 3, set()))
+    assert (cache.take("x"), len(cache)) == (None, 2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        StateCache(0)
+
+
+class Reminder(ProcessManager[int]):
+    """Start: remind in 10 s; an advance pushes the reminder back (new token); fires once."""
+
+    name = "reminder"
+
+    def correlate(self, event: Any) -> str | None:
+        return None
+
+    def initial_state(self) -> int:
+        return 0
+
+    def decide(self, state: int, trigger: Trigger, process: ProcessInfo) -> Decision:
+        match trigger:
+            case StartTrigger():
+                return Decision(schedule=[Timeout("remind", after=10)])
+            case AdvanceTrigger():
+                return Decision(schedule=[Timeout("remind", after=20)])
+            case TimeoutTrigger(name="remind"):
+                return Decision(complete=True)
+        return Decision()
+
+
+async def test_a_timeout_another_worker_rescheduled_fires_despite_a_stale_cache(
+    redis: Redis, prefix: str
+) -> None:
+    keyspace = Keyspace(prefix=prefix)
+    stores_ = [EventStore(redis, EventRegistry(), keyspace=keyspace) for _ in range(2)]
+    mine, theirs = (ProcessRunner(Executor(s), [Reminder()]) for s in stores_)
+    await mine.start("reminder", "r1")  # mine caches the first token
+    await theirs.advance("reminder", "r1", key="push")  # a new token, unseen by mine
+    [blob] = await redis.hvals(keyspace.timeout_data(0))
+    payload = decode_timeout(blob)
+    await mine.on_timeout(payload)
+    events = (await stores_[0].read(Reminder.stream_id("r1"))).events
+    assert isinstance(events[-1].data, ProcessCompleted)
