@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Generic, NewType, TypeVar
 import msgspec
 
 from rsaga.events import RecordedEvent
+from rsaga.snapshots import SnapshotSpec, state_type_of
 from rsaga.store import Effects
 
 StreamId = NewType("StreamId", str)
@@ -64,6 +65,13 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     `fold_key` and fold only newer events onto it. Caching assumes the fold depends on
     the command's type (not its field values: see `fold_key`) and not on how events of
     *different* streams interleave (each stream's events still apply in order)."""
+    snapshot_every: ClassVar[int] = 0
+    """For a command that reads one stream: store a snapshot of the folded state, in
+    the same commit, each time the stream has grown this many events (0: never), so a
+    fold starts from it (see `rsaga.snapshots`). The state type must be msgspec's."""
+    snapshot_version: ClassVar[int] = 1
+    """Bump it when `apply` changes what a state means without changing its type: the
+    snapshots written before are then ignored and rebuilt."""
 
     def read_streams(self) -> list[str]:
         """The streams this command reads: the values of its `StreamId` fields."""
@@ -94,6 +102,23 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     def resume(self, state: S) -> S:
         """A copy of a cached state, adjusted to this command before `handle` (default: as is)."""
         return state
+
+    def snapshot_spec(self) -> SnapshotSpec | None:
+        """How this command's fold is snapshotted (from `snapshot_every`), or None."""
+        cls = type(self)
+        if not cls.snapshot_every:
+            return None
+        name = str(cls.__struct_config__.tag or cls.__name__)
+        state_type = state_type_of(cls, Command)
+        return SnapshotSpec(name, cls.snapshot_every, state_type, cls.snapshot_version)
+
+    def to_snapshot(self, state: S) -> Any:
+        """What a snapshot stores of `state` (an instance of the spec's state type)."""
+        return state
+
+    def from_snapshot(self, data: Any) -> S:
+        """The state a snapshot's decoded `data` stands for."""
+        return typing.cast(S, data)
 
     def initial_state(self) -> S:
         """The state before any event has been applied."""

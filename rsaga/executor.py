@@ -21,8 +21,9 @@ from rsaga.events import RecordedEvent, new_id
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.snapshots import decode_snapshot, encode_snapshot
 from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE, CachedFold, StateCache, clone
-from rsaga.store import CommitResult, EventStore, StreamWrite
+from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamWrite
 
 DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
     base=0.002, cap=0.25, max_retries=25, jitter=1.0
@@ -136,22 +137,32 @@ class Executor:
         try:
             if base is not None and key is not None and key in base.keys:
                 return ExecutionResult(dict(fold.versions), [], attempt, duplicate=True)
+            unsure = None
             if base is not None and attempt == 1:
                 # Decide on the cached state unread: if it is stale, the commit conflicts.
-                # Refusing or writing nothing needs fresh state, so only a write is final.
+                # Refusing or writing nothing needs fresh state: that outcome stands only
+                # if the read finds nothing new (else it is decided again, as on a conflict).
                 written = await self._decide(
                     command, fold, correlation, causation, key, final=False
                 )
-                if written is not None:
+                if isinstance(written, CommitResult):
                     return ExecutionResult(written.versions, written.events, attempt)
+                unsure = written
+            seen = dict(fold.versions)
             if await self._read(command, fold, key):
                 return ExecutionResult(dict(fold.versions), [], attempt, duplicate=True)
+            if unsure is not None and unsure.decided and fold.versions == seen:
+                if unsure.refusal is not None:
+                    raise unsure.refusal
+                return ExecutionResult(seen, [], attempt)
             written = await self._decide(command, fold, correlation, causation, key, final=True)
-            assert written is not None
+            assert isinstance(written, CommitResult)
             return ExecutionResult(written.versions, written.events, attempt)
         finally:
             if cache is not None and fold.whole:
-                cache.put(fold_key, CachedFold(fold.versions, fold.state, fold.keys))
+                cache.put(
+                    fold_key, CachedFold(fold.versions, fold.state, fold.keys, fold.snapshot)
+                )
 
     async def _read(self, command: Command[Any], fold: _Fold, key: str | None) -> bool:
         """Read what `fold` lacks and fold it (streams `more_streams` asks for too).
@@ -159,7 +170,11 @@ class Executor:
         True if an event carries the idempotency `key` (a duplicate). A stream now
         shorter than folded (deleted) makes the whole fold start again from version 1.
         """
-        declared = (validate_stream_id(s) for s in command.read_streams())
+        declared = [validate_stream_id(s) for s in command.read_streams()]
+        if not fold.versions and len(declared) == 1:
+            await self._from_snapshot(command, fold, declared[0])
+            if key is not None and key in fold.keys:
+                return True
         new = list(dict.fromkeys([*declared, *fold.versions]))
         rounds = 0
         while new:
@@ -172,6 +187,7 @@ class Executor:
             froms = {s: fold.versions.get(s, 0) + 1 for s in new}
             read = await self.store.read_streams(new, from_versions=froms)
             if any(read[s].version < froms[s] - 1 for s in new):
+                # Deleted (or a snapshot ahead of its stream): fold again from version 1.
                 fold.restart()
                 new = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
                 continue
@@ -189,6 +205,33 @@ class Executor:
             new = [s for s in dict.fromkeys(more) if s not in fold.versions]
         return False
 
+    async def _from_snapshot(self, command: Command[Any], fold: _Fold, stream_id: str) -> None:
+        """Start `fold` from the stream's snapshot, if it has one of this fold's state type."""
+        spec = command.snapshot_spec()
+        if spec is None:
+            return
+        blob = await self.store.read_snapshot(stream_id, spec.name)
+        found = decode_snapshot(blob, spec.fingerprint(), spec.state_type)
+        if found is None:
+            return
+        version, data, keys = found
+        fold.state = command.from_snapshot(data)
+        fold.versions[stream_id] = fold.snapshot = version
+        fold.keys = keys
+
+    def _snapshot_due(self, command: Command[Any], fold: _Fold) -> SnapshotWrite | None:
+        """A snapshot of the folded state to write with the commit, if one is due."""
+        spec = command.snapshot_spec()
+        if spec is None or len(fold.versions) != 1:
+            return None
+        [(stream_id, version)] = fold.versions.items()
+        if version - fold.snapshot < spec.every:
+            return None
+        blob = encode_snapshot(
+            version, spec.fingerprint(), command.to_snapshot(fold.state), fold.keys
+        )
+        return SnapshotWrite(stream_id, spec.name, blob)
+
     async def _decide(
         self,
         command: Command[Any],
@@ -198,23 +241,24 @@ class Executor:
         key: str | None,
         *,
         final: bool,
-    ) -> CommitResult | None:
+    ) -> CommitResult | _Unsure:
         """`handle` on a copy of the folded state, then commit what it decided.
 
-        Not `final` (the state was not read in this attempt): None instead of
-        refusing or writing nothing, and new streams asked for are not read.
+        Not `final` (the state was not read in this attempt): `_Unsure` instead of
+        refusing or writing nothing, or if `more_streams` asks for streams not read.
         """
+        snapshot = self._snapshot_due(command, fold)
         state = command.resume(clone(fold.state)) if fold.cached else fold.state
         if not final and any(
             validate_stream_id(s) not in fold.versions for s in command.more_streams(state)
         ):
-            return None
+            return _Unsure(decided=False)
         try:
             decided = command.handle(state)
-        except DomainError:
+        except DomainError as refusal:
             if final:
                 raise
-            return None
+            return _Unsure(decided=True, refusal=refusal)
         effects = None
         if isinstance(decided, WritePlan):
             writes, effects = decided.writes, decided.effects
@@ -227,7 +271,9 @@ class Executor:
                 "which it did not declare as read"
             )
         if not any(writes.values()) and effects is None:
-            return CommitResult(dict(fold.versions), []) if final else None
+            return CommitResult(dict(fold.versions), []) if final else _Unsure(decided=True)
+        if snapshot is not None:
+            effects = msgspec.structs.replace(effects or Effects(), snapshots=[snapshot])
         result = await self.store.commit(
             [StreamWrite(s, v, writes.get(s, ())) for s, v in fold.versions.items()],
             correlation_id=correlation,
@@ -235,9 +281,19 @@ class Executor:
             command_id=key,
             effects=effects,
         )
+        if snapshot is not None:
+            fold.snapshot = fold.versions[snapshot.stream_id]
         if fold.cached:
             fold.advance(result, key)
         return result
+
+
+class _Unsure(msgspec.Struct, frozen=True):
+    """`handle` on unread cached state did not write: refused, wrote nothing, or did not
+    decide (`decided` False: it asked for streams not read)."""
+
+    decided: bool
+    refusal: DomainError | None = None
 
 
 class _Fold:
@@ -253,6 +309,8 @@ class _Fold:
             self.state: Any = base.state
             self.versions: dict[str, int] = base.versions
             self.keys: set[str] = base.keys
+            self.snapshot = base.snapshot
+            """Version of the latest snapshot known to be stored (0: none)."""
             self.whole = True
             """False while events are being folded: a half-folded state is not kept."""
 
@@ -261,6 +319,7 @@ class _Fold:
         self.state = self.command.initial_state()
         self.versions = {}
         self.keys = set()
+        self.snapshot = 0
         self.whole = True
 
     def advance(self, result: CommitResult, key: str | None) -> None:

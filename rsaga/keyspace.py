@@ -77,6 +77,10 @@ class Keyspace:
         """Redis Stream holding the events of one stream id; entry id ``<version>-0``."""
         return f"{self._tag(self.shard_of(stream_id))}:s:{stream_id}"
 
+    def snapshot(self, stream_id: str, fold: str) -> str:
+        """String: the latest snapshot of fold `fold` over one stream (see `rsaga.snapshots`)."""
+        return f"{self._tag(self.shard_of(stream_id))}:snap:{fold}:{stream_id}"
+
     def log(self, shard: int) -> str:
         """The shard log: every event of the shard in commit order; consumer groups read it."""
         return f"{self._tag(shard)}:log"

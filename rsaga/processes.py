@@ -48,6 +48,7 @@ from rsaga.health import redis_down
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.snapshots import SnapshotSpec, state_type_of
 from rsaga.store import Effects, IndexUpdate, TimeoutWrite
 
 S = TypeVar("S")
@@ -523,6 +524,10 @@ class ProcessManager(Generic[S]):
     timeout that reschedules itself at 0 s would otherwise loop for ever."""
     unprompted_window: ClassVar[float] = 10.0
     """See `max_unprompted_steps`."""
+    snapshot_every: ClassVar[int] = 0
+    """Snapshot the folded state every this many events of a process's stream (0: never;
+    see `rsaga.snapshots`); the state type `S` must be msgspec's. A new `version` makes
+    older snapshots be ignored."""
 
     def correlate(self, event: RecordedEvent) -> str | None:
         """The process instance id `event` belongs to, or None to ignore it."""
@@ -679,6 +684,23 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
         """A cached fold was made at another step's time."""
         state.info.now_ms = self.now_ms
         return state
+
+    def snapshot_spec(self) -> SnapshotSpec | None:
+        """From the manager's `snapshot_every`; its definition `version` versions it."""
+        manager: ProcessManager[Any] = self.manager
+        if not manager.snapshot_every:
+            return None
+        user_state = state_type_of(type(manager), ProcessManager)
+        state_type: Any = tuple[ProcessInfo, user_state]  # type: ignore[valid-type]
+        return SnapshotSpec(
+            f"process.{manager.name}", manager.snapshot_every, state_type, manager.version
+        )
+
+    def to_snapshot(self, state: _Loaded) -> Any:
+        return (state.info, state.state)
+
+    def from_snapshot(self, data: Any) -> _Loaded:
+        return self.resume(_Loaded(*data))
 
     def initial_state(self) -> _Loaded:
         manager: ProcessManager[Any] = self.manager

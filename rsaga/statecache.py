@@ -30,6 +30,8 @@ class CachedFold(msgspec.Struct):
     """Never handed out: users of the entry work on copies (see `clone`)."""
     keys: set[str]
     """Idempotency keys of the folded events (duplicates are found without re-reading)."""
+    snapshot: int = 0
+    """Version of the fold's latest snapshot in Redis, as far as known (0: none)."""
 
 
 def clone(state: Any) -> Any:

@@ -98,6 +98,15 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     process stops retrying, -1 when it neither was nor is retrying (nothing to write)."""
 
 
+class SnapshotWrite(msgspec.Struct, frozen=True):
+    """A snapshot to store in the same atomic write (see `rsaga.snapshots`)."""
+
+    stream_id: str
+    fold: str
+    blob: bytes
+    """At the version the write checks for `stream_id`: the check makes it true."""
+
+
 class Effects(msgspec.Struct, frozen=True):
     """What an atomic write does besides appending events."""
 
@@ -106,6 +115,7 @@ class Effects(msgspec.Struct, frozen=True):
     index: Sequence[IndexUpdate] = ()
     dead_letters: Sequence[Mapping[str, str]] = ()
     """Failures to report to an operator, as dead-letter fields."""
+    snapshots: Sequence[SnapshotWrite] = ()
 
 
 class CommitResult(msgspec.Struct, frozen=True):
@@ -249,6 +259,12 @@ class EventStore:
         for group in by_shard.values():
             found.update(await self.read_streams(group, from_versions=starts))
         return {s: found[s] for s in ids}
+
+    async def read_snapshot(self, stream_id: str, fold: str) -> bytes | None:
+        """The stored snapshot of fold `fold` over `stream_id`, undecoded (None: none)."""
+        with self._talking_to_redis():
+            blob: Any = await self.redis.get(self.keyspace.snapshot(stream_id, fold))
+        return None if blob is None else bytes(blob)
 
     async def version(self, stream_id: str) -> int:
         """The current version of `stream_id` (0 if it has no events)."""
@@ -425,6 +441,10 @@ class EventStore:
                 args += [field, value]
         if effects.dead_letters:
             keys.append(ks.dead_letters(shard))
+        args.append(len(effects.snapshots))
+        for snapshot in effects.snapshots:
+            keys.append(ks.snapshot(snapshot.stream_id, snapshot.fold))
+            args.append(snapshot.blob)
 
     def _commit_result(
         self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]

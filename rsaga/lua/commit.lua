@@ -12,6 +12,8 @@
   4. Update process lifecycle indexes (see includes/process_index.lua).
   5. Add dead letters that report failures to an operator (a saga whose
      compensation failed), once, with the events that record the failure.
+  6. Store snapshots of folded states (rsaga/snapshots.py), each at the
+     version step 1 checked for its stream.
 
   Input:
     KEYS[1]              shard log
@@ -21,6 +23,7 @@
     then, per index update: the 13 index keys of its process type
                          (Keyspace.process_index; see includes/process_index.lua)
     then, if any dead letter is added: the shard's dead-letter stream
+    then, per snapshot: its key (Keyspace.snapshot)
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
                          (-1 any, 0 no stream yet, N exact), count of new events
@@ -31,6 +34,7 @@
                          ms, next due ms or -1: the earliest pending timeout,
                          starts '1'/'0', correlation id, retried step, retries)
     then                 D, and D x (F, then F field/value pairs) dead letters
+    then                 P, and P x snapshot bytes
 
   Output:
     {0, v_1 .. v_n}      OK: the version of each checked stream after the write
@@ -116,6 +120,15 @@ for _ = 1, letters do
   end
   redis.call('XADD', KEYS[key], 'MAXLEN', '~', 100000, '*', unpack(fields))
   arg = arg + 1 + count
+end
+
+-- 6. Snapshots (a section of its own: ARGV after the dead letters, KEYS last).
+if letters > 0 then
+  key = key + 1
+end
+local snapshots = tonumber(ARGV[arg + 1] or 0)
+for i = 1, snapshots do
+  redis.call('SET', KEYS[key + i - 1], ARGV[arg + 1 + i])
 end
 
 return {0, unpack(versions)}
