@@ -116,8 +116,8 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   one worker sustains from a full due stream.
 - ``memory_per_process``: order fulfilment (``rsaga_examples.orders``) with a
   worker and a scheduler, in two keyspaces: ``finished_*`` with every service
-  running, so 1,000 orders (after 50 warm-up ones) run to completion;
-  ``active_*`` with only the process running, so 1,000 orders start and wait
+  running, so 300 orders (after 50 warm-up ones) run to completion;
+  ``active_*`` with only the process running, so 300 orders start and wait
   for their payment. ``*_bytes``: the growth of MEMORY USAGE (SAMPLES 0)
   summed over every key of the keyspace but the shard log and the due stream,
   per order (streams, process index, timeouts); ``*_log_bytes``: the shard
@@ -278,8 +278,10 @@ Balances = dict[str, int]
 
 
 class Transfer(Command[Balances], frozen=True, kw_only=True):
-    """Move `amount` from one account stream to another."""
+    """Move `amount` from one account stream to another; each account folded apart."""
 
+    fold_per_stream = True
+    snapshot_every = 20
     source: StreamId
     target: StreamId
     amount: int = 1
@@ -294,6 +296,9 @@ class Transfer(Command[Balances], frozen=True, kw_only=True):
         elif isinstance(data, Withdrawn):
             state[event.stream_id] = state.get(event.stream_id, 0) - data.amount
         return state
+
+    def merge(self, states: Mapping[str, Balances]) -> Balances:
+        return {k: v for part in states.values() for k, v in part.items()}
 
     def handle(self, state: Balances) -> Writes:
         if state.get(self.source, 0) < self.amount:
@@ -1477,7 +1482,7 @@ async def timeout_capacity(bench: Bench, *, count: int) -> Metrics:
     }
 
 
-MEMORY_PROCESSES = 1_000
+MEMORY_PROCESSES = 300
 """Orders memory_per_process runs to the end, and as many it leaves waiting."""
 
 
@@ -1528,7 +1533,9 @@ async def memory_phase(bench: Bench, phase: str, groups: Sequence[str], orders: 
         await fleet.wait("the log read", log_read)
         before = await sizes()
         await append_fast(store, [(f"order-{i}", OrderPlaced(str(i), 100)) for i in range(orders)])
-        await fleet.wait("the orders", lambda: reached(E2E_WARMUP_ORDERS + orders))
+        await fleet.wait(
+            "the orders", lambda: reached(E2E_WARMUP_ORDERS + orders), timeout=3 * WAIT_LIMIT
+        )
         await fleet.wait("the log read", log_read)
         after = await sizes()
         fleet.check()

@@ -65,10 +65,15 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     `fold_key` and fold only newer events onto it. Caching assumes the fold depends on
     the command's type (not its field values: see `fold_key`) and not on how events of
     *different* streams interleave (each stream's events still apply in order)."""
+    fold_per_stream: ClassVar[bool] = False
+    """Fold each stream alone from `initial_state` and give `handle` their `merge`: each
+    stream's state is then cached and snapshotted on its own, so commands over any
+    combination of streams share them (a transfer between two of many accounts)."""
     snapshot_every: ClassVar[int] = 0
-    """For a command that reads one stream: store a snapshot of the folded state, in
-    the same commit, each time the stream has grown this many events (0: never), so a
-    fold starts from it (see `rsaga.snapshots`). The state type must be msgspec's."""
+    """For a command that reads one stream (or folds per stream): store a snapshot of the
+    folded state, in the same commit, each time the stream has grown this many events
+    (0: never), so a fold starts from it (see `rsaga.snapshots`). The state type must be
+    msgspec's."""
     snapshot_version: ClassVar[int] = 1
     """Bump it when `apply` changes what a state means without changing its type: the
     snapshots written before are then ignored and rebuilt."""
@@ -102,6 +107,10 @@ class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):
     def resume(self, state: S) -> S:
         """A copy of a cached state, adjusted to this command before `handle` (default: as is)."""
         return state
+
+    def merge(self, states: Mapping[str, S]) -> S:
+        """With `fold_per_stream`: one state from each stream's (stream id -> state)."""
+        raise NotImplementedError(f"{type(self).__name__} folds per stream: define merge()")
 
     def snapshot_spec(self) -> SnapshotSpec | None:
         """How this command's fold is snapshotted (from `snapshot_every`), or None."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Hashable
 from typing import Any
 
 import anyio
@@ -130,15 +131,12 @@ class Executor:
         key: str | None,
         attempt: int,
     ) -> ExecutionResult:
-        cache = self.cache if command.cache_state else None
-        fold_key = command.fold_key() if cache is not None else None
-        base = cache.take(fold_key) if cache is not None else None
-        fold = _Fold(command, base, cached=cache is not None)
+        fold = _Fold(command, self.cache if command.cache_state else None)
         try:
-            if base is not None and key is not None and key in base.keys:
-                return ExecutionResult(dict(fold.versions), [], attempt, duplicate=True)
+            if key is not None and fold.has_key(key):
+                return ExecutionResult(fold.versions(), [], attempt, duplicate=True)
             unsure = None
-            if base is not None and attempt == 1:
+            if fold.from_cache and attempt == 1:
                 # Decide on the cached state unread: if it is stale, the commit conflicts.
                 # Refusing or writing nothing needs fresh state: that outcome stands only
                 # if the read finds nothing new (else it is decided again, as on a conflict).
@@ -148,10 +146,10 @@ class Executor:
                 if isinstance(written, CommitResult):
                     return ExecutionResult(written.versions, written.events, attempt)
                 unsure = written
-            seen = dict(fold.versions)
+            seen = fold.versions()
             if await self._read(command, fold, key):
-                return ExecutionResult(dict(fold.versions), [], attempt, duplicate=True)
-            if unsure is not None and unsure.decided and fold.versions == seen:
+                return ExecutionResult(fold.versions(), [], attempt, duplicate=True)
+            if unsure is not None and unsure.decided and fold.versions() == seen:
                 if unsure.refusal is not None:
                     raise unsure.refusal
                 return ExecutionResult(seen, [], attempt)
@@ -159,10 +157,7 @@ class Executor:
             assert isinstance(written, CommitResult)
             return ExecutionResult(written.versions, written.events, attempt)
         finally:
-            if cache is not None and fold.whole:
-                cache.put(
-                    fold_key, CachedFold(fold.versions, fold.state, fold.keys, fold.snapshot)
-                )
+            fold.keep()
 
     async def _read(self, command: Command[Any], fold: _Fold, key: str | None) -> bool:
         """Read what `fold` lacks and fold it (streams `more_streams` asks for too).
@@ -171,11 +166,10 @@ class Executor:
         shorter than folded (deleted) makes the whole fold start again from version 1.
         """
         declared = [validate_stream_id(s) for s in command.read_streams()]
-        if not fold.versions and len(declared) == 1:
-            await self._from_snapshot(command, fold, declared[0])
-            if key is not None and key in fold.keys:
-                return True
-        new = list(dict.fromkeys([*declared, *fold.versions]))
+        found = await self._from_snapshots(command, fold, declared)
+        if found and key is not None and fold.has_key(key):
+            return True
+        new = list(dict.fromkeys([*declared, *fold.versions()]))
         rounds = 0
         while new:
             rounds += 1
@@ -184,53 +178,70 @@ class Executor:
                     f"{type(command).__name__}.more_streams kept asking for new streams "
                     f"after {MAX_RESOLVE_ROUNDS} rounds"
                 )
-            froms = {s: fold.versions.get(s, 0) + 1 for s in new}
+            known = fold.versions()
+            froms = {s: known.get(s, 0) + 1 for s in new}
             read = await self.store.read_streams(new, from_versions=froms)
             if any(read[s].version < froms[s] - 1 for s in new):
                 # Deleted (or a snapshot ahead of its stream): fold again from version 1.
                 fold.restart()
-                new = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
+                new = list(dict.fromkeys(declared))
                 continue
             fold.whole = False
             for stream_id in new:
+                part = fold.part(stream_id)
                 for event in read[stream_id].events:
                     if event.command_id is not None:
                         if event.command_id == key:
                             return True
-                        fold.keys.add(event.command_id)
-                    fold.state = command.apply(fold.state, event)
-                fold.versions[stream_id] = read[stream_id].version
+                        part.keys.add(event.command_id)
+                    part.state = command.apply(part.state, event)
+                part.versions[stream_id] = read[stream_id].version
             fold.whole = True
-            more = (validate_stream_id(s) for s in command.more_streams(fold.state))
-            new = [s for s in dict.fromkeys(more) if s not in fold.versions]
+            more = (validate_stream_id(s) for s in command.more_streams(fold.state()))
+            new = [s for s in dict.fromkeys(more) if not fold.has_stream(s)]
         return False
 
-    async def _from_snapshot(self, command: Command[Any], fold: _Fold, stream_id: str) -> None:
-        """Start `fold` from the stream's snapshot, if it has one of this fold's state type."""
+    async def _from_snapshots(
+        self, command: Command[Any], fold: _Fold, declared: list[str]
+    ) -> bool:
+        """Start each single-stream part not read yet from its stream's snapshot, if it has
+        one of this fold's state type; True if any did."""
         spec = command.snapshot_spec()
         if spec is None:
-            return
-        blob = await self.store.read_snapshot(stream_id, spec.name)
-        found = decode_snapshot(blob, spec.fingerprint(), spec.state_type)
-        if found is None:
-            return
-        version, data, keys = found
-        fold.state = command.from_snapshot(data)
-        fold.versions[stream_id] = fold.snapshot = version
-        fold.keys = keys
+            return False
+        parts = {s: fold.part(s) for s in declared}
+        wanted = [s for s, p in parts.items() if not p.versions and fold.single(s)]
+        if not wanted:
+            return False
+        blobs = await self.store.read_snapshots([(s, spec.name) for s in wanted])
+        found_any = False
+        for stream_id, blob in zip(wanted, blobs, strict=True):
+            found = decode_snapshot(blob, spec.fingerprint(), spec.state_type)
+            if found is None:
+                continue
+            part = parts[stream_id]
+            part.snapshot, data, part.keys = found
+            part.state = command.from_snapshot(data)
+            part.versions[stream_id] = part.snapshot
+            found_any = True
+        return found_any
 
-    def _snapshot_due(self, command: Command[Any], fold: _Fold) -> SnapshotWrite | None:
-        """A snapshot of the folded state to write with the commit, if one is due."""
+    def _snapshots_due(self, command: Command[Any], fold: _Fold) -> list[SnapshotWrite]:
+        """Snapshots of single-stream parts to write with the commit, where one is due."""
         spec = command.snapshot_spec()
-        if spec is None or len(fold.versions) != 1:
-            return None
-        [(stream_id, version)] = fold.versions.items()
-        if version - fold.snapshot < spec.every:
-            return None
-        blob = encode_snapshot(
-            version, spec.fingerprint(), command.to_snapshot(fold.state), fold.keys
-        )
-        return SnapshotWrite(stream_id, spec.name, blob)
+        if spec is None:
+            return []
+        due = []
+        for part in fold.parts():
+            if len(part.versions) != 1:
+                continue
+            [(stream_id, version)] = part.versions.items()
+            if version - part.snapshot >= spec.every:
+                blob = encode_snapshot(
+                    version, spec.fingerprint(), command.to_snapshot(part.state), part.keys
+                )
+                due.append(SnapshotWrite(stream_id, spec.name, blob))
+        return due
 
     async def _decide(
         self,
@@ -247,10 +258,10 @@ class Executor:
         Not `final` (the state was not read in this attempt): `_Unsure` instead of
         refusing or writing nothing, or if `more_streams` asks for streams not read.
         """
-        snapshot = self._snapshot_due(command, fold)
-        state = command.resume(clone(fold.state)) if fold.cached else fold.state
+        snapshots = self._snapshots_due(command, fold)
+        state = command.resume(clone(fold.state())) if fold.cached else fold.state()
         if not final and any(
-            validate_stream_id(s) not in fold.versions for s in command.more_streams(state)
+            not fold.has_stream(validate_stream_id(s)) for s in command.more_streams(state)
         ):
             return _Unsure(decided=False)
         try:
@@ -264,25 +275,26 @@ class Executor:
             writes, effects = decided.writes, decided.effects
         else:
             writes = decided
-        undeclared = [s for s in writes if s not in fold.versions]
+        versions = fold.versions()
+        undeclared = [s for s in writes if s not in versions]
         if undeclared:
             raise UndeclaredStream(
                 f"{type(command).__name__} wrote to {', '.join(map(repr, undeclared))}, "
                 "which it did not declare as read"
             )
         if not any(writes.values()) and effects is None:
-            return CommitResult(dict(fold.versions), []) if final else _Unsure(decided=True)
-        if snapshot is not None:
-            effects = msgspec.structs.replace(effects or Effects(), snapshots=[snapshot])
+            return CommitResult(versions, []) if final else _Unsure(decided=True)
+        if snapshots:
+            effects = msgspec.structs.replace(effects or Effects(), snapshots=snapshots)
         result = await self.store.commit(
-            [StreamWrite(s, v, writes.get(s, ())) for s, v in fold.versions.items()],
+            [StreamWrite(s, v, writes.get(s, ())) for s, v in versions.items()],
             correlation_id=correlation,
             causation_id=causation,
             command_id=key,
             effects=effects,
         )
-        if snapshot is not None:
-            fold.snapshot = fold.versions[snapshot.stream_id]
+        for snapshot in snapshots:
+            fold.part(snapshot.stream_id).snapshot = versions[snapshot.stream_id]
         if fold.cached:
             fold.advance(result, key)
         return result
@@ -296,13 +308,13 @@ class _Unsure(msgspec.Struct, frozen=True):
     refusal: DomainError | None = None
 
 
-class _Fold:
-    """The state one attempt folds, at the versions it folded, and the keys it saw."""
+class _Part:
+    """A state folded from some streams, at the version of each, and the keys it saw:
+    what one cache entry holds."""
 
-    def __init__(self, command: Command[Any], base: CachedFold | None, *, cached: bool) -> None:
+    def __init__(self, key: Hashable, command: Command[Any], base: CachedFold | None) -> None:
+        self.key = key
         self.command = command
-        self.cached = cached
-        """The state outlives the attempt: `handle` gets a copy, commits are folded in."""
         if base is None:
             self.restart()
         else:
@@ -311,8 +323,6 @@ class _Fold:
             self.keys: set[str] = base.keys
             self.snapshot = base.snapshot
             """Version of the latest snapshot known to be stored (0: none)."""
-            self.whole = True
-            """False while events are being folded: a half-folded state is not kept."""
 
     def restart(self) -> None:
         """Start from nothing: the initial state, no stream read."""
@@ -320,14 +330,94 @@ class _Fold:
         self.versions = {}
         self.keys = set()
         self.snapshot = 0
+
+
+class _Fold:
+    """What one attempt folds: one part over all its streams, or with `fold_per_stream`
+    one part per stream (each cached and snapshotted alone, merged for `handle`)."""
+
+    def __init__(self, command: Command[Any], cache: StateCache | None) -> None:
+        self.command = command
+        self.cache = cache
+        self.cached = cache is not None
+        """The parts outlive the attempt: `handle` gets a copy, commits are folded in."""
+        self.split = command.fold_per_stream
+        self.whole = True
+        """False while events are being folded: a half-folded state is not kept."""
+        self._parts: dict[str, _Part] = {}
+        if self.split:
+            streams = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
+            for stream_id in streams:
+                self.part(stream_id)
+            self.from_cache = bool(streams) and all(p.versions for p in self._parts.values())
+        else:
+            key = command.fold_key() if cache is not None else None
+            base = cache.copy(key) if cache is not None else None
+            self._whole_part = _Part(key, command, base)
+            self.from_cache = base is not None
+
+    def part(self, stream_id: str) -> _Part:
+        """The part that folds `stream_id` (a new one, split, for a stream not seen yet)."""
+        if not self.split:
+            return self._whole_part
+        found = self._parts.get(stream_id)
+        if found is None:
+            key = (type(self.command), stream_id)
+            base = self.cache.copy(key) if self.cache is not None else None
+            found = self._parts[stream_id] = _Part(key, self.command, base)
+        return found
+
+    def parts(self) -> list[_Part]:
+        """Every part, once."""
+        return list(self._parts.values()) if self.split else [self._whole_part]
+
+    def single(self, stream_id: str) -> bool:
+        """Whether `stream_id` is folded alone (so it may be snapshotted)."""
+        return self.split or len(list(self.command.read_streams())) == 1
+
+    def has_stream(self, stream_id: str) -> bool:
+        """Whether `stream_id` has been read (or came from the cache)."""
+        return any(stream_id in p.versions for p in self.parts())
+
+    def versions(self) -> dict[str, int]:
+        """Each stream folded, at the version folded (a new dict)."""
+        if not self.split:
+            return dict(self._whole_part.versions)
+        return {s: v for p in self._parts.values() for s, v in p.versions.items()}
+
+    def has_key(self, key: str) -> bool:
+        """Whether an event folded carries the idempotency `key`."""
+        return any(key in p.keys for p in self.parts())
+
+    def state(self) -> Any:
+        """The state `handle` decides on."""
+        if not self.split:
+            return self._whole_part.state
+        return self.command.merge({s: p.state for s, p in self._parts.items()})
+
+    def restart(self) -> None:
+        """Start every part from nothing."""
+        for part in self.parts():
+            part.restart()
         self.whole = True
 
     def advance(self, result: CommitResult, key: str | None) -> None:
         """Fold the events a commit wrote: the state at the versions after it."""
         self.whole = False
         for event in result.events:
-            self.state = self.command.apply(self.state, event)
-        if key is not None:
-            self.keys.add(key)
-        self.versions.update(result.versions)
+            part = self.part(event.stream_id)
+            part.state = self.command.apply(part.state, event)
+            if key is not None:
+                part.keys.add(key)
+        for stream_id, version in result.versions.items():
+            self.part(stream_id).versions[stream_id] = version
         self.whole = True
+
+    def keep(self) -> None:
+        """Put every part in the cache (unless folding stopped halfway)."""
+        if self.cache is None or not self.whole:
+            return
+        for part in self.parts():
+            self.cache.put(
+                part.key, CachedFold(part.versions, part.state, part.keys, part.snapshot)
+            )

@@ -27,7 +27,7 @@ class CachedFold(msgspec.Struct):
     versions: dict[str, int]
     """Each stream read, in read order, at the version folded."""
     state: Any
-    """Never handed out: users of the entry work on copies (see `clone`)."""
+    """Never handed out: users of the entry work on copies (see `copy`)."""
     keys: set[str]
     """Idempotency keys of the folded events (duplicates are found without re-reading)."""
     snapshot: int = 0
@@ -54,9 +54,13 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def take(self, key: Hashable) -> CachedFold | None:
-        """Remove and return the entry of `key`: its state is the caller's until `put`."""
-        return self._entries.pop(key, None)
+    def copy(self, key: Hashable) -> CachedFold | None:
+        """A copy of the entry of `key` for the caller to fold on (the entry stays)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return CachedFold(dict(entry.versions), clone(entry.state), set(entry.keys), entry.snapshot)
 
     def put(self, key: Hashable, entry: CachedFold) -> None:
         """Keep `entry`, unless an entry at least as recent in every stream is there."""

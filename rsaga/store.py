@@ -260,11 +260,15 @@ class EventStore:
             found.update(await self.read_streams(group, from_versions=starts))
         return {s: found[s] for s in ids}
 
-    async def read_snapshot(self, stream_id: str, fold: str) -> bytes | None:
-        """The stored snapshot of fold `fold` over `stream_id`, undecoded (None: none)."""
+    async def read_snapshots(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
+        """The stored snapshot of each (stream id, fold), undecoded (None: none): one
+        round trip."""
         with self._talking_to_redis():
-            blob: Any = await self.redis.get(self.keyspace.snapshot(stream_id, fold))
-        return None if blob is None else bytes(blob)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream_id, fold in wanted:
+                    pipe.get(self.keyspace.snapshot(stream_id, fold))
+                blobs: list[Any] = await pipe.execute()
+        return [None if blob is None else bytes(blob) for blob in blobs]
 
     async def version(self, stream_id: str) -> int:
         """The current version of `stream_id` (0 if it has no events)."""

@@ -6,11 +6,21 @@ cache, so what one writes makes the other's cache stale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from bank import BANK_EVENTS, Deposit, Deposited, OpenAccount, Transfer, Withdraw, Withdrawn
+from bank import (
+    BANK_EVENTS,
+    Deposit,
+    Deposited,
+    Ledger,
+    OpenAccount,
+    Transfer,
+    Withdraw,
+    Withdrawn,
+    balance,
+)
 from redis.asyncio import Redis
 
 from rsaga import DomainError, EventRegistry, EventStore, Executor, Keyspace, StreamId
@@ -160,11 +170,15 @@ def test_the_cache_keeps_the_newest_entry_and_evicts_the_least_recently_used() -
     cache = StateCache(2)
     cache.put("x", CachedFold({"s": 3}, "new", set()))
     cache.put("x", CachedFold({"s": 2}, "old", set()))
-    assert cache.take("x") == CachedFold({"s": 3}, "new", set())
-    cache.put("x", CachedFold({"s": 1}, 1, set()))
+    assert cache.copy("x") == CachedFold({"s": 3}, "new", set())
     cache.put("y", CachedFold({"s": 1}, 2, set()))
+    cache.copy("x")  # used: "y" is now the least recently used
     cache.put("z", CachedFold({"s": 1}, 3, set()))
-    assert (cache.take("x"), len(cache)) == (None, 2)
+    assert (cache.copy("y"), len(cache)) == (None, 2)
+    entry = cache.copy("z")
+    assert entry is not None
+    entry.keys.add("k")
+    assert cache.copy("z") == CachedFold({"s": 1}, 3, set())  # a copy: the entry is intact
     with pytest.raises(ValueError, match="must be >= 1"):
         StateCache(0)
 
@@ -204,3 +218,49 @@ async def test_a_timeout_another_worker_rescheduled_fires_despite_a_stale_cache(
     await mine.on_timeout(payload)
     events = (await stores_[0].read(Reminder.stream_id("r1"))).events
     assert isinstance(events[-1].data, ProcessCompleted)
+
+
+class Move(Transfer, frozen=True, kw_only=True):
+    """`Transfer` folding each account alone: per-stream cache entries and snapshots."""
+
+    fold_per_stream = True
+    snapshot_every = 2
+
+    def merge(self, states: Mapping[str, Ledger]) -> Ledger:
+        return {k: v for part in states.values() for k, v in part.items()}
+
+
+async def test_folds_per_stream_share_cache_entries_and_snapshots_across_pairs(
+    redis: Redis, prefix: str
+) -> None:
+    store, plain = stores(redis, prefix)
+    mine = Executor(store)
+    await mine.execute(OpenAccount(account=acct("a"), owner="a", initial=100))  # a@2
+    for name in ("b", "c"):
+        await mine.execute(OpenAccount(account=acct(name), owner=name))  # @1
+    store.reads.clear()
+    await mine.execute(Move(source=acct("a"), target=acct("b"), amount=1))
+    await mine.execute(Move(source=acct("a"), target=acct("c"), amount=1))
+    await mine.execute(Move(source=acct("a"), target=acct("b"), amount=1))
+    # a and b were cached by the first move: only c was read, and only once.
+    assert store.reads == [[("a", 1), ("b", 1)], [("a", 4), ("c", 1)]]
+    # Snapshots at the versions the commits checked: a at 2 then 4, b at 2.
+    for stream_id in ("a", "b"):
+        assert await redis.get(plain.keyspace.snapshot(stream_id, "Move")) is not None
+    assert await redis.get(plain.keyspace.snapshot("c", "Move")) is None
+    fresh = Executor(store, state_cache_size=0)
+    store.reads.clear()
+    await fresh.execute(Move(source=acct("b"), target=acct("c"), amount=1))
+    assert store.reads == [[("b", 3), ("c", 1)]]
+    again = Executor(store, state_cache_size=0)
+    store.reads.clear()
+    await again.execute(Move(source=acct("a"), target=acct("b"), amount=1))
+    assert store.reads == [[("a", 5), ("b", 3)]]
+    ledger = await Executor(plain, state_cache_size=0).execute(
+        Move(source=acct("c"), target=acct("a"), amount=2)
+    )
+    assert ledger.versions == {"c": 4, "a": 7}
+    totals = {
+        s: balance((await plain.read(s)).events) for s in ("a", "b", "c")
+    }
+    assert totals == {"a": 98, "b": 2, "c": 0}
