@@ -54,7 +54,8 @@ how short) whatever ran before.
 
 Metrics: ``ops_per_s``; ``p50_ms`` and ``p99_ms`` per-operation latency;
 ``round_trips_per_op`` counted at the client (each command sent and each
-pipeline executed is one round trip); ``server_cmds_per_op`` from
+pipeline executed is one round trip); ``cpu_us_per_op``: this process's CPU
+per operation (less sensitive than rates to other load on the machine); ``server_cmds_per_op`` from
 ``INFO commandstats`` deltas (commands a script runs count too, INFO itself is
 left out; on a shared server other clients add to it); ``ratio_to_raw`` =
 ops_per_s / raw_evalsha ops_per_s at the same concurrency (and for commands
@@ -526,7 +527,9 @@ class Bench:
         latencies: list[float] = []
         stats_before = await self.commandstats()
         trips_before = self.redis.trips.count
+        cpu_before = time.process_time()
         ops, elapsed = await drive(op, concurrency, self.duration, latencies)
+        cpu = time.process_time() - cpu_before
         trips = self.redis.trips.count - trips_before
         stats_after = await self.commandstats()
         server_cmds = sum(stats_after.values()) - sum(stats_before.values())
@@ -540,6 +543,7 @@ class Bench:
             "p99_ms": None if p99 is None else round(p99 * 1000, 3),
             "round_trips_per_op": round(trips / ops, 3) if ops else None,
             "server_cmds_per_op": round(server_cmds / ops, 3) if ops else None,
+            "cpu_us_per_op": round(cpu / ops * 1e6, 1) if ops else None,
         }
 
     async def accounts(self, name: str, count: int = ACCOUNTS, history: int = 1) -> Accounts:
@@ -725,9 +729,12 @@ class CountingStore(EventStore):
         from_version: int = 1,
         from_versions: Mapping[str, int] | None = None,
     ) -> dict[str, StreamSlice]:
-        found = await super().read_streams(
-            stream_ids, from_version=from_version, from_versions=from_versions
-        )
+        if from_versions is None:  # as the store of older rsaga versions is called
+            found = await super().read_streams(stream_ids, from_version=from_version)
+        else:
+            found = await super().read_streams(
+                stream_ids, from_version=from_version, from_versions=from_versions
+            )
         self.reads += 1
         self.events_read += sum(len(s.events) for s in found.values())
         return found
@@ -863,8 +870,10 @@ async def contended(bench: Bench, *, concurrency: int, accounts: int) -> Metrics
         finished.append(perf_counter())
 
     stats_before = await bench.commandstats()
+    cpu = time.process_time()
     started = perf_counter()
     _, elapsed = await drive(op, concurrency, seconds)
+    cpu = time.process_time() - cpu
     stats_after = await bench.commandstats()
     tenth = elapsed / 10
     first = sum(1 for t in finished if t - started < tenth) / tenth
@@ -884,6 +893,7 @@ async def contended(bench: Bench, *, concurrency: int, accounts: int) -> Metrics
         "server_cmds_per_op": round(
             (sum(stats_after.values()) - sum(stats_before.values())) / max(ops, 1), 2
         ),
+        "cpu_us_per_op": round(cpu / max(ops, 1) * 1e6, 1),
         "final_stream_len": max(versions),
     }
 

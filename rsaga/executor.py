@@ -138,7 +138,7 @@ class Executor:
             unsure = None
             if fold.from_cache and attempt == 1:
                 # Decide on the cached state unread: if it is stale, the commit conflicts.
-                # Refusing or writing nothing needs fresh state: that outcome stands only
+                # Raising or writing nothing needs fresh state: that outcome stands only
                 # if the read finds nothing new (else it is decided again, as on a conflict).
                 written = await self._decide(
                     command, fold, correlation, causation, key, final=False
@@ -266,7 +266,8 @@ class Executor:
             return _Unsure(decided=False)
         try:
             decided = command.handle(state)
-        except DomainError as refusal:
+        except Exception as refusal:
+            # Stale state can make user code raise anything: only fresh state decides.
             if final:
                 raise
             return _Unsure(decided=True, refusal=refusal)
@@ -301,11 +302,12 @@ class Executor:
 
 
 class _Unsure(msgspec.Struct, frozen=True):
-    """`handle` on unread cached state did not write: refused, wrote nothing, or did not
-    decide (`decided` False: it asked for streams not read)."""
+    """`handle` on unread cached state did not write: raised (a `DomainError` or any
+    other exception), wrote nothing, or did not decide (`decided` False: it asked for
+    streams not read)."""
 
     decided: bool
-    refusal: DomainError | None = None
+    refusal: Exception | None = None
 
 
 class _Part:

@@ -23,7 +23,7 @@ from bank import (
 )
 from redis.asyncio import Redis
 
-from rsaga import DomainError, EventRegistry, EventStore, Executor, Keyspace, StreamId
+from rsaga import DomainError, EventRegistry, EventStore, Executor, Keyspace, StreamId, Writes
 from rsaga.processes import (
     AdvanceTrigger,
     Decision,
@@ -264,3 +264,26 @@ async def test_folds_per_stream_share_cache_entries_and_snapshots_across_pairs(
         s: balance((await plain.read(s)).events) for s in ("a", "b", "c")
     }
     assert totals == {"a": 98, "b": 2, "c": 0}
+
+
+class DepositOnTop(Deposit, frozen=True, kw_only=True):
+    """Deposits only on the balance it expects; anything else is a bug (not a refusal)."""
+
+    expected: int
+
+    def handle(self, state: Ledger) -> Writes:
+        if state[self.account].balance != self.expected:
+            raise RuntimeError(f"balance {state[self.account].balance}, not {self.expected}")
+        return super().handle(state)
+
+
+async def test_an_error_on_stale_state_is_checked_against_fresh_state(
+    redis: Redis, prefix: str
+) -> None:
+    _, plain, mine = await with_account(redis, prefix, 10)
+    await mine.execute(DepositOnTop(account=acct("a"), amount=1, expected=10))  # cached: 11
+    await Executor(plain).execute(Deposit(account=acct("a"), amount=4))
+    result = await mine.execute(DepositOnTop(account=acct("a"), amount=1, expected=15))
+    assert result.versions == {"a": 5}
+    with pytest.raises(RuntimeError, match="balance 16, not 15"):
+        await mine.execute(DepositOnTop(account=acct("a"), amount=1, expected=15))
