@@ -22,7 +22,7 @@ from rsaga.events import RecordedEvent, new_id
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
-from rsaga.snapshots import decode_snapshot, encode_snapshot
+from rsaga.snapshots import SnapshotSpec, decode_snapshot, encode_snapshot
 from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE, CachedFold, StateCache, clone
 from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamWrite
 
@@ -166,9 +166,7 @@ class Executor:
         shorter than folded (deleted) makes the whole fold start again from version 1.
         """
         declared = [validate_stream_id(s) for s in command.read_streams()]
-        found = await self._from_snapshots(command, fold, declared)
-        if found and key is not None and fold.has_key(key):
-            return True
+        spec = command.snapshot_spec()
         new = list(dict.fromkeys([*declared, *fold.versions()]))
         rounds = 0
         while new:
@@ -180,15 +178,27 @@ class Executor:
                 )
             known = fold.versions()
             froms = {s: known.get(s, 0) + 1 for s in new}
-            read = await self.store.read_streams(new, from_versions=froms)
+            wanted = {}
+            if spec is not None:  # the snapshots come with the read: no round trip more
+                wanted = {s: spec.name for s in new if froms[s] == 1 and fold.single(s)}
+            read = await self.store.read_streams(new, from_versions=froms, snapshots=wanted)
             if any(read[s].version < froms[s] - 1 for s in new):
                 # Deleted (or a snapshot ahead of its stream): fold again from version 1.
                 fold.restart()
                 new = list(dict.fromkeys(declared))
                 continue
+            again = []
             fold.whole = False
             for stream_id in new:
                 part = fold.part(stream_id)
+                found = read[stream_id].snapshot
+                if found is not None:
+                    assert spec is not None
+                    if not self._start_from(command, spec, part, stream_id, found):
+                        again.append(stream_id)  # of another state type: from version 1
+                        continue
+                    if key is not None and key in part.keys:
+                        return True
                 for event in read[stream_id].events:
                     if event.command_id is not None:
                         if event.command_id == key:
@@ -197,34 +207,26 @@ class Executor:
                     part.state = command.apply(part.state, event)
                 part.versions[stream_id] = read[stream_id].version
             fold.whole = True
+            if again:
+                spec = None  # a matching snapshot never comes back from a second read
+                new = again
+                continue
             more = (validate_stream_id(s) for s in command.more_streams(fold.state()))
             new = [s for s in dict.fromkeys(more) if not fold.has_stream(s)]
         return False
 
-    async def _from_snapshots(
-        self, command: Command[Any], fold: _Fold, declared: list[str]
+    @staticmethod
+    def _start_from(
+        command: Command[Any], spec: SnapshotSpec, part: _Part, stream_id: str, blob: bytes
     ) -> bool:
-        """Start each single-stream part not read yet from its stream's snapshot, if it has
-        one of this fold's state type; True if any did."""
-        spec = command.snapshot_spec()
-        if spec is None:
+        """Start `part` from a snapshot read with its stream; False if it does not match."""
+        found = decode_snapshot(blob, spec.fingerprint(), spec.state_type)
+        if found is None:
             return False
-        parts = {s: fold.part(s) for s in declared}
-        wanted = [s for s, p in parts.items() if not p.versions and fold.single(s)]
-        if not wanted:
-            return False
-        blobs = await self.store.read_snapshots([(s, spec.name) for s in wanted])
-        found_any = False
-        for stream_id, blob in zip(wanted, blobs, strict=True):
-            found = decode_snapshot(blob, spec.fingerprint(), spec.state_type)
-            if found is None:
-                continue
-            part = parts[stream_id]
-            part.snapshot, data, part.keys = found
-            part.state = command.from_snapshot(data)
-            part.versions[stream_id] = part.snapshot
-            found_any = True
-        return found_any
+        part.snapshot, data, part.keys = found
+        part.state = command.from_snapshot(data)
+        part.versions[stream_id] = part.snapshot
+        return True
 
     def _snapshots_due(self, command: Command[Any], fold: _Fold) -> list[SnapshotWrite]:
         """Snapshots of single-stream parts to write with the commit, where one is due."""
@@ -240,7 +242,7 @@ class Executor:
                 blob = encode_snapshot(
                     version, spec.fingerprint(), command.to_snapshot(part.state), part.keys
                 )
-                due.append(SnapshotWrite(stream_id, spec.name, blob))
+                due.append(SnapshotWrite(stream_id, spec.name, version, blob))
         return due
 
     async def _decide(

@@ -78,7 +78,8 @@ class Keyspace:
         return f"{self._tag(self.shard_of(stream_id))}:s:{stream_id}"
 
     def snapshot(self, stream_id: str, fold: str) -> str:
-        """String: the latest snapshot of fold `fold` over one stream (see `rsaga.snapshots`)."""
+        """Hash: the latest snapshot of fold `fold` over one stream, fields v (its version)
+        and d (see `rsaga.snapshots`)."""
         return f"{self._tag(self.shard_of(stream_id))}:snap:{fold}:{stream_id}"
 
     def log(self, shard: int) -> str:

@@ -103,8 +103,9 @@ class SnapshotWrite(msgspec.Struct, frozen=True):
 
     stream_id: str
     fold: str
+    version: int
+    """The version the write checks for `stream_id`: the check makes it true."""
     blob: bytes
-    """At the version the write checks for `stream_id`: the check makes it true."""
 
 
 class Effects(msgspec.Struct, frozen=True):
@@ -131,6 +132,9 @@ class StreamSlice(msgspec.Struct, frozen=True):
     stream_id: str
     version: int
     events: list[RecordedEvent]
+    snapshot: bytes | None = None
+    """With `read_streams(snapshots=...)`: the stored snapshot the events follow (they
+    start after its version), undecoded."""
 
 
 class LogEntry(msgspec.Struct, frozen=True):
@@ -206,10 +210,13 @@ class EventStore:
         *,
         from_version: int = 1,
         from_versions: Mapping[str, int] | None = None,
+        snapshots: Mapping[str, str] | None = None,
     ) -> dict[str, StreamSlice]:
         """Read several streams: one pipelined round trip per page of the longest stream.
 
-        Each from `from_version`, or from its own version in `from_versions`.
+        Each from `from_version`, or from its own version in `from_versions`. A stream
+        read from version 1 and named in `snapshots` (stream id -> fold) starts after the
+        fold's stored snapshot, if there is one, which its slice carries.
         """
         for stream_id in stream_ids:
             validate_stream_id(stream_id)
@@ -219,37 +226,46 @@ class EventStore:
         if min(starts.values(), default=1) < 1:
             raise ValidationError(f"from_version must be >= 1, got {min(starts.values())}")
         if len({self.keyspace.shard_of(s) for s in ids}) > 1:
-            return await self._read_across_shards(ids, starts)
+            return await self._read_across_shards(ids, starts, snapshots or {})
         events: dict[str, list[RecordedEvent]] = {s: [] for s in ids}
         versions: dict[str, int] = {}
+        found: dict[str, bytes] = {}
         next_version = {s: starts[s] for s in ids}
+        folds = {s: f for s, f in (snapshots or {}).items() if starts.get(s) == 1}
         pending = ids
         decode = self.codec.decode
         with self._talking_to_redis():
             while pending:
+                keys = [self.keyspace.stream(s) for s in pending]
+                if folds:  # the first page only: later pages go on from where it ended
+                    keys += [self.keyspace.snapshot(s, folds.get(s, "")) for s in pending]
+                    folds = {}
                 replies = await self._read(
-                    [self.keyspace.stream(s) for s in pending],
-                    [self.page_size, *(next_version[s] for s in pending)],
+                    keys, [self.page_size, *(next_version[s] for s in pending)]
                 )
                 full = []
                 for stream_id, flat in zip(pending, replies, strict=True):
                     versions.setdefault(stream_id, int(flat[0]))
                     mine = events[stream_id]
-                    for at in range(1, len(flat), 2):
+                    start = 1
+                    if len(flat) > 1 and int(flat[1]) == 0:
+                        found[stream_id] = bytes(flat[2])
+                        start = 3
+                    for at in range(start, len(flat), 2):
                         blob = flat[at + 1]
                         if blob is None:
                             raise EventDecodeError(
                                 f"an entry of stream {stream_id!r} has no 'd' field"
                             )
                         mine.append(decode(stream_id, int(flat[at]), blob))
-                    if len(flat) // 2 == self.page_size:
+                    if (len(flat) - start) // 2 == self.page_size:
                         next_version[stream_id] = mine[-1].version + 1
                         full.append(stream_id)
                 pending = full
-        return {s: StreamSlice(s, versions[s], events[s]) for s in ids}
+        return {s: StreamSlice(s, versions[s], events[s], found.get(s)) for s in ids}
 
     async def _read_across_shards(
-        self, ids: list[str], starts: dict[str, int]
+        self, ids: list[str], starts: dict[str, int], snapshots: Mapping[str, str]
     ) -> dict[str, StreamSlice]:
         """Streams in different shards cannot share a script: read each shard apart."""
         by_shard: dict[int, list[str]] = {}
@@ -257,18 +273,10 @@ class EventStore:
             by_shard.setdefault(self.keyspace.shard_of(stream_id), []).append(stream_id)
         found: dict[str, StreamSlice] = {}
         for group in by_shard.values():
-            found.update(await self.read_streams(group, from_versions=starts))
+            found.update(
+                await self.read_streams(group, from_versions=starts, snapshots=snapshots)
+            )
         return {s: found[s] for s in ids}
-
-    async def read_snapshots(self, wanted: Sequence[tuple[str, str]]) -> list[bytes | None]:
-        """The stored snapshot of each (stream id, fold), undecoded (None: none): one
-        round trip."""
-        with self._talking_to_redis():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for stream_id, fold in wanted:
-                    pipe.get(self.keyspace.snapshot(stream_id, fold))
-                blobs: list[Any] = await pipe.execute()
-        return [None if blob is None else bytes(blob) for blob in blobs]
 
     async def version(self, stream_id: str) -> int:
         """The current version of `stream_id` (0 if it has no events)."""
@@ -448,7 +456,7 @@ class EventStore:
         args.append(len(effects.snapshots))
         for snapshot in effects.snapshots:
             keys.append(ks.snapshot(snapshot.stream_id, snapshot.fold))
-            args.append(snapshot.blob)
+            args += [snapshot.version, snapshot.blob]
 
     def _commit_result(
         self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]

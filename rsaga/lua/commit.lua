@@ -23,7 +23,7 @@
     then, per index update: the 13 index keys of its process type
                          (Keyspace.process_index; see includes/process_index.lua)
     then, if any dead letter is added: the shard's dead-letter stream
-    then, per snapshot: its key (Keyspace.snapshot)
+    then, per snapshot: its hash (Keyspace.snapshot: fields v, d)
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
                          (-1 any, 0 no stream yet, N exact), count of new events
@@ -34,7 +34,7 @@
                          ms, next due ms or -1: the earliest pending timeout,
                          starts '1'/'0', correlation id, retried step, retries)
     then                 D, and D x (F, then F field/value pairs) dead letters
-    then                 P, and P x snapshot bytes
+    then                 P, and P x (version, snapshot bytes)
 
   Output:
     {0, v_1 .. v_n}      OK: the version of each checked stream after the write
@@ -128,7 +128,7 @@ if letters > 0 then
 end
 local snapshots = tonumber(ARGV[arg + 1] or 0)
 for i = 1, snapshots do
-  redis.call('SET', KEYS[key + i - 1], ARGV[arg + 1 + i])
+  redis.call('HSET', KEYS[key + i - 1], 'v', ARGV[arg + 2 * i], 'd', ARGV[arg + 2 * i + 1])
 end
 
 return {0, unpack(versions)}

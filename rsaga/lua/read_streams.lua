@@ -4,19 +4,36 @@
 
   Input:
     KEYS[1 .. n]   the streams
+    KEYS[n+1 .. 2n] optional: per stream, its snapshot hash (fields v = version,
+                   d = snapshot; see commit.lua section 6), used when the stream
+                   is read from version 1
     ARGV[1]        page size
     ARGV[2 .. n+1] the version to start from, per stream
 
   Output:
     per stream: {version, v_1, d_1, v_2, d_2, ...}   the stream's current version,
-                then up to a page of (version, envelope) pairs from the start
+                then up to a page of (version, envelope) pairs from the start;
+                a snapshot used comes first as the pair (0, snapshot), and the
+                events then start after its version
 ]]
 -- @include "stream_version"
 
+local n = #ARGV - 1
 local out = {}
-for i, key in ipairs(KEYS) do
-  local page = redis.call('XRANGE', key, ARGV[i + 1] .. '-0', '+', 'COUNT', ARGV[1])
-  local flat = {stream_version(key)}
+for i = 1, n do
+  local key = KEYS[i]
+  local version = stream_version(key)
+  local from = tonumber(ARGV[i + 1])
+  local flat = {version}
+  if KEYS[n + i] and from == 1 then
+    local snapshot = redis.call('HMGET', KEYS[n + i], 'v', 'd')
+    local at = tonumber(snapshot[1])
+    if at and snapshot[2] and at <= version then
+      flat[2], flat[3] = 0, snapshot[2]
+      from = at + 1
+    end
+  end
+  local page = redis.call('XRANGE', key, from .. '-0', '+', 'COUNT', ARGV[1])
   for _, entry in ipairs(page) do
     flat[#flat + 1] = tonumber(string.match(entry[1], '^(%d+)'))
     local fields = entry[2]
