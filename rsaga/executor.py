@@ -133,10 +133,11 @@ class Executor:
     ) -> ExecutionResult:
         fold = _Fold(command, self.cache if command.cache_state else None)
         try:
-            if key is not None and fold.has_key(key):
-                return ExecutionResult(fold.versions(), [], attempt, duplicate=True)
             unsure = None
-            if fold.from_cache and attempt == 1:
+            # A key the cache has seen is a duplicate only if Redis still has it: a Redis
+            # that lost writes in a crash makes the cache ahead of it (the read restarts).
+            seen_key = key is not None and fold.has_key(key)
+            if fold.from_cache and attempt == 1 and not seen_key:
                 # Decide on the cached state unread: if it is stale, the commit conflicts.
                 # Raising or writing nothing needs fresh state: that outcome stands only
                 # if the read finds nothing new (else it is decided again, as on a conflict).
@@ -162,8 +163,9 @@ class Executor:
     async def _read(self, command: Command[Any], fold: _Fold, key: str | None) -> bool:
         """Read what `fold` lacks and fold it (streams `more_streams` asks for too).
 
-        True if an event carries the idempotency `key` (a duplicate). A stream now
-        shorter than folded (deleted) makes the whole fold start again from version 1.
+        True if an event folded (now or before) carries the idempotency `key` (a
+        duplicate). A stream now shorter than folded (deleted, or lost in a Redis
+        crash) makes the whole fold start again from version 1.
         """
         declared = [validate_stream_id(s) for s in command.read_streams()]
         spec = command.snapshot_spec()
@@ -213,7 +215,7 @@ class Executor:
                 continue
             more = (validate_stream_id(s) for s in command.more_streams(fold.state()))
             new = [s for s in dict.fromkeys(more) if not fold.has_stream(s)]
-        return False
+        return key is not None and fold.has_key(key)
 
     @staticmethod
     def _start_from(

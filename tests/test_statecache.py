@@ -293,3 +293,19 @@ async def test_an_error_on_stale_state_is_checked_against_fresh_state(
     assert result.versions == {"a": 5}
     with pytest.raises(RuntimeError, match="balance 16, not 15"):
         await mine.execute(DepositOnTop(account=acct("a"), amount=1, expected=15))
+
+
+async def test_a_cache_ahead_of_redis_after_lost_writes_is_not_trusted(
+    redis: Redis, prefix: str
+) -> None:
+    """Redis crashed and lost the last write: the cache saw it, Redis no longer has it."""
+    _, plain, mine = await with_account(redis, prefix, 10)  # a@2
+    await mine.execute(Deposit(account=acct("a"), amount=1), idempotency_key="k1")  # a@3
+    kept = [e.data for e in (await plain.read("a")).events][:2]
+    await redis.delete(plain.keyspace.stream("a"))
+    await plain.append("a", kept)  # restarted without the last write: a@2 again
+    again = await mine.execute(Deposit(account=acct("a"), amount=1), idempotency_key="k1")
+    assert not again.duplicate
+    assert again.versions == {"a": 3}
+    await mine.execute(Deposit(account=acct("a"), amount=1))
+    assert balance((await plain.read("a")).events) == 12
