@@ -53,6 +53,7 @@ from rsaga.inspect import (
     search_processes,
     show_process,
 )
+from rsaga.interceptors import resolve as resolve_interceptors
 from rsaga.keyspace import Keyspace
 from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
 from rsaga.observe import NO_OBSERVER
@@ -309,9 +310,15 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
         keyspace=store.keyspace,
     )
-    observer = PrometheusObserver() if args.metrics_port else None
+    interceptors = resolve_interceptors(worker_settings.interceptors)
+    observer = next((i for i in interceptors if isinstance(i, PrometheusObserver)), None)
+    if observer is None and args.metrics_port:
+        observer = PrometheusObserver()
     worker = Worker(
-        Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
+        Executor(
+            store, retry=settings.executor.retry, observer=observer or NO_OBSERVER,
+            interceptors=interceptors,
+        ),
         [item.handler() for item in selected],
         settings=worker_settings,
     )
@@ -319,7 +326,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
-            if observer is not None:
+            if observer is not None and args.metrics_port:
                 types = worker.runner.managers if worker.runner else {}
                 groups = [(sub.consumer.log, sub.consumer.group) for sub in worker.subscriptions]
                 tg.start_soon(

@@ -23,7 +23,8 @@ import msgspec
 from rsaga.errors import ConfigError
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES
 from rsaga.executor import DEFAULT_COMMAND_RETRY
-from rsaga.retry import RetryPolicy
+from rsaga.interceptors import unknown_names
+from rsaga.retry import BuiltinRetryPolicy
 from rsaga.store import DEFAULT_PAGE_SIZE
 
 DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
@@ -128,7 +129,7 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The command executor."""
 
-    retry: RetryPolicy = DEFAULT_COMMAND_RETRY
+    retry: BuiltinRetryPolicy = DEFAULT_COMMAND_RETRY
     """Retry policy on version conflicts: ``kind`` "fixed", "exponential" or "linear"."""
 
 
@@ -137,6 +138,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     handlers: list[str] = msgspec.field(default_factory=list)
     """Handlers to load by import path (``package.module:Class``), besides entry points."""
+    interceptors: list[str] = msgspec.field(default_factory=list)
+    """Interceptors around handler calls, commands, steps and timeouts, outermost first:
+    ``metrics``, ``otel``, a ``rsaga.interceptors`` entry point or ``module:attribute``."""
     concurrency: int = 32
     """Events handled at once by one worker process (over all handlers and streams)."""
     batch_size: int = 100
@@ -162,6 +166,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds between trims of the shard logs."""
 
     def __post_init__(self) -> None:
+        unknown = unknown_names(self.interceptors)
+        if unknown:
+            raise ValueError(unknown)
         if self.start not in ("beginning", "new"):
             raise ValueError(f"start: must be 'beginning' or 'new', got {self.start!r}")
         for name in ("concurrency", "batch_size", "block_ms", "max_deliveries",
@@ -309,6 +316,7 @@ _SHORT_NAMES: dict[tuple[str, str], str] = {
     ("store", "shards"): "RSAGA_SHARDS",
     ("store", "max_event_bytes"): "RSAGA_MAX_EVENT_BYTES",
     ("worker", "handlers"): "RSAGA_HANDLERS",
+    ("worker", "interceptors"): "RSAGA_INTERCEPTORS",
     ("worker", "concurrency"): "RSAGA_CONCURRENCY",
     ("worker", "shutdown_timeout"): "RSAGA_SHUTDOWN_TIMEOUT",
     ("worker", "claim_timeout"): "RSAGA_CLAIM_TIMEOUT",

@@ -45,6 +45,7 @@ from rsaga.errors import (
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
 from rsaga.health import redis_down
+from rsaga.interceptors import StepInput
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
@@ -585,6 +586,8 @@ class TimeoutPayload(msgspec.Struct, frozen=True, array_like=True):
     due_ms: int
     correlation_id: str | None = None
     """Of the step that scheduled it: the step it triggers continues the correlation."""
+    metadata: dict[str, str] | None = None
+    """Of the step that scheduled it (e.g. its trace context): see `rsaga.interceptors`."""
 
 
 _payload_encoder = msgspec.msgpack.Encoder()
@@ -666,6 +669,7 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
     commands: Any
     events: Any
     correlation_id: str
+    metadata: Any = None
 
     def metric_label(self) -> str:
         """Steps are counted per process type."""
@@ -736,7 +740,9 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
             )
         if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
             return {}
-        plan = _Plan(manager, info, self.now_ms, self.commands, self.correlation_id)
+        plan = _Plan(
+            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata
+        )
         if isinstance(trigger, TimeoutTrigger):
             plan.fired(trigger)
         if isinstance(trigger, RejectedTrigger):
@@ -772,7 +778,9 @@ class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
             raise ProcessFinished(
                 f"{where} already ended {info.status}: nothing to {action.action}"
             )
-        plan = _Plan(manager, info, self.now_ms, self.commands, self.correlation_id)
+        plan = _Plan(
+            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata
+        )
         if action.action == "terminate":
             plan.events.append(ProcessTerminated(action.reason, action.by, action.compensate))
             reason = f"terminated by {action.by}: {action.reason}"
@@ -840,9 +848,11 @@ class _Plan:
         now_ms: int,
         commands: Any,
         correlation_id: str,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.manager = manager
         self.correlation_id = correlation_id
+        self.metadata = metadata
         self.info = info
         self.now_ms = now_ms
         self.registry: CommandRegistry = commands
@@ -866,7 +876,8 @@ class _Plan:
         info = self.info
         self.events.append(TimeoutScheduled(name, token, due_ms, attempt))
         payload = TimeoutPayload(
-            info.process_type, info.process_id, name, token, attempt, due_ms, self.correlation_id
+            info.process_type, info.process_id, name, token, attempt, due_ms, self.correlation_id,
+            self.metadata,
         )
         tid = timeout_id(info.stream_id, name)
         if tid in self.cancel:
@@ -1000,6 +1011,7 @@ class ProcessRunner:
         self.executor = executor
         self.clock: Clock = clock or SystemClock()
         self.managers = {m.name: m for m in managers}
+        self._step = executor.interceptors.process_step(self._run_step)
         self.commands = CommandRegistry()
         registry: EventRegistry = executor.store.registry
         registry.register(*FRAMEWORK_EVENTS)
@@ -1063,10 +1075,12 @@ class ProcessRunner:
             raise DefinitionError(f"{where} failed: {exc}") from exc
         return process_id
 
-    async def on_timeout(self, payload: TimeoutPayload, *, attempt: int | None = None) -> None:
-        """Apply a due timeout (discarded if its process moved on)."""
+    async def on_timeout(
+        self, payload: TimeoutPayload, *, attempt: int | None = None
+    ) -> list[RecordedEvent]:
+        """Apply a due timeout (discarded if its process moved on); the events written."""
         manager = self.manager(payload.process_type)
-        await self.step(
+        return await self.step(
             manager,
             payload.process_id,
             TimeoutTrigger(payload.name, payload.attempt, payload.due_ms, payload.token),
@@ -1119,16 +1133,27 @@ class ProcessRunner:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         attempt: int | None = None,
-    ) -> None:
+    ) -> list[RecordedEvent]:
         """Run one step (see the module docstring), then the commands it issued.
 
         A confirmed command (`Decision.confirm`) that raises something other than
         a `DomainError` propagates, so the worker retries the trigger, until
         `attempt` is the last `handler_retry` allows: then the command is
         rejected (a `RejectedTrigger` step) instead of dead-lettering the trigger.
+        The step goes through the `process_step` interceptors; it returns the
+        events it wrote (none when it changed nothing or had run before).
         """
+        return await self._step(
+            StepInput(
+                manager, process_id, trigger, key, correlation_id, causation_id, attempt
+            )
+        )
+
+    async def _run_step(self, call: StepInput) -> list[RecordedEvent]:
+        manager, process_id, trigger, key = call.manager, call.process_id, call.trigger, call.key
+        causation_id, attempt = call.causation_id, call.attempt
         stream = StreamId(manager.stream_id(process_id))
-        correlation_id = correlation_id or new_id()
+        correlation_id = call.correlation_id or new_id()
         step = _Step(
             stream=stream,
             manager=manager,
@@ -1138,9 +1163,11 @@ class ProcessRunner:
             commands=self.commands,
             events=self.executor.store.registry,
             correlation_id=correlation_id,
+            metadata=call.metadata,
         )
         result = await self.executor.execute(
-            step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key
+            step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key,
+            metadata=call.metadata,
         )
         if not result.duplicate:
             self._observe(manager, trigger, result.events)
@@ -1155,6 +1182,7 @@ class ProcessRunner:
                 await self._run_commands(
                     manager, process_id, event.data, key, correlation, attempt
                 )
+        return [] if result.duplicate else result.events
 
     def _observe(
         self,
@@ -1180,9 +1208,8 @@ class ProcessRunner:
                     observer.process_transition(process_type, "compensate", ms)
                 case TimeoutScheduled():
                     observer.timeout_event(process_type, "scheduled")
-                case TimeoutFired(due_ms=due):
-                    lateness = self.clock.now_ms() - due
-                    observer.timeout_event(process_type, "fired", float(max(0, lateness)))
+                case TimeoutFired():
+                    pass  # reported by the observer's `fire_timeout`, around the call
                 case data:
                     manager.report(data, observer)
 

@@ -293,12 +293,14 @@ class EventStore:
         expected: Expected = ExpectedVersion.ANY,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> CommitResult:
         """Append `events` to one stream if its version is `expected`."""
         return await self.commit(
             [StreamWrite(stream_id, int(expected), events)],
             correlation_id=correlation_id,
             causation_id=causation_id,
+            metadata=metadata,
         )
 
     async def commit(
@@ -309,17 +311,19 @@ class EventStore:
         causation_id: str | None = None,
         command_id: str | None = None,
         effects: Effects | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> CommitResult:
         """Check every write's expected version, then append all events, atomically.
 
         `effects` (timeouts to schedule or cancel, process-index transitions) are
-        applied in the same atomic step, in the shard of the streams.
+        applied in the same atomic step, in the shard of the streams. Every event
+        carries `metadata` (see `RecordedEvent.metadata`).
 
         Raises `ConcurrencyConflict` (nothing written) if any stream is not at its
         expected version; validation errors are raised before Redis is touched.
         """
         keys, args, recorded = self._encode_commit(
-            writes, correlation_id, causation_id, command_id
+            writes, correlation_id, causation_id, command_id, metadata
         )
         if effects is not None:
             self._encode_effects(effects, self.keyspace.shard_of(writes[0].stream_id), keys, args)
@@ -333,6 +337,7 @@ class EventStore:
         correlation_id: str | None,
         causation_id: str | None,
         command_id: str | None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[list[str], list[EncodableArg], list[list[RecordedEvent]]]:
         if not writes:
             raise ValidationError("a commit needs at least one stream")
@@ -369,6 +374,7 @@ class EventStore:
                         correlation_id=correlation,
                         causation_id=causation_id,
                         command_id=command_id,
+                        metadata=metadata,
                     )
                 )
                 mine.append(
@@ -382,6 +388,7 @@ class EventStore:
                         correlation_id=correlation,
                         causation_id=causation_id,
                         command_id=command_id,
+                        metadata=metadata,
                     )
                 )
             recorded.append(mine)

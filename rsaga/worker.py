@@ -31,10 +31,11 @@ from rsaga.clock import Clock
 from rsaga.config import WorkerSettings
 from rsaga.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
 from rsaga.errors import EventDecodeError, UnknownEventType
-from rsaga.events import new_id
+from rsaga.events import RecordedEvent, new_id
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.health import keep_heartbeat, redis_down, this_process
+from rsaga.interceptors import HandleInput, TimeoutInput
 from rsaga.logs import event_fields
 from rsaga.observe import Observer
 from rsaga.processes import (
@@ -176,6 +177,7 @@ class _HandlerSource:
         self.wanted: set[str] | None = {
             executor.store.registry.name_of_type(t) for t in handler.events
         }
+        self._call = executor.interceptors.handle(self._handle)
 
     def decode(self, entry: RawEntry) -> LogEntry | None:
         # Entries of unwanted types, and replays for other groups, were already
@@ -184,14 +186,17 @@ class _HandlerSource:
         return self.executor.store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
 
     async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
+        await self._call(HandleInput(self.name, item.event, attempt, entry.log_id))
+
+    async def _handle(self, call: HandleInput) -> None:
         ctx = HandlerContext(
-            item.event,
+            call.event,
             executor=self.executor,
             handler=self.name,
-            log_id=entry.log_id,
-            attempt=attempt,
+            log_id=call.log_id,
+            attempt=call.attempt,
         )
-        await self.handler.handle(item.event, ctx)
+        await self.handler.handle(call.event, ctx)
 
 
 class _ProcessSource:
@@ -204,13 +209,17 @@ class _ProcessSource:
         self.retry = type(manager).handler_retry
         registry = runner.executor.store.registry
         self.wanted: set[str] | None = {registry.name_of_type(t) for t in manager.events}
+        self._call = runner.executor.interceptors.handle(self._handle)
 
     def decode(self, entry: RawEntry) -> LogEntry | None:
         store = self.runner.executor.store
         return store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
 
     async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_event(self.manager, item.event, attempt=attempt)
+        await self._call(HandleInput(self.name, item.event, attempt, entry.log_id, True))
+
+    async def _handle(self, call: HandleInput) -> None:
+        await self.runner.on_event(self.manager, call.event, attempt=call.attempt)
 
 
 class _TimeoutSource:
@@ -223,6 +232,7 @@ class _TimeoutSource:
         self.wanted: set[str] | None = {manager.name}
         self.runner = runner
         self.retry: RetryPolicy = type(manager).handler_retry
+        self._call = runner.executor.interceptors.fire_timeout(self._fire)
 
     def decode(self, entry: RawEntry) -> TimeoutPayload | None:
         try:
@@ -234,7 +244,10 @@ class _TimeoutSource:
         return payload if payload.process_type == self.process_type else None
 
     async def handle(self, item: TimeoutPayload, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_timeout(item, attempt=attempt)
+        await self._call(TimeoutInput(item, attempt, self.name))
+
+    async def _fire(self, call: TimeoutInput) -> list[RecordedEvent]:
+        return await self.runner.on_timeout(call.payload, attempt=call.attempt)
 
 
 UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType, IncompatibleDefinition,
@@ -579,9 +592,6 @@ class _Subscription:
                 )
                 await anyio.sleep(delay)
                 continue
-            self._observer.entry_handled(
-                self.source.name, seconds=time.perf_counter() - started, outcome="handled"
-            )
             return True
 
     def _log_fields(self, item: Any, entry: RawEntry) -> dict[str, Any]:
