@@ -127,7 +127,7 @@ class PrometheusObserver(Observer):
             "rsaga_handler_failures", "Handler attempts that raised.", ["handler"], registry=r
         )
         self.handler_duration = Histogram(
-            "rsaga_handler_duration_seconds", "Time to handle an entry, retries included.",
+            "rsaga_handler_duration_seconds", "Time of the handler call that handled an entry.",
             ["handler"], buckets=_DURATIONS, registry=r,
         )
         self.lag = Gauge(
