@@ -271,7 +271,8 @@ def resolve(names: Sequence[str]) -> list[Interceptor]:
                     f"interceptors: entry point {name} ({ep.value}) failed to load: {exc}"
                 ) from None
         elif name in BUILTIN:
-            target = _load(BUILTIN[name], f"{name!r} ({BUILTIN[name]})")
+            extra = " of the rsaga[otel] extra" if name == "otel" else ""
+            target = _load(BUILTIN[name], f"{name!r} ({BUILTIN[name]}{extra})")
         else:
             target = _load(name, repr(name))
         found.append(_build(target, repr(name)))

@@ -404,3 +404,32 @@ def test_inputs_describe_their_call() -> None:
     step = StepInput(TracedOrders(), "o1", None, "k", None, None, 1)
     assert step.process_type == "traced-orders"
     assert TimeoutInput(decode_timeout(b"\x96\xa1t\xa1p\xa1n\xa1k\x01\x02"), 1).group is None
+
+
+def test_rsaga_runs_without_opentelemetry_installed() -> None:
+    script = """
+import sys
+sys.modules["opentelemetry"] = None  # as if not installed: importing it fails
+import anyio
+import rsaga, rsaga.cli, rsaga.worker
+from rsaga import ConfigError, EventRegistry, EventStore, Executor
+from rsaga.interceptors import resolve
+from rsaga.testing import fake_redis
+assert "rsaga.otel" not in sys.modules
+[metrics] = resolve(["metrics"])
+try:
+    resolve(["otel"])
+except ConfigError as exc:
+    print(exc)
+
+async def main():
+    store = EventStore(fake_redis(), EventRegistry([]))
+    Executor(store, interceptors=[metrics])
+
+anyio.run(main)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "of the rsaga[otel] extra) cannot be imported" in done.stdout
