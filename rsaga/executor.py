@@ -78,11 +78,22 @@ class Executor:
     ) -> None:
         self.store = store
         self.retry = retry
-        self.observer = observer
         self._rng = rng or random.Random()
         self._delay = policy_delay(retry, self._rng)
-        self.interceptors = with_observer(interceptors, observer)
-        """The chain every call of this executor's runtime (worker, runner) goes through."""
+        self._given = interceptors
+        self.observer = observer
+
+    @property
+    def observer(self) -> Observer:
+        """Receives what the runtime does; measures calls as the outermost interceptor."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer) -> None:
+        # Workers and process runners take their chains from `interceptors` when
+        # they are built; commands see a new observer at once.
+        self._observer = observer
+        self.interceptors = with_observer(self._given, observer)
         self._execute = self.interceptors.execute_command(self._run)
 
     async def execute(
