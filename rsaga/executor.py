@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from rsaga.commands import Command, WritePlan
+from rsaga.commands import Command, Executable, WritePlan
 from rsaga.errors import (
     ConcurrencyConflict,
     DomainError,
@@ -62,7 +62,7 @@ class Executor:
 
     async def execute(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
@@ -79,7 +79,7 @@ class Executor:
         nothing and returns ``duplicate=True``: re-running a command after a crash
         or a redelivery applies its effect once.
         """
-        if not isinstance(command, Command):
+        if not isinstance(command, Command) and not isinstance(command, Executable):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
         correlation = correlation_id or new_id()
         name = command.metric_label()
@@ -119,7 +119,7 @@ class Executor:
 
     async def _attempt(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         correlation: str,
         causation: str | None,
         key: str | None,

@@ -12,7 +12,6 @@ in the config.
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -24,6 +23,7 @@ from rsaga.commands import Command
 from rsaga.errors import ConfigError, ValidationError
 from rsaga.events import RecordedEvent
 from rsaga.executor import ExecutionResult, Executor
+from rsaga.names import check_name
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.store import EventStore, StreamSlice
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from rsaga.processes import ProcessManager
 
 ENTRY_POINT_GROUP = "rsaga.handlers"
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 class HandlerContext:
@@ -117,16 +116,6 @@ class EventHandler:
                 raise ValidationError(f"handler {name}: {event_type!r} is not a msgspec.Struct")
         if cls.claim_timeout <= 0:
             raise ValidationError(f"handler {name}: claim_timeout must be > 0")
-
-
-def check_name(cls: type) -> str:
-    """The class's `name`, if usable as a consumer-group name; else `ValidationError`."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-        raise ValidationError(
-            f"{cls.__qualname__}.name must be 1-100 of [A-Za-z0-9._-], got {name!r}"
-        )
-    return name
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ for i = 1, #due, 2 do
   local id, due_ms = due[i], due[i + 1]
   local payload = redis.call('HGET', data, id)
   if payload then
-    local stream_id = string.match(id, '^(.*)|[^|]*$') or id
+    local stream_id = timeout_stream_id(id)
     local entry = {'s', stream_id, 'p', payload, 'due', due_ms}
     local process_type = timeout_process_type(payload)
     if process_type then

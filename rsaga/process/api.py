@@ -11,6 +11,7 @@ from rsaga.commands import Command
 from rsaga.errors import RsagaError, ValidationError
 from rsaga.events import RecordedEvent
 from rsaga.keyspace import validate_stream_id
+from rsaga.names import check_name
 from rsaga.observe import Observer
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 
@@ -290,8 +291,6 @@ class ProcessManager(Generic[S]):
     @classmethod
     def validate(cls) -> None:
         """Raise `ValidationError` if the class is not a usable process type."""
-        from rsaga.handlers import check_name
-
         check_name(cls)
         if cls.deadline is not None and cls.deadline <= 0:
             raise ValidationError(f"process {cls.name}: deadline must be > 0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import msgspec
@@ -158,78 +159,104 @@ class _Loaded(msgspec.Struct):
     state: Any
 
 
-class _Step(Command[_Loaded], frozen=True, tag="rsaga.ProcessStep"):
-    """One trigger applied to one process (never stored: it holds live objects)."""
+def fold_info(info: ProcessInfo, data: object, occurred_ms: int) -> bool:
+    """Fold one event's `data` into `info` if it is one of rsaga's process events.
+
+    False if it is not (a user event, for the process's own `apply`). The one
+    fold of `ProcessInfo`: the step and the inspection tools both use it.
+    """
+    match data:
+        case ProcessStarted(definition_version=version):
+            info.status = "active"
+            info.started_at_ms = occurred_ms
+            info.definition_version = version
+        case TimeoutScheduled(name=name, token=token, due_ms=due_ms, attempt=attempt):
+            info.pending[name] = token
+            info.due[name] = due_ms
+            info.attempts[name] = attempt
+            _note_retry(info.retried, name, attempt)
+        case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
+            if info.pending.get(name) == token:
+                del info.pending[name]
+                info.due.pop(name, None)
+                info.attempts.pop(name, None)
+                info.retried.pop(name, None)
+        case RetryScheduled(step=step, attempt=attempt):
+            info.retries[step] = attempt
+            info.retried[step] = attempt
+        case ProcessCompleted():
+            info.status = "completed"
+        case ProcessFailed():
+            info.status = "failed"
+        case ProcessCompensated():
+            info.status = "compensated"
+        case (
+            CommandsIssued() | CommandRejected() | ProcessTerminated() | ProcessSignalled()
+            | ProcessRetried()
+        ):
+            pass
+        case _:
+            return False
+    return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessStep:
+    """One trigger applied to one process: what the executor runs for a process step
+    (never stored: it holds live objects). Counted in metrics under its process type."""
 
     stream: StreamId
-    manager: Any
+    manager: ProcessManager[Any]
     process_id: str
-    trigger: Any
+    trigger: Trigger | OperatorAction | None
     now_ms: int
-    commands: Any
-    events: Any
+    commands: CommandRegistry
+    events: EventRegistry
     correlation_id: str
+
+    def read_streams(self) -> list[str]:
+        """The process's own stream."""
+        return [self.stream]
+
+    def more_streams(self, state: _Loaded) -> tuple[str, ...]:
+        """None: a step reads its process's stream only."""
+        return ()
 
     def metric_label(self) -> str:
         """Steps are counted per process type."""
-        return str(self.manager.name)
+        return self.manager.name
 
     def initial_state(self) -> _Loaded:
-        manager: ProcessManager[Any] = self.manager
+        """A new process of the manager's type, with its initial state."""
+        manager = self.manager
         info = ProcessInfo(manager.name, self.process_id, self.stream, now_ms=self.now_ms)
         return _Loaded(info, manager.initial_state())
 
     def apply(self, state: _Loaded, event: RecordedEvent) -> _Loaded:
+        """Fold one event of the process stream: rsaga's into `ProcessInfo`, the rest
+        through the manager's `apply`."""
         info = state.info
+        occurred_ms = int(event.occurred_at.timestamp() * 1000)
         if event.command_id != info.last_step:
             info.last_step = event.command_id
             if _unprompted(event.command_id):
                 recent = info.unprompted_ms
-                recent.append(int(event.occurred_at.timestamp() * 1000))
+                recent.append(occurred_ms)
                 if len(recent) > self.manager.max_unprompted_steps:
                     del recent[0]
             else:
                 info.unprompted_ms.clear()
-        match event.data:
-            case ProcessStarted(definition_version=version):
-                info.status = "active"
-                info.started_at_ms = int(event.occurred_at.timestamp() * 1000)
-                info.definition_version = version
-            case TimeoutScheduled(name=name, token=token, due_ms=due_ms, attempt=attempt):
-                info.pending[name] = token
-                info.due[name] = due_ms
-                info.attempts[name] = attempt
-                _note_retry(info.retried, name, attempt)
-            case TimeoutCancelled(name=name, token=token) | TimeoutFired(name=name, token=token):
-                if info.pending.get(name) == token:
-                    del info.pending[name]
-                    info.due.pop(name, None)
-                    info.attempts.pop(name, None)
-                    info.retried.pop(name, None)
-            case RetryScheduled(step=step, attempt=attempt):
-                info.retries[step] = attempt
-                info.retried[step] = attempt
-            case ProcessCompleted():
-                info.status = "completed"
-            case ProcessFailed():
-                info.status = "failed"
-            case ProcessCompensated():
-                info.status = "compensated"
-            case (
-                CommandsIssued() | CommandRejected() | ProcessTerminated() | ProcessSignalled()
-                | ProcessRetried()
-            ):
-                pass
-            case _:
-                state.state = self.manager.apply(state.state, event)
+        if not fold_info(info, event.data, occurred_ms):
+            state.state = self.manager.apply(state.state, event)
         return state
 
     def handle(self, state: _Loaded) -> Writes | WritePlan:
+        """Decide about the trigger and plan the step's one atomic write."""
         info, trigger = state.info, self.trigger
         manager: ProcessManager[Any] = self.manager
         if isinstance(trigger, OperatorAction):
             return self._operate(state, trigger)
-        if info.finished:
+        if info.finished or trigger is None:  # None: a step built only to fold
             return {}
         if info.status != "new" and info.definition_version < manager.compatible_since:
             raise IncompatibleDefinition(
@@ -341,7 +368,7 @@ class _Plan:
         manager: ProcessManager[Any],
         info: ProcessInfo,
         now_ms: int,
-        commands: Any,
+        commands: CommandRegistry,
         correlation_id: str,
     ) -> None:
         self.manager = manager

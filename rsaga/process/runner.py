@@ -10,7 +10,6 @@ from rsaga.commands import StreamId
 from rsaga.errors import DomainError, InvalidStreamId, UnknownEventType
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
-from rsaga.health import redis_down
 from rsaga.process.api import (
     RUNAWAY,
     AdvanceTrigger,
@@ -26,7 +25,7 @@ from rsaga.process.api import (
     Trigger,
     UnknownProcessType,
 )
-from rsaga.process.engine import _Step
+from rsaga.process.engine import ProcessStep
 from rsaga.process.events import (
     FRAMEWORK_EVENTS,
     CommandsIssued,
@@ -39,6 +38,7 @@ from rsaga.process.events import (
 )
 from rsaga.process.registry import CommandRegistry
 from rsaga.process.timeouts import TimeoutPayload
+from rsaga.runtime.liveness import redis_down
 
 
 class ProcessRunner:
@@ -153,7 +153,7 @@ class ProcessRunner:
         self, manager: ProcessManager[Any], process_id: str, events: Sequence[RecordedEvent]
     ) -> tuple[ProcessInfo, Any]:
         """What the process's `events` fold to: rsaga's `ProcessInfo` and the user's state."""
-        step = _Step(
+        step = ProcessStep(
             stream=StreamId(manager.stream_id(process_id)), manager=manager,
             process_id=process_id, trigger=None, now_ms=self.clock.now_ms(),
             commands=self.commands, events=self.executor.store.registry, correlation_id="",
@@ -183,7 +183,7 @@ class ProcessRunner:
         """
         stream = StreamId(manager.stream_id(process_id))
         correlation_id = correlation_id or new_id()
-        step = _Step(
+        step = ProcessStep(
             stream=stream,
             manager=manager,
             process_id=process_id,

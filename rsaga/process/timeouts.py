@@ -14,6 +14,9 @@ MAX_TIMEOUT_SECONDS = 10 * 366 * 86400.0
 """The longest `Timeout.after` accepted: ten years."""
 MAX_DUE_MS = 253402300799999
 """The latest `Timeout.at_ms` accepted: the end of the year 9999."""
+TIMEOUT_ID_SEPARATOR = "|"
+"""Between the stream id and the name in a timeout id (`timeout_id`); no stream id and
+no timeout name contains it (the Lua side: `includes/timeouts.lua`)."""
 # A timeout name becomes part of a timeout id, "<stream id>|<name>": stream id
 # characters without the separator.
 _TIMEOUT_NAME = re.compile(r"[A-Za-z0-9._:@/+=~!$%&()<>,;^#-]{1,100}")
@@ -43,4 +46,10 @@ def decode_timeout(blob: bytes) -> TimeoutPayload:
 
 def timeout_id(stream_id: str, name: str) -> str:
     """Id of the pending timeout `name` of the process with stream `stream_id`."""
-    return f"{stream_id}|{name}"
+    return f"{stream_id}{TIMEOUT_ID_SEPARATOR}{name}"
+
+
+def split_timeout_id(tid: str) -> tuple[str, str]:
+    """The process stream id and the timeout name a timeout id is made of."""
+    stream_id, _, name = tid.rpartition(TIMEOUT_ID_SEPARATOR)
+    return stream_id, name
