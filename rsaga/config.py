@@ -20,11 +20,10 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from rsaga.defaults import DEFAULT_COMMAND_RETRY, DEFAULT_PAGE_SIZE
 from rsaga.errors import ConfigError
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES
-from rsaga.executor import DEFAULT_COMMAND_RETRY
 from rsaga.retry import RetryPolicy
-from rsaga.store import DEFAULT_PAGE_SIZE
 
 DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
 

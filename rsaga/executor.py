@@ -10,6 +10,7 @@ import anyio
 import msgspec
 
 from rsaga.commands import Command, Executable, WritePlan
+from rsaga.defaults import DEFAULT_COMMAND_RETRY as DEFAULT_COMMAND_RETRY
 from rsaga.errors import (
     ConcurrencyConflict,
     DomainError,
@@ -20,13 +21,8 @@ from rsaga.errors import (
 from rsaga.events import RecordedEvent, new_id
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
-from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.retry import RetryPolicy
 from rsaga.store import EventStore, StreamSlice, StreamWrite
-
-DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
-    base=0.002, cap=0.25, max_retries=25, jitter=1.0
-)
-"""Conflicts resolve fast under contention: short, fully jittered delays."""
 
 MAX_RESOLVE_ROUNDS = 16
 

@@ -42,9 +42,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from redis.asyncio import Redis
 
-from rsaga.health import ProcessThresholds, redis_down
+from rsaga.health import ProcessThresholds
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
+from rsaga.runtime.liveness import redis_down
 
 log = logging.getLogger("rsaga.metrics")
 

@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock, SystemClock
+from rsaga.defaults import DEFAULT_PAGE_SIZE as DEFAULT_PAGE_SIZE
 from rsaga.errors import (
     ConcurrencyConflict,
     ConfigError,
@@ -33,8 +34,6 @@ from rsaga.errors import (
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, EventRegistry, RecordedEvent, new_id
 from rsaga.keyspace import Keyspace, validate_stream_id
 from rsaga.scripts import EncodableArg, script
-
-DEFAULT_PAGE_SIZE = 512
 
 
 class ExpectedVersion(enum.IntEnum):

@@ -18,11 +18,10 @@ import msgspec
 from redis.asyncio import Redis
 
 from rsaga.clock import Clock
-from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.keyspace import Keyspace
 from rsaga.observe import NO_OBSERVER, Observer
+from rsaga.runtime.liveness import consumer_name, keep_heartbeat, redis_down, this_process
 from rsaga.scripts import script
-from rsaga.worker import consumer_name
 
 log = logging.getLogger("rsaga.scheduler")
 

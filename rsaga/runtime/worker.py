@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import time
 import traceback
 from collections import deque
@@ -29,12 +27,9 @@ from redis.exceptions import ResponseError
 
 from rsaga.clock import Clock
 from rsaga.config import WorkerSettings
-from rsaga.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
 from rsaga.errors import EventDecodeError, UnknownEventType
-from rsaga.events import new_id
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler, HandlerContext
-from rsaga.health import keep_heartbeat, redis_down, this_process
 from rsaga.logs import event_fields
 from rsaga.observe import Observer
 from rsaga.processes import (
@@ -48,6 +43,8 @@ from rsaga.processes import (
     decode_timeout,
 )
 from rsaga.retry import RetryPolicy
+from rsaga.runtime.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
+from rsaga.runtime.liveness import _Backoff, consumer_name, keep_heartbeat, redis_down, this_process
 from rsaga.scripts import EncodableArg, script
 from rsaga.store import LogEntry
 
@@ -60,23 +57,6 @@ TIMEOUTS_GROUP = "rsaga-timeouts"
 def timeouts_group(process_type: str) -> str:
     """The consumer group that reads the due timeouts of `process_type`."""
     return f"{TIMEOUTS_GROUP}:{process_type}"
-
-
-def consumer_name() -> str:
-    """A consumer name unique to this process: host, pid and a random suffix."""
-    return f"{socket.gethostname()}-{os.getpid()}-{new_id()[-6:]}"
-
-
-class _Backoff:
-    """Exponential wait for reconnecting: 0.1 s doubling to 5 s, reset on success."""
-
-    def __init__(self) -> None:
-        self.delay = 0.1
-
-    async def wait(self, what: str, exc: BaseException) -> None:
-        log.warning("redis unavailable during %s: %s; retrying in %.1fs", what, exc, self.delay)
-        await anyio.sleep(self.delay)
-        self.delay = min(self.delay * 2, 5.0)
 
 
 class _Gate:

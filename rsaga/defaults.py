@@ -1,0 +1,14 @@
+"""Defaults shared by the settings (`rsaga.config`) and the classes they configure,
+so that the configuration does not import the executor or the store for them."""
+
+from __future__ import annotations
+
+from rsaga.retry import ExponentialBackoff, RetryPolicy
+
+DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
+    base=0.002, cap=0.25, max_retries=25, jitter=1.0
+)
+"""Conflicts resolve fast under contention: short, fully jittered delays."""
+
+DEFAULT_PAGE_SIZE = 512
+"""Events per read of one stream."""
