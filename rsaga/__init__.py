@@ -29,24 +29,24 @@ from rsaga.executor import ExecutionResult, Executor
 from rsaga.handlers import EventHandler, HandlerContext
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
-from rsaga.processes import (
+from rsaga.process.api import (
     AdvanceTrigger,
     Decision,
     EventTrigger,
     ProcessInfo,
     ProcessManager,
-    ProcessRunner,
     RejectedTrigger,
     StartTrigger,
     Timeout,
     TimeoutTrigger,
     Trigger,
 )
+from rsaga.process.runner import ProcessRunner
+from rsaga.process.saga import Saga, Step
 from rsaga.retry import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
-from rsaga.sagas import Saga, Step
-from rsaga.scheduler import Scheduler
+from rsaga.runtime.scheduler import Scheduler
+from rsaga.runtime.worker import Worker
 from rsaga.store import CommitResult, EventStore, ExpectedVersion, StreamWrite
-from rsaga.worker import Worker
 
 try:
     __version__ = version("rsaga")

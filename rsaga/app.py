@@ -17,8 +17,9 @@ from rsaga.connection import connect, embedded
 from rsaga.events import EventRegistry
 from rsaga.handlers import discover_handlers
 from rsaga.keyspace import Keyspace
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessManager
-from rsaga.sagas import SAGA_EVENTS
+from rsaga.process.api import ProcessManager
+from rsaga.process.events import FRAMEWORK_EVENTS
+from rsaga.process.saga import SAGA_EVENTS
 from rsaga.store import EventStore
 
 

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from rsaga.errors import ValidationError
 from rsaga.keyspace import Keyspace
-from rsaga.processes import decode_timeout
+from rsaga.process.timeouts import decode_timeout
 from rsaga.scripts import script
 
 

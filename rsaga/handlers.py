@@ -28,7 +28,7 @@ from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.store import EventStore, StreamSlice
 
 if TYPE_CHECKING:
-    from rsaga.processes import ProcessManager
+    from rsaga.process.api import ProcessManager
 
 ENTRY_POINT_GROUP = "rsaga.handlers"
 
@@ -127,7 +127,7 @@ class InstalledHandler:
 
 
 def _load(target: Any, source: str) -> InstalledHandler:
-    from rsaga.processes import ProcessManager
+    from rsaga.process.api import ProcessManager
 
     if not (isinstance(target, type) and issubclass(target, EventHandler | ProcessManager)):
         raise ConfigError(
@@ -183,7 +183,7 @@ def discover_handlers(import_paths: Iterable[str] = ()) -> list[InstalledHandler
 
 def installed_process_managers(import_paths: Iterable[str] = ()) -> list[ProcessManager[Any]]:
     """One instance of every installed process type (entry points and `import_paths`)."""
-    from rsaga.processes import ProcessManager
+    from rsaga.process.api import ProcessManager
 
     return [
         item.handler()

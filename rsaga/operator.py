@@ -19,18 +19,17 @@ import msgspec
 from rsaga.deadletters import DeadLetters
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
 from rsaga.events import RecordedEvent, new_id
-from rsaga.processes import (
+from rsaga.process.api import (
     DefinitionError,
     OperatorAction,
     ProcessInfo,
     ProcessManager,
     ProcessNotFound,
-    ProcessRetried,
-    ProcessRunner,
-    ProcessStarted,
-    decode_timeout,
 )
-from rsaga.worker import timeouts_group
+from rsaga.process.events import ProcessRetried, ProcessStarted
+from rsaga.process.runner import ProcessRunner
+from rsaga.process.timeouts import decode_timeout
+from rsaga.runtime.sources import timeouts_group
 
 
 class ProcessState(msgspec.Struct):

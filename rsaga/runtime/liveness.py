@@ -24,7 +24,7 @@ from rsaga.errors import RedisUnavailable
 from rsaga.events import new_id
 from rsaga.keyspace import Keyspace
 
-log = logging.getLogger("rsaga.health")
+log = logging.getLogger("rsaga.health")  # the heartbeat's messages, as before the move
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
 """Errors that mean Redis is unreachable right now: wait and try again, never give up."""
@@ -93,12 +93,10 @@ async def keep_heartbeat(
     """
     try:
         while not stop.is_set():
-            try:
+            with redis_outage() as outage:
                 await write_heartbeat(redis, keyspace, beat, ttl)
-            except Exception as exc:
-                if not redis_down(exc):
-                    raise
-                log.warning("heartbeat failed: %s", exc)
+            if outage.error is not None:
+                log.warning("heartbeat failed: %s", outage.error)
             with anyio.move_on_after(ttl / 3):
                 await stop.wait()
     finally:
@@ -116,13 +114,46 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{new_id()[-6:]}"
 
 
-class _Backoff:
-    """Exponential wait for reconnecting: 0.1 s doubling to 5 s, reset on success."""
+class redis_outage:
+    """Swallow an exception that means Redis is away (`redis_down`); re-raise any other.
+
+    ``with redis_outage() as outage: ...`` then ``outage.error`` is what was
+    swallowed, or None if the block succeeded.
+    """
+
+    __slots__ = ("error",)
 
     def __init__(self) -> None:
-        self.delay = 0.1
+        self.error: Exception | None = None
+
+    def __enter__(self) -> redis_outage:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, Exception) and redis_down(exc):
+            self.error = exc
+            return True
+        return False
+
+
+class Backoff:
+    """Exponential wait while Redis is away: 0.1 s doubling to 5 s; `reset` on success."""
+
+    FIRST = 0.1
+    LAST = 5.0
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self.delay = self.FIRST
+        self._log = logger
+
+    def reset(self) -> None:
+        """Redis answered: the next outage starts from the shortest wait."""
+        self.delay = self.FIRST
 
     async def wait(self, what: str, exc: BaseException) -> None:
-        log.warning("redis unavailable during %s: %s; retrying in %.1fs", what, exc, self.delay)
+        """Log that Redis is away during `what`, then wait (longer each time)."""
+        self._log.warning(
+            "redis unavailable during %s: %s; retrying in %.1fs", what, exc, self.delay
+        )
         await anyio.sleep(self.delay)
-        self.delay = min(self.delay * 2, 5.0)
+        self.delay = min(self.delay * 2, self.LAST)

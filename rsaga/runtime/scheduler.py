@@ -20,7 +20,13 @@ from redis.asyncio import Redis
 from rsaga.clock import Clock
 from rsaga.keyspace import Keyspace
 from rsaga.observe import NO_OBSERVER, Observer
-from rsaga.runtime.liveness import consumer_name, keep_heartbeat, redis_down, this_process
+from rsaga.runtime.liveness import (
+    Backoff,
+    consumer_name,
+    keep_heartbeat,
+    redis_outage,
+    this_process,
+)
 from rsaga.scripts import script
 
 log = logging.getLogger("rsaga.scheduler")
@@ -100,7 +106,7 @@ class Scheduler:
     async def _shard_loop(self, shard: int, stop: anyio.Event) -> None:
         wake_key = self.keyspace.timeouts_wake(shard)
         last_wake = "$"
-        delay = 0.1
+        backoff = Backoff(log)
         # A blocking read must return before the socket timeout, or redis-py
         # takes it for a dead connection.
         socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
@@ -108,12 +114,12 @@ class Scheduler:
             self.max_sleep, 0.8 * float(socket_timeout)
         )
         while not stop.is_set():
-            try:
+            with redis_outage() as outage:
                 if last_wake == "$":
                     newest: Any = await self.redis.xrevrange(wake_key, count=1)
                     last_wake = newest[0][0].decode() if newest else "0-0"
                 tick = await self.tick(shard)
-                delay = 0.1
+                backoff.reset()
                 if tick.moved >= self.batch_size:
                     continue
                 sleep = longest
@@ -131,10 +137,6 @@ class Scheduler:
                 )
                 for _, entries in woken:
                     last_wake = entries[-1][0].decode()
-            except Exception as exc:
-                if not redis_down(exc):
-                    raise
-                log.warning("redis unavailable in scheduler (shard %d): %s", shard, exc)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            if outage.error is not None:
+                await backoff.wait(f"scheduler (shard {shard})", outage.error)
                 last_wake = "$"

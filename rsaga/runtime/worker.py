@@ -2,9 +2,11 @@
 
 For every handler and shard a `_Subscription` reads batches (`GroupConsumer`),
 runs the events of each stream one after another and different streams in
-parallel (bounded by the worker's concurrency), acknowledges in batches,
-retries and dead-letters failures, reclaims what dead consumers left pending,
-and keeps the claims of running handlers fresh.
+parallel (bounded by the worker's concurrency, see `rsaga.runtime.dispatch`),
+acknowledges in batches, retries and dead-letters failures (the per-entry policy,
+`rsaga.runtime.policy`), reclaims what dead consumers left pending, and keeps the
+claims of running handlers fresh (`rsaga.runtime.liveness`). What each group
+decodes and runs is its source (`rsaga.runtime.sources`).
 
 Delivery is at least once; a handler makes its effect once by executing
 commands with expected versions (see docs/design.md).
@@ -12,214 +14,38 @@ commands with expected versions (see docs/design.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
-import msgspec
 from anyio.abc import TaskGroup
 from redis.exceptions import ResponseError
 
 from rsaga.clock import Clock
 from rsaga.config import WorkerSettings
-from rsaga.errors import EventDecodeError, UnknownEventType
 from rsaga.executor import Executor
-from rsaga.handlers import EventHandler, HandlerContext
-from rsaga.logs import event_fields
+from rsaga.handlers import EventHandler
 from rsaga.observe import Observer
-from rsaga.processes import (
-    DefinitionError,
-    IncompatibleDefinition,
-    ProcessManager,
-    ProcessRunner,
-    TimeoutPayload,
-    UnknownCommandType,
-    UnknownProcessType,
-    decode_timeout,
-)
-from rsaga.retry import RetryPolicy
+from rsaga.process.api import ProcessManager
+from rsaga.process.runner import ProcessRunner
 from rsaga.runtime.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
-from rsaga.runtime.liveness import _Backoff, consumer_name, keep_heartbeat, redis_down, this_process
-from rsaga.scripts import EncodableArg, script
-from rsaga.store import LogEntry
+from rsaga.runtime.dispatch import Isolation
+from rsaga.runtime.liveness import (
+    Backoff,
+    consumer_name,
+    keep_heartbeat,
+    redis_down,
+    redis_outage,
+    this_process,
+)
+from rsaga.runtime.policy import EntryPolicy
+from rsaga.runtime.sources import HandlerSource, ProcessSource, Source, TimeoutSource
+from rsaga.scripts import script
 
 log = logging.getLogger("rsaga.worker")
-
-TIMEOUTS_GROUP = "rsaga-timeouts"
-"""Prefix of the consumer groups of the due-timeouts streams (one per process type)."""
-
-
-def timeouts_group(process_type: str) -> str:
-    """The consumer group that reads the due timeouts of `process_type`."""
-    return f"{TIMEOUTS_GROUP}:{process_type}"
-
-
-class _Gate:
-    """Entries normally run side by side (shared); a suspect entry runs alone (exclusive).
-
-    The shared path is the hot one: it costs two integer updates unless an
-    exclusive holder is running or waiting.
-    """
-
-    def __init__(self) -> None:
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-        self._changed = anyio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    @contextlib.asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        while self._exclusive or self._waiting:
-            await self._changed.wait()
-        self._shared += 1
-        try:
-            yield
-        finally:
-            self._shared -= 1
-            if self._waiting and not self._shared:
-                self._notify()
-
-    @contextlib.asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        self._waiting += 1
-        try:
-            while self._exclusive or self._shared:
-                await self._changed.wait()
-        except BaseException:
-            self._waiting -= 1
-            self._notify()
-            raise
-        self._waiting -= 1
-        self._exclusive = True
-        try:
-            yield
-        finally:
-            self._exclusive = False
-            self._notify()
-
-
-class _Isolation:
-    """One per worker: lets an entry that went through a crash run alone in the process.
-
-    While it runs, every group of the process has its earlier work acknowledged
-    and records that entry as the only one started, so if the process dies now,
-    a take-over blames that entry and nothing else.
-    """
-
-    def __init__(self) -> None:
-        self.gate = _Gate()
-        self.subscriptions: list[_Subscription] = []
-
-    async def flush_all(self) -> None:
-        for sub in self.subscriptions:
-            if sub.acks_due:
-                await sub.deliver("acknowledging", sub.flush_acks)
-
-
-class _Source(Protocol):
-    """What a subscription runs: decoding and handling entries of one consumer group."""
-
-    name: str
-    retry: RetryPolicy
-    wanted: set[str] | None
-    """Event types to receive (others are acknowledged inside Redis); None: all entries."""
-
-    def decode(self, entry: RawEntry) -> Any | None:
-        """The item to handle, or None if the entry is not for this group (acknowledged).
-
-        Raises one of `UNDELIVERABLE` for entries that can never be handled.
-        """
-        ...
-
-    async def handle(self, item: Any, entry: RawEntry, attempt: int) -> None:
-        """Handle one decoded item; raising means retry, then dead letters."""
-        ...
-
-
-class _HandlerSource:
-    """An `EventHandler` over a shard log."""
-
-    def __init__(self, handler: EventHandler, executor: Executor) -> None:
-        self.handler = handler
-        self.executor = executor
-        self.name = handler.name
-        self.retry = type(handler).retry
-        self.wanted: set[str] | None = {
-            executor.store.registry.name_of_type(t) for t in handler.events
-        }
-
-    def decode(self, entry: RawEntry) -> LogEntry | None:
-        # Entries of unwanted types, and replays for other groups, were already
-        # acknowledged inside read_batch.lua; `wanted` still covers entries
-        # without a type field.
-        return self.executor.store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
-
-    async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
-        ctx = HandlerContext(
-            item.event,
-            executor=self.executor,
-            handler=self.name,
-            log_id=entry.log_id,
-            attempt=attempt,
-        )
-        await self.handler.handle(item.event, ctx)
-
-
-class _ProcessSource:
-    """A process manager's event triggers over a shard log."""
-
-    def __init__(self, manager: ProcessManager[Any], runner: ProcessRunner) -> None:
-        self.manager = manager
-        self.runner = runner
-        self.name = manager.name
-        self.retry = type(manager).handler_retry
-        registry = runner.executor.store.registry
-        self.wanted: set[str] | None = {registry.name_of_type(t) for t in manager.events}
-
-    def decode(self, entry: RawEntry) -> LogEntry | None:
-        store = self.runner.executor.store
-        return store.decode_log_entry(entry.log_id, entry.fields, self.wanted)
-
-    async def handle(self, item: LogEntry, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_event(self.manager, item.event, attempt=attempt)
-
-
-class _TimeoutSource:
-    """Due timeouts of one process type, over a shard's due stream (entries of other
-    types are acknowledged inside Redis: only workers that run a type receive them)."""
-
-    def __init__(self, manager: ProcessManager[Any], runner: ProcessRunner) -> None:
-        self.process_type = manager.name
-        self.name = timeouts_group(manager.name)
-        self.wanted: set[str] | None = {manager.name}
-        self.runner = runner
-        self.retry: RetryPolicy = type(manager).handler_retry
-
-    def decode(self, entry: RawEntry) -> TimeoutPayload | None:
-        try:
-            payload = decode_timeout(entry.fields[b"p"])
-        except (KeyError, msgspec.DecodeError) as exc:
-            raise EventDecodeError(
-                f"due timeout {entry.log_id} has no valid payload: {exc!r}"
-            ) from None
-        return payload if payload.process_type == self.process_type else None
-
-    async def handle(self, item: TimeoutPayload, entry: RawEntry, attempt: int) -> None:
-        await self.runner.on_timeout(item, attempt=attempt)
-
-
-UNDELIVERABLE = (EventDecodeError, UnknownEventType, UnknownProcessType, IncompatibleDefinition,
-                 UnknownCommandType, DefinitionError)
-"""Errors that mean an entry can never be handled: it goes to dead letters at once."""
 
 
 class _Subscription:
@@ -227,11 +53,11 @@ class _Subscription:
 
     def __init__(
         self,
-        source: _Source,
+        source: Source,
         consumer: GroupConsumer,
         settings: WorkerSettings,
         limiter: anyio.CapacityLimiter,
-        isolation: _Isolation,
+        isolation: Isolation,
         observer: Observer,
     ) -> None:
         self.source = source
@@ -240,7 +66,8 @@ class _Subscription:
         self.limiter = limiter
         self.isolation = isolation
         isolation.subscriptions.append(self)
-        self._observer = observer
+        self.observer = observer
+        self.policy = EntryPolicy(self)
         self._delivery_lock = anyio.Lock()
         self._queues: dict[str, deque[RawEntry]] = {}
         self._known: set[str] = set()
@@ -254,7 +81,7 @@ class _Subscription:
         self._start_lock = anyio.Lock()
         self._ack_wanted = anyio.Event()
         self._space = anyio.Event()
-        self._stopping = False
+        self.stopping = False
         self._read_nothing = False
         self._work: TaskGroup | None = None
 
@@ -275,9 +102,9 @@ class _Subscription:
 
     async def run(self, stop: anyio.Event) -> None:
         """Consume until `stop` is set, then shut down gracefully."""
-        self._stopping = False
+        self.stopping = False
         self._read_nothing = False
-        await self._retrying("creating group", self._ensure_group)
+        await self.retrying("creating group", self._ensure_group)
         self._work = None
         async with anyio.create_task_group() as work:
             self._work = work
@@ -291,21 +118,19 @@ class _Subscription:
                 io.start_soon(self._claim_loop)
                 io.start_soon(self._keep_alive_loop)
                 await stop.wait()
-                self._stopping = True
+                self.stopping = True
                 io.cancel_scope.cancel()
             self._starts_recorded.set()  # runners waiting for a record write it themselves
             # Runners stop after their current entry; whatever still runs at the
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            try:
+            with redis_outage() as outage:
                 async with self._delivery_lock:
                     await self.flush_acks(dispatch=False)
                 await self.consumer.keep_alive(leaving=True)
-            except Exception as exc:
-                if not redis_down(exc):
-                    raise
-                log.warning("%s: could not say goodbye to Redis: %s", self.name, exc)
+            if outage.error is not None:
+                log.warning("%s: could not say goodbye to Redis: %s", self.name, outage.error)
             if self._known:
                 log.info("%s: left %d unfinished entries for others", self.name, len(self._known))
             await self.consumer.close()
@@ -313,11 +138,11 @@ class _Subscription:
     async def _ensure_group(self) -> None:
         # A timeouts group always starts at the beginning: due timeouts of its
         # process type may be waiting for the first worker that runs it.
-        beginning = self.settings.start == "beginning" or isinstance(self.source, _TimeoutSource)
+        beginning = self.settings.start == "beginning" or isinstance(self.source, TimeoutSource)
         start = START_FROM_BEGINNING if beginning else START_FROM_NEW
         await self.consumer.ensure_group(start)
 
-    async def _retrying(
+    async def retrying(
         self, what: str, call: Callable[..., Awaitable[Any]], *args: Any, resync: bool = False
     ) -> Any:
         """`await call(*args)`, waiting out Redis outages and recreating a lost group.
@@ -326,28 +151,23 @@ class _Subscription:
         the failed call may have changed the group's state in Redis even though
         its reply was lost.
         """
-        backoff = _Backoff()
+        backoff = Backoff(log)
         failed = False
         while True:
-            try:
-                if failed and resync:
-                    await self._resync()
-                return await call(*args)
-            except ResponseError as exc:
-                if redis_down(exc):
-                    failed = True
-                    await backoff.wait(f"{self.name} {what}", exc)
-                    continue
-                if "NOGROUP" not in str(exc):
-                    raise
+            with redis_outage() as outage:
+                try:
+                    if failed and resync:
+                        await self._resync()
+                    return await call(*args)
+                except ResponseError as exc:
+                    if redis_down(exc) or "NOGROUP" not in str(exc):
+                        raise
+            failed = True
+            if outage.error is not None:
+                await backoff.wait(f"{self.name} {what}", outage.error)
+            else:
                 log.warning("%s: consumer group vanished (Redis restarted?); recreating", self.name)
-                failed = True
                 await self._ensure_group()
-            except Exception as exc:
-                if not redis_down(exc):
-                    raise
-                failed = True
-                await backoff.wait(f"{self.name} {what}", exc)
 
     async def deliver(self, what: str, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Run a call that hands entries to this consumer, under the delivery lock.
@@ -356,7 +176,7 @@ class _Subscription:
         retried after a resync, so no entry stays pending here unknown to us.
         """
         async with self._delivery_lock:
-            return await self._retrying(what, call, *args, resync=True)
+            return await self.retrying(what, call, *args, resync=True)
 
     async def _resync(self) -> None:
         """Pick up every entry pending on this consumer that we do not hold, in log order."""
@@ -391,15 +211,13 @@ class _Subscription:
             last_id = await self.deliver("reading", read_and_dispatch)
             self._read_nothing = bool(last_id)
             if last_id:
-                try:
+                with redis_outage() as outage:
                     await self.consumer.wait_for_entries(last_id, self.settings.block_ms)
-                except Exception as exc:
-                    if not redis_down(exc):
-                        raise
+                if outage.error is not None:
                     # No backoff of its own: the next read waits out an outage,
                     # and a dropped connection alone must not stall reading.
-                    log.debug("%s: waiting for entries failed: %s", self.name, exc)
-                    await anyio.sleep(0.1)
+                    log.debug("%s: waiting for entries failed: %s", self.name, outage.error)
+                    await anyio.sleep(Backoff.FIRST)
 
     def _dispatch(self, entries: Sequence[RawEntry]) -> None:
         """Queue entries per stream, in the order given; start a runner per new stream."""
@@ -417,7 +235,7 @@ class _Subscription:
 
     async def _drain(self, key: str, queue: deque[RawEntry]) -> None:
         try:
-            while queue and not self._stopping:
+            while queue and not self.stopping:
                 if not await self._run(queue[0]):
                     return
                 queue.popleft()
@@ -437,19 +255,19 @@ class _Subscription:
         isolation = self.isolation
         if entry.deliveries <= 1:
             async with isolation.gate.shared(), self.limiter:
-                if self._stopping:
+                if self.stopping:
                     return False
                 await self._record_start(entry)
-                if await self._process(entry):
+                if await self.policy.process(entry):
                     self._to_ack.append(entry)
                     self._ack_wanted.set()
             return True
         async with isolation.gate.exclusive(), self.limiter:
-            if self._stopping:
+            if self.stopping:
                 return False
             await isolation.flush_all()
             await self._record_start(entry)
-            if await self._process(entry):
+            if await self.policy.process(entry):
                 self._to_ack.append(entry)
                 await self.deliver("acknowledging", self.flush_acks)
         return True
@@ -463,10 +281,10 @@ class _Subscription:
         self._started.add(entry.log_id)
         self._start_wanted.set()
         while entry.log_id not in self._started_in_redis:
-            if self._stopping:
+            if self.stopping:
                 # The recording loop has stopped; this entry was already on
                 # its way in when the stop came, so it still runs.
-                await self._retrying("recording starts", self._write_starts)
+                await self.retrying("recording starts", self._write_starts)
             else:
                 await self._starts_recorded.wait()
 
@@ -474,7 +292,7 @@ class _Subscription:
         while True:
             await self._start_wanted.wait()
             self._start_wanted = anyio.Event()
-            await self._retrying("recording starts", self._write_starts)
+            await self.retrying("recording starts", self._write_starts)
 
     async def _write_starts(self) -> None:
         """Replace this consumer's record of started entries with what has started now.
@@ -493,114 +311,11 @@ class _Subscription:
         """Whether finished entries wait to be acknowledged."""
         return bool(self._to_ack)
 
-    def _finished(self, entries: Sequence[RawEntry]) -> None:
+    def finished(self, entries: Sequence[RawEntry]) -> None:
         for entry in entries:
             self._known.discard(entry.log_id)
             self._started.discard(entry.log_id)
         self._space.set()
-
-    # --- handling one entry -----------------------------------------------------------
-
-    async def _process(self, entry: RawEntry) -> bool:
-        """Handle, retry or dead-letter one entry; True when it is to be acknowledged."""
-        if entry.deliveries > self.settings.max_deliveries:
-            # Checked before decoding: decoding is part of what may have crashed.
-            reason = RuntimeError(
-                f"started {entry.deliveries - 1} times without acknowledgement "
-                "(did it crash its workers?)"
-            )
-            await self._dead_letter(entry, reason, attempts=entry.deliveries - 1, tb="")
-            return False
-        try:
-            item = self.source.decode(entry)
-        except UNDELIVERABLE as exc:
-            await self._dead_letter(entry, exc, attempts=0, tb="")
-            return False
-        except Exception as exc:
-            # Whatever the bytes from Redis make the decoder raise, the entry can
-            # never be handled: a dead letter with the reason, never a crash loop.
-            undecodable = EventDecodeError(f"entry {entry.log_id} cannot be decoded: {exc!r}")
-            tb = traceback.format_exc(limit=8)
-            await self._dead_letter(entry, undecodable, attempts=0, tb=tb)
-            return False
-        if item is None:
-            self._observer.entry_handled(self.source.name, seconds=0.0, outcome="skipped")
-            return True
-        attempt = 0
-        backoff = _Backoff()
-        started = time.perf_counter()
-        while True:
-            attempt += 1
-            try:
-                await self.source.handle(item, entry, attempt)
-            except UNDELIVERABLE as exc:
-                await self._dead_letter(entry, exc, attempt, traceback.format_exc(limit=8))
-                return False
-            except Exception as exc:
-                if redis_down(exc):
-                    attempt -= 1
-                    await backoff.wait(f"{self.name} handling {entry.log_id}", exc)
-                    continue
-                delay = self.source.retry.delay(attempt)
-                if self._stopping:
-                    return False
-                if delay is None:
-                    await self._dead_letter(
-                        entry, exc, attempt, traceback.format_exc(limit=8), item
-                    )
-                    return False
-                log.info(
-                    "%s: %s failed (attempt %d): %r; retrying in %.2fs",
-                    self.name, entry.log_id, attempt, exc, delay,
-                    extra=self._log_fields(item, entry),
-                )
-                self._observer.entry_handled(
-                    self.source.name, seconds=time.perf_counter() - started, outcome="retried"
-                )
-                await anyio.sleep(delay)
-                continue
-            self._observer.entry_handled(
-                self.source.name, seconds=time.perf_counter() - started, outcome="handled"
-            )
-            return True
-
-    def _log_fields(self, item: Any, entry: RawEntry) -> dict[str, Any]:
-        fields = {"group": self.source.name, "stream_id": entry.stream_id or None}
-        event = getattr(item, "event", None)
-        if event is not None:
-            fields.update(event_fields(event))
-        return fields
-
-    async def _dead_letter(
-        self, entry: RawEntry, exc: BaseException, attempts: int, tb: str, item: Any = None
-    ) -> None:
-        fields: dict[str, EncodableArg] = {
-            "handler": self.source.name,
-            "log_id": entry.log_id,
-            "error_type": type(exc).__name__,
-            "error": str(exc)[:2000],
-            "traceback": tb[-4000:],
-            "attempts": attempts,
-            "deliveries": entry.deliveries,
-            "failed_at_ms": int(time.time() * 1000),
-            "consumer": self.consumer.name,
-        }
-        for name in (b"s", b"v", b"d", b"p", b"t", b"due"):  # p, t, due: a due timeout
-            if name in entry.fields:
-                fields[name.decode()] = entry.fields[name]
-        log.error(
-            "%s: %s dead-lettered after %d attempts: %s: %s",
-            self.name, entry.log_id, attempts, type(exc).__name__, exc,
-            extra=self._log_fields(item, entry),
-        )
-        self._observer.entry_handled(self.source.name, seconds=0.0, outcome="dead_lettered")
-        dead_id = await self._retrying(
-            "dead-lettering",
-            self.consumer.dead_letter, entry, fields, self.settings.dead_letter_max_len,
-        )
-        if not dead_id:
-            log.warning("%s: %s was taken over; not dead-lettered", self.name, entry.log_id)
-        self._finished([entry])
 
     # --- acknowledging, reclaiming, keeping claims fresh -----------------------------
 
@@ -624,7 +339,7 @@ class _Subscription:
         except BaseException:
             self._to_ack[:0] = batch
             raise
-        self._finished(batch)
+        self.finished(batch)
         self._dispatch(handed)
 
     async def _claim_loop(self) -> None:
@@ -645,7 +360,7 @@ class _Subscription:
     async def _keep_alive_loop(self) -> None:
         interval = max(0.05, self.consumer.claim_timeout_ms / 3000)
         while True:
-            await self._retrying("keeping alive", self.consumer.keep_alive)
+            await self.retrying("keeping alive", self.consumer.keep_alive)
             await anyio.sleep(interval)
 
 
@@ -674,23 +389,23 @@ class Worker:
         store = executor.store
         managers = [h for h in self.handlers if isinstance(h, ProcessManager)]
         self.runner = ProcessRunner(executor, managers, clock=clock) if managers else None
-        sources: list[tuple[_Source, str, float]] = []
+        sources: list[tuple[Source, str, float]] = []
         for handler in self.handlers:
             if isinstance(handler, ProcessManager):
                 assert self.runner is not None
-                source: _Source = _ProcessSource(handler, self.runner)
+                source: Source = ProcessSource(handler, self.runner)
             else:
                 type(handler).validate()
                 store.registry.register(*handler.events, *handler.decodes)
-                source = _HandlerSource(handler, executor)
+                source = HandlerSource(handler, executor)
             claim = self.settings.claim_timeout or type(handler).claim_timeout
             sources.append((source, "log", claim))
         for manager in managers:
             assert self.runner is not None
             claim = self.settings.claim_timeout or type(manager).claim_timeout
-            sources.append((_TimeoutSource(manager, self.runner), "due", claim))
+            sources.append((TimeoutSource(manager, self.runner), "due", claim))
         limiter = anyio.CapacityLimiter(self.settings.concurrency)
-        isolation = _Isolation()
+        isolation = Isolation()
         ks = store.keyspace
         self.subscriptions = [
             _Subscription(
@@ -757,9 +472,7 @@ class Worker:
         while not stop.is_set():
             await anyio.sleep(self.settings.trim_interval)
             for key in {sub.consumer.log for sub in self.subscriptions}:
-                try:
+                with redis_outage() as outage:
                     await script("trim_log")(store.redis, [key], [retention_ms])
-                except Exception as exc:
-                    if not redis_down(exc):
-                        raise
-                    log.warning("trimming %s failed: %s", key, exc)
+                if outage.error is not None:
+                    log.warning("trimming %s failed: %s", key, outage.error)
