@@ -70,4 +70,5 @@ def open_store(
         keyspace=Keyspace(prefix=settings.store.prefix, shards=settings.store.shards),
         max_event_bytes=settings.store.max_event_bytes,
         page_size=settings.store.read_page_size,
+        dead_letter_max_len=settings.worker.dead_letter_max_len,
     )

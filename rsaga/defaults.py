@@ -12,3 +12,6 @@ DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
 
 DEFAULT_PAGE_SIZE = 512
 """Events per read of one stream."""
+
+DEFAULT_DEAD_LETTER_MAX_LEN = 100_000
+"""Dead letters kept per shard (oldest trimmed first, approximately)."""

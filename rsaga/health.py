@@ -16,9 +16,9 @@ import msgspec
 from redis.asyncio import Redis
 
 from rsaga.keyspace import Keyspace
+from rsaga.records import Heartbeat as Heartbeat
 from rsaga.runtime.liveness import FORGET_DEAD_AFTER_MS as FORGET_DEAD_AFTER_MS
 from rsaga.runtime.liveness import REDIS_DOWN as REDIS_DOWN
-from rsaga.runtime.liveness import Heartbeat as Heartbeat
 from rsaga.runtime.liveness import keep_heartbeat as keep_heartbeat
 from rsaga.runtime.liveness import redis_down as redis_down
 from rsaga.runtime.liveness import this_process as this_process
@@ -158,7 +158,7 @@ def _heartbeats(blobs: Iterable[Any]) -> list[Heartbeat]:
     for blob in blobs:
         if blob and not isinstance(blob, Exception):
             with contextlib.suppress(msgspec.DecodeError):
-                beats.append(msgspec.json.decode(blob, type=Heartbeat))
+                beats.append(Heartbeat.decode(blob))
     return beats
 
 

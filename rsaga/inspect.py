@@ -19,6 +19,7 @@ from rsaga.process.api import ProcessInfo
 from rsaga.process.engine import fold_info
 from rsaga.process.events import ProcessStarted
 from rsaga.process.timeouts import decode_timeout, split_timeout_id
+from rsaga.records import DATA
 from rsaga.store import EventStore
 
 STATES = ("active", "stuck", "failed", "compensated", "completed")
@@ -146,7 +147,7 @@ async def read_events(
     for entry_id, fields in page:
         version = int(entry_id.partition(b"-")[0])
         try:
-            event = store.codec.decode(stream_id, version, fields[b"d"])
+            event = store.codec.decode(stream_id, version, fields[DATA])
         except (UnknownEventType, EventDecodeError, KeyError) as exc:
             rows.append(EventRow(version, None, "?", f"(cannot decode here: {exc})", None, None))
             continue

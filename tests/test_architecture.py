@@ -101,3 +101,9 @@ def test_the_runtime_does_not_import_cli_health_or_metrics() -> None:
 
 def test_config_does_not_import_executor_or_store() -> None:
     assert not _graph()["rsaga.config"] & {"rsaga.executor", "rsaga.store"}
+
+
+def test_only_the_scripts_facade_calls_a_script() -> None:
+    for name, path in _modules().items():
+        if name != "rsaga.scripts":
+            assert 'script("' not in path.read_text(), f"{name} calls a script directly"

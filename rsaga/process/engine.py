@@ -46,6 +46,7 @@ from rsaga.process.events import (
     TimeoutFired,
     TimeoutScheduled,
 )
+from rsaga.process.index import IndexUpdate
 from rsaga.process.registry import CommandRegistry
 from rsaga.process.timeouts import (
     _TIMEOUT_NAME,
@@ -56,7 +57,8 @@ from rsaga.process.timeouts import (
     _payload_encoder,
     timeout_id,
 )
-from rsaga.store import Effects, IndexUpdate, TimeoutWrite
+from rsaga.records import STREAM, DeadLetterRecord
+from rsaga.store import Effects, TimeoutWrite
 
 
 def _refuse(where: str, field: str, problem: str) -> NoReturn:
@@ -472,14 +474,14 @@ class _Plan:
                 transition = "complete"
         letters = []
         if fail is not None and decision.escalate:
-            letters.append({
-                "handler": info.process_type,
-                "s": info.stream_id,
-                "error_type": "ProcessFailed",
-                "error": fail,
-                "failed_at_ms": str(self.now_ms),
-                "process_id": info.process_id,
-            })
+            letters.append(DeadLetterRecord(
+                handler=info.process_type,
+                error_type="ProcessFailed",
+                error=fail,
+                failed_at_ms=self.now_ms,
+                process_id=info.process_id,
+                record={STREAM: info.stream_id.encode()},
+            ).encode())
         retry_step, retries = max(
             self.retried.items(), key=lambda item: item[1], default=("", 0)
         )
@@ -501,7 +503,7 @@ class _Plan:
             Effects(
                 schedule=list(self.schedule.values()),
                 cancel=self.cancel,
-                index=[index],
+                side_effects=[index],
                 dead_letters=letters,
             ),
         )

@@ -24,7 +24,8 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 from rsaga.keyspace import Keyspace
-from rsaga.scripts import EncodableArg, script
+from rsaga.records import stream_of
+from rsaga.scripts import EncodableArg, Scripts
 
 START_FROM_BEGINNING = "0"
 START_FROM_NEW = "$"
@@ -48,7 +49,7 @@ class RawEntry(msgspec.Struct, frozen=True):
     @property
     def raw_stream_id(self) -> bytes:
         """The ``s`` field exactly as stored (what the scripts count by), or b''."""
-        return self.fields.get(b"s", b"")
+        return stream_of(self.fields)
 
 
 def _entries(reply: Sequence[Any]) -> list[RawEntry]:
@@ -88,6 +89,7 @@ class GroupConsumer:
         stream: str | None = None,
     ) -> None:
         self.redis = redis
+        self.scripts = Scripts(redis, keyspace)
         self.shard = shard
         self.group = group
         self.name = name
@@ -119,11 +121,9 @@ class GroupConsumer:
         With `wanted`, entries of other event types are acknowledged inside Redis
         and never reach Python.
         """
-        args: list[EncodableArg] = [self.group, self.name, count, self.claim_timeout_ms]
-        if wanted:
-            args.extend(sorted(wanted))
-        last_id, found, deliveries = await script("read_batch")(
-            self.redis, self._state_keys, args
+        last_id, found, deliveries = await self.scripts.read_batch(
+            self.log, self.shard, self.group, self.name, count, self.claim_timeout_ms,
+            sorted(wanted) if wanted else (),
         )
         return ReadResult(_with_deliveries(found, deliveries), last_id.decode())
 
@@ -163,11 +163,9 @@ class GroupConsumer:
         self, entries: Sequence[RawEntry], handoff_limit: int = 100
     ) -> tuple[int, list[RawEntry]]:
         """Acknowledge `entries` (if still ours); returns how many, and new handoffs."""
-        args: list[EncodableArg] = [self.group, self.name, handoff_limit]
-        for entry in entries:
-            args += [entry.log_id, entry.raw_stream_id]
-        acked, handed, deliveries = await script("ack_batch")(
-            self.redis, self._state_keys[:4], args
+        acked, handed, deliveries = await self.scripts.ack_batch(
+            self.log, self.shard, self.group, self.name, handoff_limit,
+            [(entry.log_id, entry.raw_stream_id) for entry in entries],
         )
         return int(acked), _with_deliveries(handed, deliveries)
 
@@ -191,13 +189,10 @@ class GroupConsumer:
 
         Returns the dead letter's id, or '' if another consumer has taken the entry
         over (then it is theirs to finish)."""
-        args: list[EncodableArg] = [
-            self.group, self.name, entry.log_id, entry.raw_stream_id, max_len
-        ]
-        for key, value in fields.items():
-            args += [key, value]
-        keys = [self.log, self.owners, self.counts, self.dead_letters]
-        dead_id: bytes = await script("dead_letter")(self.redis, keys, args)
+        dead_id: bytes = await self.scripts.dead_letter(
+            self.log, self.shard, self.group, self.name, entry.log_id, entry.raw_stream_id,
+            max_len, fields,
+        )
         return dead_id.decode()
 
     async def caught_up(self) -> bool:
@@ -222,15 +217,11 @@ class GroupConsumer:
 
         Returns the entries taken over (in log order) and the dead consumers.
         """
-        found, deliveries, dead = await script("take_over_dead")(
-            self.redis,
-            [self.log, self.owners, self.alive, self.handoffs],
-            [self.group, self.name, self.claim_timeout_ms],
+        found, deliveries, dead = await self.scripts.take_over_dead(
+            self.log, self.shard, self.group, self.name, self.claim_timeout_ms
         )
         return _with_deliveries(found, deliveries), [d.decode() for d in dead]
 
     async def keep_alive(self, *, leaving: bool = False) -> None:
         """Renew this consumer's claim on what it holds; `leaving` gives it up at once."""
-        await script("keep_alive")(
-            self.redis, [self.alive], [self.name, "gone" if leaving else "alive"]
-        )
+        await self.scripts.keep_alive(self.shard, self.group, self.name, leaving=leaving)

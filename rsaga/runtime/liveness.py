@@ -14,7 +14,6 @@ import socket
 import time
 
 import anyio
-import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rsaga.errors import RedisUnavailable
 from rsaga.events import new_id
 from rsaga.keyspace import Keyspace
+from rsaga.records import Heartbeat
 
 log = logging.getLogger("rsaga.health")  # the heartbeat's messages, as before the move
 
@@ -42,17 +42,6 @@ def redis_down(exc: BaseException) -> bool:
     if isinstance(exc, (*REDIS_DOWN, *_TRANSIENT_ERRORS)):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
-
-
-class Heartbeat(msgspec.Struct, frozen=True):
-    """What a live worker or scheduler tells about itself in Redis."""
-
-    consumer: str
-    host: str
-    pid: int
-    handlers: list[str]
-    started_at: float
-    kind: str = "worker"
 
 
 def this_process(name: str, handlers: list[str], kind: str) -> Heartbeat:
@@ -77,7 +66,7 @@ async def write_heartbeat(redis: Redis, keyspace: Keyspace, beat: Heartbeat, ttl
     now_ms = int(time.time() * 1000)
     ttl_ms = int(ttl * 1000)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(keyspace.heartbeat(beat.consumer), msgspec.json.encode(beat), px=ttl_ms)
+        pipe.set(keyspace.heartbeat(beat.consumer), beat.encode(), px=ttl_ms)
         pipe.zadd(keyspace.heartbeats(), {beat.consumer: now_ms + ttl_ms})
         pipe.zremrangebyscore(keyspace.heartbeats(), "-inf", now_ms - FORGET_DEAD_AFTER_MS)
         await pipe.execute()

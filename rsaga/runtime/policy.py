@@ -14,10 +14,10 @@ from rsaga.config import WorkerSettings
 from rsaga.errors import EventDecodeError
 from rsaga.logs import event_fields
 from rsaga.observe import Observer
+from rsaga.records import DeadLetterRecord, record_of
 from rsaga.runtime.consumer import GroupConsumer, RawEntry
 from rsaga.runtime.liveness import Backoff, redis_down
 from rsaga.runtime.sources import UNDELIVERABLE, Source
-from rsaga.scripts import EncodableArg
 
 log = logging.getLogger("rsaga.worker")
 
@@ -127,20 +127,18 @@ class EntryPolicy:
     async def _dead_letter(
         self, entry: RawEntry, exc: BaseException, attempts: int, tb: str, item: Any = None
     ) -> None:
-        fields: dict[str, EncodableArg] = {
-            "handler": self.sub.source.name,
-            "log_id": entry.log_id,
-            "error_type": type(exc).__name__,
-            "error": str(exc)[:2000],
-            "traceback": tb[-4000:],
-            "attempts": attempts,
-            "deliveries": entry.deliveries,
-            "failed_at_ms": int(time.time() * 1000),
-            "consumer": self.sub.consumer.name,
-        }
-        for name in (b"s", b"v", b"d", b"p", b"t", b"due"):  # p, t, due: a due timeout
-            if name in entry.fields:
-                fields[name.decode()] = entry.fields[name]
+        letter = DeadLetterRecord(
+            handler=self.sub.source.name,
+            log_id=entry.log_id,
+            error_type=type(exc).__name__,
+            error=str(exc)[:2000],
+            traceback=tb[-4000:],
+            attempts=attempts,
+            deliveries=entry.deliveries,
+            failed_at_ms=int(time.time() * 1000),
+            consumer=self.sub.consumer.name,
+            record=record_of(entry.fields),  # an event or a due timeout: all of it
+        )
         log.error(
             "%s: %s dead-lettered after %d attempts: %s: %s",
             self.sub.name, entry.log_id, attempts, type(exc).__name__, exc,
@@ -149,7 +147,8 @@ class EntryPolicy:
         self.sub.observer.entry_handled(self.sub.source.name, seconds=0.0, outcome="dead_lettered")
         dead_id = await self.sub.retrying(
             "dead-lettering",
-            self.sub.consumer.dead_letter, entry, fields, self.sub.settings.dead_letter_max_len,
+            self.sub.consumer.dead_letter, entry, letter.encode(),
+            self.sub.settings.dead_letter_max_len,
         )
         if not dead_id:
             log.warning("%s: %s was taken over; not dead-lettered", self.sub.name, entry.log_id)

@@ -27,7 +27,7 @@ from rsaga.runtime.liveness import (
     redis_outage,
     this_process,
 )
-from rsaga.scripts import script
+from rsaga.scripts import Scripts
 
 log = logging.getLogger("rsaga.scheduler")
 
@@ -60,6 +60,7 @@ class Scheduler:
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
+        self.scripts = Scripts(redis, keyspace)
         self.clock = clock
         self.batch_size = batch_size
         self.max_sleep = max_sleep
@@ -69,12 +70,9 @@ class Scheduler:
 
     async def tick(self, shard: int) -> Tick:
         """Move up to `batch_size` due timeouts of `shard` (one atomic script call)."""
-        ks = self.keyspace
         now = "" if self.clock is None else self.clock.now_ms()
-        moved, next_due, now_ms = await script("move_due_timeouts")(
-            self.redis,
-            [ks.timeouts(shard), ks.timeout_data(shard), ks.due_timeouts(shard)],
-            [self.batch_size, now],
+        moved, next_due, now_ms = await self.scripts.move_due_timeouts(
+            shard, self.batch_size, now
         )
         if int(moved):
             self.observer.timeouts_moved(shard, int(moved))

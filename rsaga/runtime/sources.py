@@ -19,6 +19,7 @@ from rsaga.process.api import (
 from rsaga.process.registry import UnknownCommandType
 from rsaga.process.runner import ProcessRunner
 from rsaga.process.timeouts import TimeoutPayload, decode_timeout
+from rsaga.records import payload_of
 from rsaga.retry import RetryPolicy
 from rsaga.runtime.consumer import RawEntry
 from rsaga.store import LogEntry
@@ -113,7 +114,7 @@ class TimeoutSource:
 
     def decode(self, entry: RawEntry) -> TimeoutPayload | None:
         try:
-            payload = decode_timeout(entry.fields[b"p"])
+            payload = decode_timeout(payload_of(entry.fields))
         except (KeyError, msgspec.DecodeError) as exc:
             raise EventDecodeError(
                 f"due timeout {entry.log_id} has no valid payload: {exc!r}"

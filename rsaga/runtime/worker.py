@@ -43,7 +43,6 @@ from rsaga.runtime.liveness import (
 )
 from rsaga.runtime.policy import EntryPolicy
 from rsaga.runtime.sources import HandlerSource, ProcessSource, Source, TimeoutSource
-from rsaga.scripts import script
 
 log = logging.getLogger("rsaga.worker")
 
@@ -473,6 +472,6 @@ class Worker:
             await anyio.sleep(self.settings.trim_interval)
             for key in {sub.consumer.log for sub in self.subscriptions}:
                 with redis_outage() as outage:
-                    await script("trim_log")(store.redis, [key], [retention_ms])
+                    await store.scripts.trim_log(key, retention_ms)
                 if outage.error is not None:
                     log.warning("trimming %s failed: %s", key, outage.error)

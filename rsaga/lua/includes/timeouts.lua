@@ -6,6 +6,7 @@
   A timeout id is "<process stream id>|<timeout name>" (rsaga.process.timeouts
   builds it); timeout_stream_id is the one place Lua takes it apart.
 ]]
+-- @include "record_fields"
 local function timeout_stream_id(id)
   return string.match(id, '^(.*)|[^|]*$') or id
 end
@@ -15,7 +16,7 @@ local function schedule_timeout(zset, data, wake, id, due, payload)
   redis.call('ZADD', zset, due, id)
   redis.call('HSET', data, id, payload)
   if #head == 0 or tonumber(due) < tonumber(head[2]) then
-    redis.call('XADD', wake, 'MAXLEN', '~', 10, '*', 'due', due)
+    redis.call('XADD', wake, 'MAXLEN', '~', 10, '*', RECORD.due, due)
   end
 end
 
