@@ -37,19 +37,20 @@ from rsaga.interceptors import (
 )
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
-from rsaga.processes import (
+from rsaga.process.api import (
     AdvanceTrigger,
     Decision,
     EventTrigger,
     ProcessInfo,
     ProcessManager,
-    ProcessRunner,
     RejectedTrigger,
     StartTrigger,
     Timeout,
     TimeoutTrigger,
     Trigger,
 )
+from rsaga.process.runner import ProcessRunner
+from rsaga.process.saga import Saga, Step
 from rsaga.retry import (
     BuiltinRetryPolicy,
     ExponentialBackoff,
@@ -57,10 +58,9 @@ from rsaga.retry import (
     LinearBackoff,
     RetryPolicy,
 )
-from rsaga.sagas import Saga, Step
-from rsaga.scheduler import Scheduler
+from rsaga.runtime.scheduler import Scheduler
+from rsaga.runtime.worker import Worker
 from rsaga.store import CommitResult, EventStore, ExpectedVersion, StreamWrite
-from rsaga.worker import Worker
 
 try:
     __version__ = version("rsaga")

@@ -59,11 +59,12 @@ from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
 from rsaga.observe import NO_OBSERVER
 from rsaga.operator import Operator
 from rsaga.permissions import minimal_acl, missing_permissions
-from rsaga.processes import ProcessManager, ProcessRunner
-from rsaga.scheduler import Scheduler
+from rsaga.process.api import ProcessManager
+from rsaga.process.runner import ProcessRunner
+from rsaga.runtime.scheduler import Scheduler
+from rsaga.runtime.worker import Worker
 from rsaga.scripts import all_scripts
 from rsaga.store import EventStore
-from rsaga.worker import Worker
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 

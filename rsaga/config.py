@@ -20,12 +20,15 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from rsaga.defaults import (
+    DEFAULT_COMMAND_RETRY,
+    DEFAULT_DEAD_LETTER_MAX_LEN,
+    DEFAULT_PAGE_SIZE,
+)
 from rsaga.errors import ConfigError
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES
-from rsaga.executor import DEFAULT_COMMAND_RETRY
 from rsaga.interceptors import unknown_names
 from rsaga.retry import BuiltinRetryPolicy
-from rsaga.store import DEFAULT_PAGE_SIZE
 
 DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
 
@@ -158,7 +161,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     the environment): each handler's own `claim_timeout`."""
     max_deliveries: int = 5
     """Deliveries without acknowledgement (crashes) before an entry goes to dead letters."""
-    dead_letter_max_len: int = 100_000
+    dead_letter_max_len: int = DEFAULT_DEAD_LETTER_MAX_LEN
     """Dead letters kept per shard (oldest trimmed first, approximately)."""
     log_retention: float = 3600.0
     """Seconds acknowledged entries stay on the shard log before trimming."""

@@ -9,7 +9,8 @@ from typing import Any
 import anyio
 import msgspec
 
-from rsaga.commands import Command, WritePlan
+from rsaga.commands import Command, Executable, WritePlan
+from rsaga.defaults import DEFAULT_COMMAND_RETRY as DEFAULT_COMMAND_RETRY
 from rsaga.errors import (
     ConcurrencyConflict,
     RetriesExhausted,
@@ -26,13 +27,8 @@ from rsaga.interceptors import (
 )
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
-from rsaga.retry import ExponentialBackoff, RetryPolicy, policy_delay
+from rsaga.retry import RetryPolicy, policy_delay
 from rsaga.store import EventStore, StreamSlice, StreamWrite
-
-DEFAULT_COMMAND_RETRY = ExponentialBackoff(
-    base=0.002, cap=0.25, max_retries=25, jitter=1.0
-)
-"""Conflicts resolve fast under contention: short, fully jittered delays."""
 
 MAX_RESOLVE_ROUNDS = 16
 
@@ -98,7 +94,7 @@ class Executor:
 
     async def execute(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
@@ -119,7 +115,7 @@ class Executor:
         `metadata` is carried by every event written (interceptors may add to it).
         The call goes through the `execute_command` interceptors.
         """
-        if not isinstance(command, Command):
+        if not isinstance(command, Command) and not isinstance(command, Executable):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
         return await self._execute(
             CommandInput(command, correlation_id, causation_id, idempotency_key, metadata)
@@ -143,7 +139,7 @@ class Executor:
 
     async def _attempt(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         correlation: str,
         causation: str | None,
         key: str | None,

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from rsaga.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rsaga.commands import Command
+    from rsaga.commands import Executable
     from rsaga.events import RecordedEvent
     from rsaga.executor import ExecutionResult
-    from rsaga.processes import ProcessManager, TimeoutPayload
+    from rsaga.process.api import ProcessManager
+    from rsaga.process.timeouts import TimeoutPayload
 
 ENTRY_POINT_GROUP = "rsaga.interceptors"
 """Entry point group naming interceptor factories."""
@@ -70,7 +71,7 @@ class HandleInput:
 class CommandInput:
     """One command executed by the `Executor` (conflict retries included)."""
 
-    command: Command[Any]
+    command: Executable[Any]
     """The command; ``command.metric_label()`` names it (a process type for a step)."""
     correlation_id: str | None
     causation_id: str | None

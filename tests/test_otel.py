@@ -56,8 +56,8 @@ from rsaga.interceptors import (
 )
 from rsaga.metrics import PrometheusObserver
 from rsaga.otel import TracingInterceptor
-from rsaga.processes import decode_timeout
-from rsaga.scheduler import Scheduler
+from rsaga.process.timeouts import decode_timeout
+from rsaga.runtime.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 
