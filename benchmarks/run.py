@@ -160,6 +160,10 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   ``dur_saga_*`` (from ProcessStarted) for trips requested at a paced
   ``dur_rate`` per second for 3 s, with the same 30% refused.
 
+``BENCH_METRICS=1`` in this script's environment gives every worker of every
+scenario a Prometheus endpoint (``--metrics-port``), so any scenario can be
+measured with metrics on.
+
 Per event, timeout, process or saga while timed: ``server_cmds`` (commands the
 server ran, scripts' own included, this script's appends and polls too),
 ``scripts`` (EVALSHA calls), ``worker_cpu_us`` (all workers) and
@@ -1042,6 +1046,8 @@ class Fleet:
         )
         if handlers:
             env["RSAGA_HANDLERS"] = handlers
+        if kind == "worker" and os.environ.get("BENCH_METRICS") and "--metrics-port" not in args:
+            args = (*args, "--metrics-port", str(free_port()))
         log = self._dir / f"{kind}-{len(self.children)}.log"
         child = Child(kind, args, env, log)
         self.children.append(child)

@@ -17,8 +17,9 @@ from rsaga.connection import connect, embedded
 from rsaga.events import EventRegistry
 from rsaga.handlers import discover_handlers
 from rsaga.keyspace import Keyspace
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessManager
-from rsaga.sagas import SAGA_EVENTS
+from rsaga.process.api import ProcessManager
+from rsaga.process.events import FRAMEWORK_EVENTS
+from rsaga.process.saga import SAGA_EVENTS
 from rsaga.store import EventStore
 
 
@@ -69,4 +70,5 @@ def open_store(
         keyspace=Keyspace(prefix=settings.store.prefix, shards=settings.store.shards),
         max_event_bytes=settings.store.max_event_bytes,
         page_size=settings.store.read_page_size,
+        dead_letter_max_len=settings.worker.dead_letter_max_len,
     )

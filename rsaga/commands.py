@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, NewType, TypeVar
+from typing import Any, ClassVar, Generic, NewType, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -47,6 +47,66 @@ def _stream_fields(cls: type) -> tuple[tuple[str, bool], ...]:
         elif typing.get_origin(hint) in (list, tuple, Sequence) and args and args[0] is StreamId:
             found.append((field.name, True))
     return tuple(found)
+
+
+@runtime_checkable
+class Executable(Protocol[S]):
+    """What the executor runs: a `Command`, or rsaga's own process step.
+
+    It names the streams it reads, folds their events into a state, and decides; the
+    rest says how the executor may cache and snapshot that state (see `Command`).
+    """
+
+    cache_state: bool
+    fold_per_stream: bool
+
+    def read_streams(self) -> list[str]:
+        """The streams to read first."""
+        ...
+
+    def metric_label(self) -> str:
+        """Its label in metrics."""
+        ...
+
+    def initial_state(self) -> S:
+        """The state before any event."""
+        ...
+
+    def apply(self, state: S, event: RecordedEvent) -> S:
+        """Fold one event into the state."""
+        ...
+
+    def more_streams(self, state: S) -> Iterable[str]:
+        """Streams to read as well, decided after seeing the state."""
+        ...
+
+    def handle(self, state: S) -> Writes | WritePlan:
+        """Decide what to write."""
+        ...
+
+    def fold_key(self) -> Hashable:
+        """What identifies its fold in the executor's state cache."""
+        ...
+
+    def resume(self, state: S) -> S:
+        """A copy of a cached state, adjusted before `handle`."""
+        ...
+
+    def merge(self, states: Mapping[str, S]) -> S:
+        """With `fold_per_stream`: one state from each stream's."""
+        ...
+
+    def snapshot_spec(self) -> SnapshotSpec | None:
+        """How its fold is snapshotted, or None."""
+        ...
+
+    def to_snapshot(self, state: S) -> Any:
+        """What a snapshot stores of `state`."""
+        ...
+
+    def from_snapshot(self, data: Any) -> S:
+        """The state a snapshot's decoded `data` stands for."""
+        ...
 
 
 class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):

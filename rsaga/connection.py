@@ -17,9 +17,9 @@ from redis.exceptions import ResponseError
 
 from rsaga.config import RedisAddress, RedisSettings, parse_redis_url, redact_url
 from rsaga.errors import ConfigError, RedisUnavailable
-from rsaga.health import redis_down
 from rsaga.keyspace import Keyspace
 from rsaga.permissions import MissingPermissions, missing_permissions
+from rsaga.runtime.liveness import redis_down
 
 log = logging.getLogger("rsaga.connection")
 

@@ -4,32 +4,34 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import anyio
 import msgspec
 
-from rsaga.commands import Command, WritePlan
+from rsaga.commands import Command, Executable, WritePlan
+from rsaga.defaults import DEFAULT_COMMAND_RETRY as DEFAULT_COMMAND_RETRY
 from rsaga.errors import (
     ConcurrencyConflict,
-    DomainError,
     RetriesExhausted,
     UndeclaredStream,
     ValidationError,
 )
 from rsaga.events import RecordedEvent, new_id
+from rsaga.interceptors import (
+    NO_INTERCEPTORS,
+    CommandInput,
+    Interceptor,
+    Interceptors,
+    Metadata,
+)
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
-from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.retry import RetryPolicy, policy_delay
 from rsaga.snapshots import SnapshotSpec, decode_snapshot, encode_snapshot
 from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE, CachedFold, StateCache, clone
-from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamWrite
-
-DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
-    base=0.002, cap=0.25, max_retries=25, jitter=1.0
-)
-"""Conflicts resolve fast under contention: short, fully jittered delays."""
+from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamSlice, StreamWrite
 
 MAX_RESOLVE_ROUNDS = 16
 
@@ -47,6 +49,20 @@ class ExecutionResult(msgspec.Struct, frozen=True):
     """True if an earlier execution with the same idempotency key had written already."""
 
 
+def with_observer(
+    interceptors: Interceptors | Sequence[Interceptor], observer: Observer
+) -> Interceptors:
+    """`interceptors` as a chain, with `observer` outermost (an `Observer` measures calls
+    as an interceptor) unless it is the plain no-op one or in the chain already."""
+    items = list(interceptors.interceptors if isinstance(interceptors, Interceptors)
+                 else interceptors)
+    if type(observer) is not Observer and observer not in items:
+        items.insert(0, observer)
+    if isinstance(interceptors, Interceptors) and len(items) == len(interceptors.interceptors):
+        return interceptors
+    return Interceptors(items)
+
+
 class Executor:
     """Executes commands against an `EventStore`, retrying version conflicts."""
 
@@ -58,21 +74,38 @@ class Executor:
         rng: random.Random | None = None,
         observer: Observer = NO_OBSERVER,
         state_cache_size: int = DEFAULT_STATE_CACHE_SIZE,
+        interceptors: Interceptors | Sequence[Interceptor] = NO_INTERCEPTORS,
     ) -> None:
         """`state_cache_size`: folded states kept between commands (0: none, fold anew)."""
         self.store = store
         self.cache = StateCache(state_cache_size) if state_cache_size else None
         self.retry = retry
-        self.observer = observer
         self._rng = rng or random.Random()
+        self._delay = policy_delay(retry, self._rng)
+        self._given = interceptors
+        self.observer = observer
+
+    @property
+    def observer(self) -> Observer:
+        """Receives what the runtime does; measures calls as the outermost interceptor."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer) -> None:
+        # Workers and process runners take their chains from `interceptors` when
+        # they are built; commands see a new observer at once.
+        self._observer = observer
+        self.interceptors = with_observer(self._given, observer)
+        self._execute = self.interceptors.execute_command(self._run)
 
     async def execute(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
         idempotency_key: str | None = None,
+        metadata: Metadata | None = None,
     ) -> ExecutionResult:
         """Execute `command` and return what it wrote.
 
@@ -84,52 +117,40 @@ class Executor:
         that finds an event with the same key in the streams it read writes
         nothing and returns ``duplicate=True``: re-running a command after a crash
         or a redelivery applies its effect once.
+
+        `metadata` is carried by every event written (interceptors may add to it).
+        The call goes through the `execute_command` interceptors.
         """
-        if not isinstance(command, Command):
+        if not isinstance(command, Command) and not isinstance(command, Executable):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
-        correlation = correlation_id or new_id()
-        name = command.metric_label()
-        started = time.perf_counter()
+        return await self._execute(
+            CommandInput(command, correlation_id, causation_id, idempotency_key, metadata)
+        )
+
+    async def _run(self, call: CommandInput) -> ExecutionResult:
+        correlation = call.correlation_id or new_id()
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = await self._attempt(
-                    command, correlation, causation_id, idempotency_key, attempt
+                return await self._attempt(
+                    call.command, correlation, call.causation_id, call.idempotency_key,
+                    attempt, call.metadata,
                 )
             except ConcurrencyConflict as conflict:
-                delay = self.retry.delay(attempt, self._rng)
+                delay = self._delay(attempt)
                 if delay is None:
-                    self.observer.command_executed(
-                        name, seconds=time.perf_counter() - started, attempts=attempt,
-                        outcome="gave up",
-                    )
                     raise RetriesExhausted(attempt, conflict) from conflict
                 await anyio.sleep(delay)
-            except DomainError:
-                self.observer.command_executed(
-                    name, seconds=time.perf_counter() - started, attempts=attempt,
-                    outcome="refused",
-                )
-                raise
-            else:
-                outcome = (
-                    "duplicate" if result.duplicate else "written" if result.events
-                    else "unchanged"
-                )
-                self.observer.command_executed(
-                    name, seconds=time.perf_counter() - started, attempts=attempt,
-                    outcome=outcome,
-                )
-                return result
 
     async def _attempt(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         correlation: str,
         causation: str | None,
         key: str | None,
         attempt: int,
+        metadata: Metadata | None,
     ) -> ExecutionResult:
         fold = _Fold(command, self.cache if command.cache_state else None)
         try:
@@ -142,7 +163,7 @@ class Executor:
                 # Raising or writing nothing needs fresh state: that outcome stands only
                 # if the read finds nothing new (else it is decided again, as on a conflict).
                 written = await self._decide(
-                    command, fold, correlation, causation, key, final=False
+                    command, fold, correlation, causation, key, metadata, final=False
                 )
                 if isinstance(written, CommitResult):
                     return ExecutionResult(written.versions, written.events, attempt)
@@ -154,13 +175,15 @@ class Executor:
                 if unsure.refusal is not None:
                     raise unsure.refusal
                 return ExecutionResult(seen, [], attempt)
-            written = await self._decide(command, fold, correlation, causation, key, final=True)
+            written = await self._decide(
+                command, fold, correlation, causation, key, metadata, final=True
+            )
             assert isinstance(written, CommitResult)
             return ExecutionResult(written.versions, written.events, attempt)
         finally:
             fold.keep()
 
-    async def _read(self, command: Command[Any], fold: _Fold, key: str | None) -> bool:
+    async def _read(self, command: Executable[Any], fold: _Fold, key: str | None) -> bool:
         """Read what `fold` lacks and fold it (streams `more_streams` asks for too).
 
         True if an event folded (now or before) carries the idempotency `key` (a
@@ -219,7 +242,7 @@ class Executor:
 
     @staticmethod
     def _start_from(
-        command: Command[Any], spec: SnapshotSpec, part: _Part, stream_id: str, blob: bytes
+        command: Executable[Any], spec: SnapshotSpec, part: _Part, stream_id: str, blob: bytes
     ) -> bool:
         """Start `part` from a snapshot read with its stream; False if it does not match."""
         found = decode_snapshot(blob, spec.fingerprint(), spec.state_type)
@@ -230,7 +253,7 @@ class Executor:
         part.versions[stream_id] = part.snapshot
         return True
 
-    def _snapshots_due(self, command: Command[Any], fold: _Fold) -> list[SnapshotWrite]:
+    def _snapshots_due(self, command: Executable[Any], fold: _Fold) -> list[SnapshotWrite]:
         """Snapshots of single-stream parts to write with the commit, where one is due."""
         spec = command.snapshot_spec()
         if spec is None:
@@ -249,11 +272,12 @@ class Executor:
 
     async def _decide(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         fold: _Fold,
         correlation: str,
         causation: str | None,
         key: str | None,
+        metadata: Metadata | None,
         *,
         final: bool,
     ) -> CommitResult | _Unsure:
@@ -297,6 +321,7 @@ class Executor:
             causation_id=causation,
             command_id=key,
             effects=effects,
+            metadata=metadata,
         )
         for snapshot in snapshots:
             fold.part(snapshot.stream_id).snapshot = versions[snapshot.stream_id]
@@ -318,7 +343,7 @@ class _Part:
     """A state folded from some streams, at the version of each, and the keys it saw:
     what one cache entry holds."""
 
-    def __init__(self, key: Hashable, command: Command[Any], base: CachedFold | None) -> None:
+    def __init__(self, key: Hashable, command: Executable[Any], base: CachedFold | None) -> None:
         self.key = key
         self.command = command
         if base is None:
@@ -342,7 +367,7 @@ class _Fold:
     """What one attempt folds: one part over all its streams, or with `fold_per_stream`
     one part per stream (each cached and snapshotted alone, merged for `handle`)."""
 
-    def __init__(self, command: Command[Any], cache: StateCache | None) -> None:
+    def __init__(self, command: Executable[Any], cache: StateCache | None) -> None:
         self.command = command
         self.cache = cache
         self.cached = cache is not None

@@ -10,11 +10,10 @@ can skip unwanted types inside Redis) and ``d`` (envelope).
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from redis.asyncio import Redis
@@ -22,6 +21,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock, SystemClock
+from rsaga.defaults import DEFAULT_DEAD_LETTER_MAX_LEN
+from rsaga.defaults import DEFAULT_PAGE_SIZE as DEFAULT_PAGE_SIZE
 from rsaga.errors import (
     ConcurrencyConflict,
     ConfigError,
@@ -32,9 +33,8 @@ from rsaga.errors import (
 )
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, EventRegistry, RecordedEvent, new_id
 from rsaga.keyspace import Keyspace, validate_stream_id
-from rsaga.scripts import EncodableArg, script
-
-DEFAULT_PAGE_SIZE = 512
+from rsaga.records import TYPE, LogRecord
+from rsaga.scripts import CommitStream, EncodableArg, Scripts, SideEffect
 
 
 class ExpectedVersion(enum.IntEnum):
@@ -77,25 +77,14 @@ class TimeoutWrite(msgspec.Struct, frozen=True):
     payload: bytes
 
 
-class IndexUpdate(msgspec.Struct, frozen=True):
-    """A process lifecycle transition to record in the same atomic write."""
+class SideEffectSource(Protocol):
+    """Something a commit applies atomically that the store does not interpret (the
+    process index, see `rsaga.process.index`): it says which extension of
+    ``commit.lua`` to call, with which keys of the commit's shard and which args."""
 
-    process_type: str
-    stream_id: str
-    transition: str
-    """'start', 'progress', 'complete', 'fail' or 'compensate'."""
-    duration_ms: int = 0
-    next_due_ms: int | None = None
-    """Due time of the process's earliest pending timeout: it is waiting, not stuck."""
-    starts: bool = False
-    """This write starts the process (it may also end it)."""
-    correlation_id: str = ""
-    """The correlation id the process started in (read when `starts`): search finds it."""
-    retry_step: str = ""
-    """The step being retried, when `retries` > 0."""
-    retries: int = -1
-    """How many times the current step has been retried after this write: 0 when the
-    process stops retrying, -1 when it neither was nor is retrying (nothing to write)."""
+    def side_effect(self, keyspace: Keyspace, shard: int) -> SideEffect:
+        """The extension call for a commit in `shard`."""
+        ...
 
 
 class SnapshotWrite(msgspec.Struct, frozen=True):
@@ -113,8 +102,11 @@ class Effects(msgspec.Struct, frozen=True):
 
     schedule: Sequence[TimeoutWrite] = ()
     cancel: Sequence[str] = ()
-    index: Sequence[IndexUpdate] = ()
-    dead_letters: Sequence[Mapping[str, str]] = ()
+    side_effects: Sequence[SideEffectSource] = ()
+    """Extensions of the commit, applied in the same atomic step (see `SideEffectSource`)."""
+    index: Sequence[SideEffectSource] = ()
+    """The same as `side_effects` (the name process-index updates were passed under)."""
+    dead_letters: Sequence[Mapping[str, EncodableArg]] = ()
     """Failures to report to an operator, as dead-letter fields."""
     snapshots: Sequence[SnapshotWrite] = ()
 
@@ -173,6 +165,7 @@ class EventStore:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         page_size: int = DEFAULT_PAGE_SIZE,
         clock: Clock | None = None,
+        dead_letter_max_len: int = DEFAULT_DEAD_LETTER_MAX_LEN,
     ) -> None:
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ConfigError("the Redis client must have decode_responses=False")
@@ -185,9 +178,11 @@ class EventStore:
         self.keyspace = keyspace or Keyspace()
         self.codec = EventCodec(registry, max_event_bytes=max_event_bytes)
         self.page_size = page_size
+        self.dead_letter_max_len = dead_letter_max_len
+        """Dead letters a commit keeps per shard (`worker.dead_letter_max_len`, as the
+        worker's dead letters)."""
         self.clock: Clock = clock or SystemClock()
-        self._commit = script("commit")
-        self._read = functools.partial(script("read_streams"), redis)
+        self.scripts = Scripts(redis, self.keyspace)
 
     @contextmanager
     def _talking_to_redis(self) -> Iterator[None]:
@@ -236,13 +231,10 @@ class EventStore:
         decode = self.codec.decode
         with self._talking_to_redis():
             while pending:
-                keys = [self.keyspace.stream(s) for s in pending]
-                if folds:  # the first page only: later pages go on from where it ended
-                    keys += [self.keyspace.snapshot(s, folds.get(s, "")) for s in pending]
-                    folds = {}
-                replies = await self._read(
-                    keys, [self.page_size, *(next_version[s] for s in pending)]
+                replies = await self.scripts.read_streams(
+                    pending, self.page_size, [next_version[s] for s in pending], folds
                 )
+                folds = {}  # the first page only: later pages go on from where it ended
                 full = []
                 for stream_id, flat in zip(pending, replies, strict=True):
                     versions.setdefault(stream_id, int(flat[0]))
@@ -310,14 +302,14 @@ class EventStore:
         """
         log_id = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id
         try:
-            stream_id = fields[b"s"].decode()
-            version = int(fields[b"v"])
-            blob = fields[b"d"]
+            record = LogRecord.decode(fields)
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise EventDecodeError(
                 f"log entry {log_id} lacks a valid s/v/d field: {exc!r}"
             ) from None
-        event = self.codec.decode_wanted(stream_id, version, blob, wanted, fields.get(b"t"))
+        event = self.codec.decode_wanted(
+            record.stream_id, record.version, record.envelope, wanted, fields.get(TYPE)
+        )
         return None if event is None else LogEntry(log_id, event)
 
     # --- writing ------------------------------------------------------------------
@@ -330,12 +322,14 @@ class EventStore:
         expected: Expected = ExpectedVersion.ANY,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> CommitResult:
         """Append `events` to one stream if its version is `expected`."""
         return await self.commit(
             [StreamWrite(stream_id, int(expected), events)],
             correlation_id=correlation_id,
             causation_id=causation_id,
+            metadata=metadata,
         )
 
     async def commit(
@@ -346,22 +340,40 @@ class EventStore:
         causation_id: str | None = None,
         command_id: str | None = None,
         effects: Effects | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> CommitResult:
         """Check every write's expected version, then append all events, atomically.
 
         `effects` (timeouts to schedule or cancel, process-index transitions) are
-        applied in the same atomic step, in the shard of the streams.
+        applied in the same atomic step, in the shard of the streams. Every event
+        carries `metadata` (see `RecordedEvent.metadata`).
 
         Raises `ConcurrencyConflict` (nothing written) if any stream is not at its
         expected version; validation errors are raised before Redis is touched.
         """
-        keys, args, recorded = self._encode_commit(
-            writes, correlation_id, causation_id, command_id
+        shard, streams, recorded = self._encode_commit(
+            writes, correlation_id, causation_id, command_id, metadata
         )
-        if effects is not None:
-            self._encode_effects(effects, self.keyspace.shard_of(writes[0].stream_id), keys, args)
         with self._talking_to_redis():
-            reply = await self._commit(self.redis, keys, args)
+            if effects is None:
+                reply = await self.scripts.commit(shard, streams)
+            else:
+                reply = await self.scripts.commit(
+                    shard,
+                    streams,
+                    schedule=[(t.timeout_id, t.due_ms, t.payload) for t in effects.schedule],
+                    cancel=effects.cancel,
+                    side_effects=[
+                        e.side_effect(self.keyspace, shard)
+                        for e in (*effects.side_effects, *effects.index)
+                    ],
+                    dead_letters=effects.dead_letters,
+                    dead_letter_max_len=self.dead_letter_max_len,
+                    snapshots=[
+                        (s.stream_id, s.fold, s.version, s.blob) for s in effects.snapshots
+                    ],
+                    with_effects=True,
+                )
         return self._commit_result(writes, reply, recorded)
 
     def _encode_commit(
@@ -370,7 +382,8 @@ class EventStore:
         correlation_id: str | None,
         causation_id: str | None,
         command_id: str | None,
-    ) -> tuple[list[str], list[EncodableArg], list[list[RecordedEvent]]]:
+        metadata: dict[str, str] | None = None,
+    ) -> tuple[int, list[CommitStream], list[list[RecordedEvent]]]:
         if not writes:
             raise ValidationError("a commit needs at least one stream")
         stream_ids = [validate_stream_id(w.stream_id) for w in writes]
@@ -386,19 +399,16 @@ class EventStore:
         now_ms = self.clock.now_ms()
         occurred_at = datetime.fromtimestamp(now_ms / 1000, UTC)
         correlation = correlation_id or new_id()
-        keys: list[str] = [self.keyspace.log(shard)]
-        header: list[EncodableArg] = [len(writes)]
-        envelopes: list[EncodableArg] = []
+        streams: list[CommitStream] = []
         recorded: list[list[RecordedEvent]] = []
         for w in writes:
-            keys.append(self.keyspace.stream(w.stream_id))
-            header += [w.stream_id, int(w.expected), len(w.events)]
+            pairs: list[tuple[str, bytes]] = []
             mine = []
             for event in w.events:
                 event_id = new_id()
                 type_name = self.registry.name_of(event)
-                envelopes.append(type_name)
-                envelopes.append(
+                pairs.append((
+                    type_name,
                     self.codec.encode(
                         event,
                         event_id=event_id,
@@ -406,8 +416,9 @@ class EventStore:
                         correlation_id=correlation,
                         causation_id=causation_id,
                         command_id=command_id,
-                    )
-                )
+                        metadata=metadata,
+                    ),
+                ))
                 mine.append(
                     RecordedEvent(
                         stream_id=w.stream_id,
@@ -419,44 +430,12 @@ class EventStore:
                         correlation_id=correlation,
                         causation_id=causation_id,
                         command_id=command_id,
+                        metadata=metadata,
                     )
                 )
+            streams.append(CommitStream(w.stream_id, int(w.expected), pairs))
             recorded.append(mine)
-        return keys, header + envelopes, recorded
-
-    def _encode_effects(
-        self, effects: Effects, shard: int, keys: list[str], args: list[EncodableArg]
-    ) -> None:
-        ks = self.keyspace
-        args.append(len(effects.schedule))
-        for timeout in effects.schedule:
-            args += [timeout.timeout_id, timeout.due_ms, timeout.payload]
-        args.append(len(effects.cancel))
-        args.extend(effects.cancel)
-        if effects.schedule or effects.cancel:
-            keys += [ks.timeouts(shard), ks.timeout_data(shard), ks.timeouts_wake(shard)]
-        args.append(len(effects.index))
-        for update in effects.index:
-            if update.transition not in ("start", "progress", "complete", "fail", "compensate"):
-                raise ValidationError(f"unknown process transition {update.transition!r}")
-            keys += ks.process_index(shard, update.process_type)
-            next_due = -1 if update.next_due_ms is None else update.next_due_ms
-            args += [
-                update.process_type, update.transition, update.stream_id, update.duration_ms,
-                next_due, int(update.starts), update.correlation_id, update.retry_step,
-                update.retries,
-            ]
-        args.append(len(effects.dead_letters))
-        for letter in effects.dead_letters:
-            args.append(2 * len(letter))
-            for field, value in letter.items():
-                args += [field, value]
-        if effects.dead_letters:
-            keys.append(ks.dead_letters(shard))
-        args.append(len(effects.snapshots))
-        for snapshot in effects.snapshots:
-            keys.append(ks.snapshot(snapshot.stream_id, snapshot.fold))
-            args += [snapshot.version, snapshot.blob]
+        return shard, streams, recorded
 
     def _commit_result(
         self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]

@@ -16,6 +16,7 @@
                 a snapshot used comes first as the pair (0, snapshot), and the
                 events then start after its version
 ]]
+-- @include "record_fields"
 -- @include "stream_version"
 
 local n = #ARGV - 1
@@ -38,7 +39,7 @@ for i = 1, n do
     flat[#flat + 1] = tonumber(string.match(entry[1], '^(%d+)'))
     local fields = entry[2]
     for j = 1, #fields, 2 do
-      if fields[j] == 'd' then
+      if fields[j] == RECORD.data then
         flat[#flat + 1] = fields[j + 1]
       end
     end
