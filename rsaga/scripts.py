@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from rsaga.batching import batcher_for
 from rsaga.errors import RsagaError, ValidationError
 from rsaga.keyspace import Keyspace
 
@@ -70,12 +71,16 @@ class Script:
     async def __call__(
         self, redis: Redis, keys: Sequence[str], args: Sequence[EncodableArg]
     ) -> Any:
-        """Run the script; load it first if the server does not know it."""
+        """Run the script; load it first if the server does not know it.
+
+        The call is pipelined with the other script calls of this turn of the event
+        loop (`rsaga.batching`)."""
+        batcher = batcher_for(redis)
         try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+            return await batcher.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await redis.script_load(self.source)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+            return await batcher.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
         """Load the script into the server's script cache."""
