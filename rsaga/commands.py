@@ -57,8 +57,8 @@ class Executable(Protocol[S]):
     rest says how the executor may cache and snapshot that state (see `Command`).
     """
 
-    cache_state: bool
-    fold_per_stream: bool
+    cache_state: ClassVar[bool]
+    fold_per_stream: ClassVar[bool]
 
     def read_streams(self) -> list[str]:
         """The streams to read first."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.retry import RetryPolicy, policy_delay
 from rsaga.snapshots import SnapshotSpec, decode_snapshot, encode_snapshot
 from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE, CachedFold, StateCache, clone
-from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamSlice, StreamWrite
+from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamWrite
 
 MAX_RESOLVE_ROUNDS = 16
 
