@@ -3,8 +3,9 @@
 Each ``.lua`` file is one atomic state change. Shared helpers live in
 ``lua/includes/``, one ``local function`` per file, pulled in with a line
 ``-- @include "name"``; each include is expanded once per script, and a cycle
-is an error. On NOSCRIPT (a restarted or flushed server) the script is loaded
-and the call repeated once.
+is an error. On NOSCRIPT (a restarted or flushed server, a replica promoted by a
+failover, a cluster node that never saw the script) the call is repeated once with
+EVAL, which runs the script on the node that owns the keys and caches it there.
 """
 
 from __future__ import annotations
@@ -69,15 +70,16 @@ class Script:
     async def __call__(
         self, redis: Redis, keys: Sequence[str], args: Sequence[EncodableArg]
     ) -> Any:
-        """Run the script; load it first if the server does not know it."""
+        """Run the script; send its source if the node does not know it."""
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await redis.script_load(self.source)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+            # Not SCRIPT LOAD: on a cluster that goes to every master, and one
+            # master down would stop the shards of all the others.
+            return await redis.eval(self.source, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
-        """Load the script into the server's script cache."""
+        """Load the script into the server's script cache (every master of a cluster)."""
         await redis.script_load(self.source)
 
 

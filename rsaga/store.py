@@ -22,10 +22,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock, SystemClock
+from rsaga.cluster import client_options, ensure_shard_count, is_cluster, run_replicated
 from rsaga.errors import (
     ConcurrencyConflict,
     ConfigError,
     EventDecodeError,
+    NotReplicated,
     RedisUnavailable,
     ScriptError,
     ValidationError,
@@ -35,6 +37,10 @@ from rsaga.keyspace import Keyspace, validate_stream_id
 from rsaga.scripts import EncodableArg, script
 
 DEFAULT_PAGE_SIZE = 512
+
+DURABILITIES = ("async", "replicated")
+"""When a commit is acknowledged: once its master has it ("async"), or once
+`replicas` replicas have it too ("replicated", a WAIT on the writing connection)."""
 
 
 class ExpectedVersion(enum.IntEnum):
@@ -132,7 +138,10 @@ class LogEntry(msgspec.Struct, frozen=True):
 
 def describe_redis(redis: Redis) -> str:
     """Where `redis` points, for messages: never includes a password."""
-    kwargs = redis.connection_pool.connection_kwargs
+    kwargs = client_options(redis)
+    if is_cluster(redis):
+        nodes = redis.get_nodes() or redis.startup_nodes  # type: ignore[attr-defined]
+        return "Redis Cluster " + ",".join(node.name for node in nodes)
     if "path" in kwargs:
         where = f"unix://{kwargs['path']}"
     elif "host" in kwargs:
@@ -147,7 +156,13 @@ def describe_redis(redis: Redis) -> str:
 class EventStore:
     """Reads and atomically writes event streams in Redis.
 
-    `redis` must be a `redis.asyncio.Redis` client with ``decode_responses=False``.
+    `redis` must be a `redis.asyncio.Redis` client with ``decode_responses=False``
+    (or a `RedisCluster`, see `rsaga.connection.connect`).
+
+    `durability` "replicated" makes every commit wait until `replicas` replicas
+    have it, for at most `replication_timeout` seconds, else raise `NotReplicated`
+    (the commit is then on the master only). The first commit stores the shard
+    count in Redis, or refuses to go on (`ConfigError`) if Redis holds another one.
     """
 
     def __init__(
@@ -159,13 +174,18 @@ class EventStore:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         page_size: int = DEFAULT_PAGE_SIZE,
         clock: Clock | None = None,
+        durability: str = "async",
+        replicas: int = 1,
+        replication_timeout: float = 1.0,
     ) -> None:
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        if client_options(redis).get("decode_responses"):
             raise ConfigError("the Redis client must have decode_responses=False")
         if page_size < 1:
             raise ValidationError(f"page_size must be >= 1, got {page_size}")
         if max_event_bytes < 1:
             raise ValidationError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
+        if durability not in DURABILITIES:
+            raise ValidationError(f"durability must be 'async' or 'replicated', got {durability!r}")
         self.redis = redis
         self.registry = registry
         self.keyspace = keyspace or Keyspace()
@@ -174,6 +194,10 @@ class EventStore:
         self.clock: Clock = clock or SystemClock()
         self._commit = script("commit")
         self._read = functools.partial(script("read_streams"), redis)
+        self.durability = durability
+        self.replicas = replicas
+        self.replication_timeout = replication_timeout
+        self._shard_count_checked = False
 
     @contextmanager
     def _talking_to_redis(self) -> Iterator[None]:
@@ -324,7 +348,23 @@ class EventStore:
         if effects is not None:
             self._encode_effects(effects, self.keyspace.shard_of(writes[0].stream_id), keys, args)
         with self._talking_to_redis():
-            reply = await self._commit(self.redis, keys, args)
+            if not self._shard_count_checked:
+                await ensure_shard_count(self.redis, self.keyspace)
+                self._shard_count_checked = True
+            if self.durability == "replicated":
+                timeout_ms = max(1, int(self.replication_timeout * 1000))
+                reply, acked = await run_replicated(
+                    self.redis, self._commit, keys, args, self.replicas, timeout_ms
+                )
+            else:
+                reply, acked = await self._commit(self.redis, keys, args), self.replicas
+        if acked < self.replicas and int(reply[0]) == 0:
+            raise NotReplicated(
+                f"a commit to {writes[0].stream_id!r} reached its master but {acked} of "
+                f"{self.replicas} replicas acknowledged it within {self.replication_timeout:g} s "
+                "(store.durability = 'replicated'): a failover now could lose it; retrying "
+                "the command is safe"
+            )
         return self._commit_result(writes, reply, recorded)
 
     def _encode_commit(
