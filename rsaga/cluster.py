@@ -40,10 +40,17 @@ class ClusterClient(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """As `RedisCluster.execute_command`, but the first commands wait for the slot map
-        together: redis-py's lazy discovery races when many start at once on a new client."""
+        together (redis-py's lazy discovery races when many start at once on a new
+        client), and a connection closed under a command by another task's refresh of
+        the slot map is a connection error (redis-py lets it out as AttributeError)."""
         if self._initialize:
             await self.initialize()
-        return await super().execute_command(*args, **kwargs)
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            if "NoneType" not in str(exc):
+                raise
+            raise RedisConnectionError(f"connection closed while in use: {exc}") from exc
 
     def sibling(self, max_connections: int) -> ClusterClient:
         """A new client to the same cluster with the same options and a smaller pool."""

@@ -63,7 +63,10 @@ def connect(settings: RedisSettings) -> Redis:
     }
     try:
         if settings.cluster:
-            return cast(Redis, ClusterClient.from_url(target.address, **options))
+            # reinitialize_steps=0: a MOVED patches the slot map; redis-py's periodic full
+            # refresh closes every connection, replies in flight on other tasks included.
+            client = ClusterClient.from_url(target.address, reinitialize_steps=0, **options)
+            return cast(Redis, client)
         # A plain pool (a blocking one costs ~20% per round trip, measured);
         # max_connections is a ceiling, connections are opened as needed.
         pool = ConnectionPool.from_url(target.address, **options)
@@ -167,22 +170,26 @@ async def ping(
     With `keyspace`, the user's ACL permissions on it are checked too
     (`MissingPermissions`, one line).
     """
-    info = await _reachable(redis, where, wait)
-    if keyspace is not None:
-        missing = await missing_permissions(redis, keyspace)
-        if missing:
-            raise MissingPermissions(missing, keyspace.prefix)
-    return info
+    return await _reachable(redis, where, wait, keyspace)
 
 
-async def _reachable(redis: Redis, where: str, wait: float) -> ServerInfo:
+async def _reachable(
+    redis: Redis, where: str, wait: float, keyspace: Keyspace | None
+) -> ServerInfo:
     deadline = time.monotonic() + wait
     next_log = time.monotonic()
     delay = 0.1
     while True:
         try:
             await redis.ping()
-            return await server_info(redis)
+            info = await server_info(redis)
+            if keyspace is not None:
+                # Inside the wait: a cluster master failing over while this process
+                # starts is waited out like an outage.
+                missing = await missing_permissions(redis, keyspace)
+                if missing:
+                    raise MissingPermissions(missing, keyspace.prefix)
+            return info
         except RedisAuthenticationError as exc:
             # The cause tells the CLI this is a configuration problem (exit 2), not an outage.
             raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from exc

@@ -290,13 +290,7 @@ class RedisClusterNodes:
     def start(self, timeout: float = 30.0) -> None:
         """Start every node, form the cluster and wait until it serves every slot."""
         for node in self.nodes:
-            # Fail over within 2 s of a master's death (the default is 15 s).
-            node.start(extra=[
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(Path(node._dir) / "nodes.conf"),
-                "--cluster-node-timeout", "2000",
-                "--cluster-replica-validity-factor", "0",
-            ])
+            self._start_node(node)
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         self.redis_cli(
             "--cluster", "create", *addresses,
@@ -304,6 +298,23 @@ class RedisClusterNodes:
             timeout=timeout,
         )
         self.wait_ok(timeout)
+
+    @staticmethod
+    def _start_node(node: RedisServer) -> None:
+        # Fail over within 2 s of a master's death (the default is 15 s); a replica's
+        # first sync starts at once (by default a diskless sync waits 5 s for others).
+        node.start(extra=[
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(Path(node._dir) / "nodes.conf"),
+            "--cluster-node-timeout", "2000",
+            "--cluster-replica-validity-factor", "0",
+            "--repl-diskless-sync-delay", "0",
+        ])
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again: it rejoins the cluster it knew (a failed-over master
+        comes back as a replica of the one that replaced it)."""
+        self._start_node(self.node(port))
 
     def redis_cli(self, *args: str, port: int | None = None, timeout: float = 30.0) -> str:
         """Run ``redis-cli`` (against `port`, or the first live node); its output."""
@@ -318,14 +329,15 @@ class RedisClusterNodes:
         return done.stdout
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Wait until every live node says ``cluster_state:ok`` and agrees on the masters."""
+        """Wait until every live node says ``cluster_state:ok`` and agrees on the masters,
+        and every replica is in sync with its master (``master_link_status:up``)."""
         deadline = time.monotonic() + timeout
         while True:
-            states = [
-                self.redis_cli("cluster", "info", port=n.port)
-                for n in self.nodes if n.pid is not None
-            ]
-            if all("cluster_state:ok" in s for s in states) and self._slots_agree():
+            live = [n for n in self.nodes if n.pid is not None]
+            states = [self.redis_cli("cluster", "info", port=n.port) for n in live]
+            links = [self.redis_cli("info", "replication", port=n.port) for n in live]
+            synced = all("role:master" in r or "master_link_status:up" in r for r in links)
+            if all("cluster_state:ok" in s for s in states) and synced and self._slots_agree():
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the cluster did not reach cluster_state:ok in {timeout}s")
