@@ -125,6 +125,26 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   ``dur_saga_*`` (from ProcessStarted) for trips requested at a paced
   ``dur_rate`` per second for 3 s, with the same 30% refused.
 
+Redis Cluster scenarios start Redis of their own (whatever ``RSAGA_REDIS_URL``
+says), all with ``store.shards = 8``: ``cluster_*`` on a private cluster of 3
+masters, ``sharded_*`` the same scenario on one private server in the same run
+(``ratio_to_node`` = cluster rate / one-node rate).
+
+- ``sharded_command_c32`` / ``cluster_command_c32``: Transfers between two of
+  2,000 accounts of one shard (a command's writes share a shard), 32 tasks;
+  ``redis_cpu_us`` per command over all servers and ``redis_cpu_us_m<i>`` per
+  master, ``client_cpu_us`` this process's CPU per command (the cost of
+  client-side slot routing shows here).
+- ``replicated_command_c32``: the same on 3 masters with a replica each, first
+  with ``durability = "async"`` then ``"replicated"`` (WAIT 1 replica after each
+  commit): ``ratio_to_async``.
+- ``sharded_process_e2e`` / ``cluster_process_e2e``: 2 workers running the order
+  fulfilment handlers and one scheduler (``RSAGA_REDIS_CLUSTER``,
+  ``RSAGA_SHARDS=8``); after 50 warm-up orders, 300 orders appended by 32
+  tasks: ``processes_per_s`` until every process-stats hash of the 8 shards
+  counts them completed; ``redis_cpu_us`` (and per master) and
+  ``worker_cpu_us`` (workers and scheduler) per process.
+
 Per event, timeout, process or saga while timed: ``server_cmds`` (commands the
 server ran, scripts' own included, this script's appends and polls too),
 ``scripts`` (EVALSHA calls), ``worker_cpu_us`` (all workers) and
@@ -1670,6 +1690,9 @@ scenario(
 CLUSTER_SHARDS = 8
 CLUSTER_MASTERS = 3
 CLUSTER_ACCOUNTS = 2_000
+CLUSTER_E2E_ORDERS = 300
+"""Fewer than process_e2e's 1,000: on a loaded 2-core machine a burst of 1,000 over 8
+shards outlasts the example's 10-s service timeouts and orders fail."""
 
 
 @contextmanager
@@ -1842,11 +1865,11 @@ scenario(
 scenario("replicated_command_c32", concurrency=32)(replicated_command)
 scenario(
     "sharded_process_e2e", rate="processes_per_s",
-    orders=E2E_ORDERS, workers=E2E_WORKERS, cluster=False,
+    orders=CLUSTER_E2E_ORDERS, workers=E2E_WORKERS, cluster=False,
 )(sharded_process_e2e)
 scenario(
     "cluster_process_e2e", rate="processes_per_s", ratios={"ratio_to_node": "sharded_process_e2e"},
-    orders=E2E_ORDERS, workers=E2E_WORKERS, cluster=True,
+    orders=CLUSTER_E2E_ORDERS, workers=E2E_WORKERS, cluster=True,
 )(sharded_process_e2e)
 
 

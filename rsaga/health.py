@@ -277,7 +277,7 @@ async def health_report(
     round trips, whatever the number of processes.
     """
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.time()
+        pipe.execute_command("TIME")  # not .time(): refused in a cluster pipeline
         pipe.zrange(keyspace.heartbeats(), 0, -1)
         for shard in range(keyspace.shards):
             pipe.smembers(keyspace.process_types(shard))

@@ -78,6 +78,10 @@ def test_check_prints_every_master_and_the_shards_it_holds(
     )
     assert held == list(range(CLUSTER_SHARDS)), out
     assert "warning" not in out
+    for command in (["health"], ["process", "list"], ["dlq", "list"]):
+        code, out = rsaga(redis_cluster.url, prefix, *command)
+        assert code in (0, 1), out  # 1: no worker is alive, a warning
+        assert "rsaga:" not in out, out
 
 
 def test_one_shard_on_a_cluster_works_but_warns(
@@ -314,3 +318,15 @@ async def test_a_master_killed_mid_run_loses_no_replicated_commit(
 
 async def _acked_at_least(acked: dict[str, list[str]], n: int) -> bool:
     return sum(len(v) for v in acked.values()) >= n
+
+
+async def test_dead_letters_of_every_shard_are_dropped_on_a_cluster(
+    redis_cluster: RedisClusterNodes, prefix: str
+) -> None:
+    redis = cluster_client(redis_cluster.url)
+    keyspace = Keyspace(prefix=prefix, shards=CLUSTER_SHARDS)
+    for shard in range(CLUSTER_SHARDS):
+        await redis.xadd(keyspace.dead_letters(shard), {"e": "x"})
+    assert await DeadLetters(redis, keyspace).drop_all() == CLUSTER_SHARDS
+    assert await redis.exists(*(keyspace.dead_letters(n) for n in range(CLUSTER_SHARDS))) == 0
+    await redis.aclose()
