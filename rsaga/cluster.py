@@ -52,6 +52,18 @@ class ClusterClient(RedisCluster):
                 raise
             raise RedisConnectionError(f"connection closed while in use: {exc}") from exc
 
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        """The slot of a command; for XREAD and XREADGROUP computed here, where redis-py
+        would first ask a node (``COMMAND GETKEYS``: a round trip before every read)."""
+        if str(command).upper() in ("XREAD", "XREADGROUP"):
+            words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+            if "STREAMS" in (upper := [w.upper() for w in words]):
+                rest = args[upper.index("STREAMS") + 1 :]
+                slots = {self.keyslot(key) for key in rest[: len(rest) // 2]}
+                if len(slots) == 1:
+                    return slots.pop()
+        return await super()._determine_slot(command, *args)
+
     def sibling(self, max_connections: int) -> ClusterClient:
         """A new client to the same cluster with the same options and a smaller pool."""
         return ClusterClient(**{**self.options, "max_connections": max_connections})

@@ -330,3 +330,20 @@ async def test_dead_letters_of_every_shard_are_dropped_on_a_cluster(
     assert await DeadLetters(redis, keyspace).drop_all() == CLUSTER_SHARDS
     assert await redis.exists(*(keyspace.dead_letters(n) for n in range(CLUSTER_SHARDS))) == 0
     await redis.aclose()
+
+
+async def test_stream_reads_are_routed_without_asking_a_node_for_their_keys(
+    redis_cluster: RedisClusterNodes, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = cluster_client(redis_cluster.url)
+    log = Keyspace(prefix=prefix, shards=CLUSTER_SHARDS).log(5)
+    await redis.xadd(log, {"f": "1"})
+    await redis.xgroup_create(log, "g", "0")
+
+    async def no_round_trip(*args: object) -> None:
+        raise AssertionError(f"COMMAND GETKEYS for {args}")
+
+    monkeypatch.setattr(redis.commands_parser, "get_keys", no_round_trip)  # type: ignore[attr-defined]
+    assert await redis.xread({log: "0"}, count=1)
+    assert await redis.xreadgroup("g", "c", {log: ">"}, count=1)
+    await redis.aclose()
