@@ -20,6 +20,7 @@ import pytest
 from bank import BANK_EVENTS, Deposited
 from conftest import CLUSTER_SHARDS, cluster_client
 from redis.asyncio import Redis
+from rsaga_examples.orders import OrderPlaced
 from test_worker_processes import (
     ROOT,
     WorkerProcess,
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.cluster
 
 
 def cluster_store(redis: Redis, prefix: str, **options: object) -> EventStore:
-    registry = EventRegistry([Ping, Seen, *BANK_EVENTS, *FRAMEWORK_EVENTS])
+    registry = EventRegistry([Ping, Seen, OrderPlaced, *BANK_EVENTS, *FRAMEWORK_EVENTS])
     keyspace = Keyspace(prefix=prefix, shards=CLUSTER_SHARDS)
     return EventStore(redis, registry, keyspace=keyspace, **options)  # type: ignore[arg-type]
 
@@ -239,10 +240,19 @@ async def test_a_master_killed_mid_run_loses_no_replicated_commit(
             redis, prefix, durability="replicated", replication_timeout=0.5
         )
         default = cluster_store(redis, prefix)
-        workers += recorders(
-            cluster.url, prefix, tmp_path,
-            RSAGA_DURABILITY="replicated", RSAGA_STORE_REPLICATION_TIMEOUT="0.5",
-        )
+        durable = {
+            "RSAGA_DURABILITY": "replicated", "RSAGA_STORE_REPLICATION_TIMEOUT": "0.5",
+        }
+        workers += recorders(cluster.url, prefix, tmp_path, **durable)
+        # Order fulfilment processes (with their services and timeouts) run beside.
+        env = {"RSAGA_REDIS_CLUSTER": "true", "RSAGA_SHARDS": str(CLUSTER_SHARDS), **durable}
+        handlers = [
+            arg for name in ORDER_HANDLERS for arg in ("--handler", name)
+        ]
+        workers += [
+            WorkerProcess(cluster.url, prefix, tmp_path, "", ["worker", *handlers], **env),
+            WorkerProcess(cluster.url, prefix, tmp_path, "", ["scheduler"], **env),
+        ]
         layout = await cluster_layout(redis, replicated.keyspace)
         busiest = max(layout, key=lambda m: len(m.shards))
 
@@ -250,6 +260,17 @@ async def test_a_master_killed_mid_run_loses_no_replicated_commit(
             return len(await live_heartbeats(redis, replicated.keyspace)) == len(workers)
 
         await wait_for(workers_up, 60, "the workers to start")
+
+        async def place_orders(first: int, count: int) -> None:
+            for n in range(first, first + count):
+                while True:
+                    try:
+                        await replicated.append(f"order-{n}", [OrderPlaced(str(n), 10)])
+                        break
+                    except Exception as exc:
+                        if not redis_down(exc):
+                            raise
+                        await anyio.sleep(0.1)
         acked: dict[str, list[str]] = {}  # stream -> ids of the events acknowledged
         unknown = 0
 
@@ -272,6 +293,7 @@ async def test_a_master_killed_mid_run_loses_no_replicated_commit(
         async with anyio.create_task_group() as tg:
             tg.start_soon(client, replicated, r_ids, 20)
             tg.start_soon(client, default, a_ids, 20)
+            await place_orders(0, 20)
             await wait_for(lambda: _acked_at_least(acked, 300), 60, "the first commits")
             killed = int(busiest.name.rsplit(":", 1)[1])
             cluster.kill(killed)
@@ -280,6 +302,7 @@ async def test_a_master_killed_mid_run_loses_no_replicated_commit(
             # its shards fail (NotReplicated) until the old master rejoins as its replica.
             cluster.restart(killed)
             await anyio.to_thread.run_sync(cluster.wait_ok, 30)
+            await place_orders(20, 20)
 
         lost = {"replicated": 0, "async": 0}
         slices = await replicated.read_streams([*r_ids, *a_ids])
@@ -311,9 +334,23 @@ async def test_a_master_killed_mid_run_loses_no_replicated_commit(
         for stream_id in r_ids:
             seen = (await replicated.read(f"seen-{stream_id}")).events
             assert [e.data.version for e in seen] == list(range(1, final[stream_id] + 1))
+        async def orders_done() -> bool:
+            async with redis.pipeline(transaction=False) as pipe:
+                for shard in range(CLUSTER_SHARDS):
+                    key = replicated.keyspace.process_stats(shard, "order-fulfilment")
+                    pipe.hmget(key, ["completed", "failed"])
+                counts = await pipe.execute()
+            assert not sum(int(failed or 0) for _, failed in counts), "an order failed"
+            return sum(int(done or 0) for done, _ in counts) == 40
+
+        await wait_for(orders_done, 120, "every order process to complete")
         for worker in workers:
             assert worker.process.poll() is None, worker.output
         await redis.aclose()
+
+
+ORDER_HANDLERS = ("order-fulfilment", "payment-service", "inventory-service", "shipping-service")
+"""The example's order fulfilment process and the services it talks to (entry points)."""
 
 
 async def _acked_at_least(acked: dict[str, list[str]], n: int) -> bool:
