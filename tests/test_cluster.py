@@ -29,15 +29,17 @@ from test_worker_processes import (
     wait_for,
     workers,  # noqa: F401 (a fixture)
 )
-from worker_plugins import Ping, Seen
+from worker_plugins import Ping, Recorder, Seen
 
-from rsaga import EventRegistry, EventStore, Keyspace
+from rsaga import EventRegistry, EventStore, Executor, Keyspace
 from rsaga.cluster import cluster_layout, ensure_shard_count, parse_shards
 from rsaga.deadletters import DeadLetters
 from rsaga.errors import ConfigError, NotReplicated
 from rsaga.health import live_heartbeats, redis_down
 from rsaga.processes import FRAMEWORK_EVENTS
+from rsaga.scheduler import Scheduler
 from rsaga.testing import RedisClusterNodes, fake_redis
+from rsaga.worker import Worker
 
 pytestmark = pytest.mark.cluster
 
@@ -384,3 +386,13 @@ async def test_stream_reads_are_routed_without_asking_a_node_for_their_keys(
     assert await redis.xread({log: "0"}, count=1)
     assert await redis.xreadgroup("g", "c", {log: ">"}, count=1)
     await redis.aclose()
+
+
+def test_workers_and_schedulers_serve_the_shards_they_are_given(prefix: str) -> None:
+    store = cluster_store(fake_redis(), prefix)
+    every = Worker(Executor(store), [Recorder()])
+    assert {sub.consumer.shard for sub in every.subscriptions} == set(range(CLUSTER_SHARDS))
+    some = Worker(Executor(store), [Recorder()], shards=parse_shards("2-4", CLUSTER_SHARDS))
+    assert {sub.consumer.shard for sub in some.subscriptions} == {2, 3, 4}
+    assert Scheduler(store.redis, store.keyspace, shards=[0, 7]).shards == [0, 7]
+    assert Scheduler(store.redis, store.keyspace).shards == list(range(CLUSTER_SHARDS))
