@@ -29,8 +29,9 @@ from rsaga.config import HealthSettings
 from rsaga.events import EventRegistry
 from rsaga.health import Heartbeat, health_report, write_heartbeat
 from rsaga.inspect import search_processes
+from rsaga.process.index import IndexUpdate
 from rsaga.processes import FRAMEWORK_EVENTS, ProcessStarted
-from rsaga.store import Effects, IndexUpdate, StreamWrite
+from rsaga.store import Effects, StreamWrite
 from rsaga.testing import RedisServer
 
 

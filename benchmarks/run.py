@@ -145,6 +145,10 @@ masters, ``sharded_*`` the same scenario on one private server in the same run
   counts them completed; ``redis_cpu_us`` (and per master) and
   ``worker_cpu_us`` (workers and scheduler) per process.
 
+``BENCH_METRICS=1`` in this script's environment gives every worker of every
+scenario a Prometheus endpoint (``--metrics-port``), so any scenario can be
+measured with metrics on.
+
 Per event, timeout, process or saga while timed: ``server_cmds`` (commands the
 server ran, scripts' own included, this script's appends and polls too),
 ``scripts`` (EVALSHA calls), ``worker_cpu_us`` (all workers) and
@@ -896,6 +900,8 @@ class Fleet:
         env.update(self.env)
         if handlers:
             env["RSAGA_HANDLERS"] = handlers
+        if kind == "worker" and os.environ.get("BENCH_METRICS") and "--metrics-port" not in args:
+            args = (*args, "--metrics-port", str(free_port()))
         log = self._dir / f"{kind}-{len(self.children)}.log"
         child = Child(kind, args, env, log)
         self.children.append(child)

@@ -27,26 +27,40 @@ from rsaga.errors import (
 from rsaga.events import EventRegistry, RecordedEvent
 from rsaga.executor import ExecutionResult, Executor
 from rsaga.handlers import EventHandler, HandlerContext
+from rsaga.interceptors import (
+    CommandInput,
+    HandleInput,
+    Interceptor,
+    Interceptors,
+    StepInput,
+    TimeoutInput,
+)
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
-from rsaga.processes import (
+from rsaga.process.api import (
     AdvanceTrigger,
     Decision,
     EventTrigger,
     ProcessInfo,
     ProcessManager,
-    ProcessRunner,
     RejectedTrigger,
     StartTrigger,
     Timeout,
     TimeoutTrigger,
     Trigger,
 )
-from rsaga.retry import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
-from rsaga.sagas import Saga, Step
-from rsaga.scheduler import Scheduler
+from rsaga.process.runner import ProcessRunner
+from rsaga.process.saga import Saga, Step
+from rsaga.retry import (
+    BuiltinRetryPolicy,
+    ExponentialBackoff,
+    FixedDelay,
+    LinearBackoff,
+    RetryPolicy,
+)
+from rsaga.runtime.scheduler import Scheduler
+from rsaga.runtime.worker import Worker
 from rsaga.store import CommitResult, EventStore, ExpectedVersion, StreamWrite
-from rsaga.worker import Worker
 
 try:
     __version__ = version("rsaga")
@@ -55,8 +69,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "AdvanceTrigger",
+    "BuiltinRetryPolicy",
     "Clock",
     "Command",
+    "CommandInput",
     "CommitResult",
     "ConcurrencyConflict",
     "ConfigError",
@@ -74,7 +90,10 @@ __all__ = [
     "ExpectedVersion",
     "ExponentialBackoff",
     "FixedDelay",
+    "HandleInput",
     "HandlerContext",
+    "Interceptor",
+    "Interceptors",
     "InvalidStreamId",
     "Keyspace",
     "LinearBackoff",
@@ -95,10 +114,12 @@ __all__ = [
     "StartTrigger",
     "StatelessCommand",
     "Step",
+    "StepInput",
     "StreamId",
     "StreamWrite",
     "SystemClock",
     "Timeout",
+    "TimeoutInput",
     "TimeoutTrigger",
     "Trigger",
     "UndeclaredStream",

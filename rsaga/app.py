@@ -17,8 +17,9 @@ from rsaga.connection import connect, embedded
 from rsaga.events import EventRegistry
 from rsaga.handlers import discover_handlers
 from rsaga.keyspace import Keyspace
-from rsaga.processes import FRAMEWORK_EVENTS, ProcessManager
-from rsaga.sagas import SAGA_EVENTS
+from rsaga.process.api import ProcessManager
+from rsaga.process.events import FRAMEWORK_EVENTS
+from rsaga.process.saga import SAGA_EVENTS
 from rsaga.store import EventStore
 
 
@@ -72,4 +73,5 @@ def open_store(
         durability=settings.store.durability,
         replicas=settings.store.replicas,
         replication_timeout=settings.store.replication_timeout,
+        dead_letter_max_len=settings.worker.dead_letter_max_len,
     )

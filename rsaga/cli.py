@@ -61,16 +61,18 @@ from rsaga.inspect import (
     search_processes,
     show_process,
 )
+from rsaga.interceptors import resolve as resolve_interceptors
 from rsaga.keyspace import Keyspace
 from rsaga.metrics import PrometheusObserver, refresh_loop, serve_metrics
 from rsaga.observe import NO_OBSERVER
 from rsaga.operator import Operator
 from rsaga.permissions import minimal_acl, missing_permissions
-from rsaga.processes import ProcessManager, ProcessRunner
-from rsaga.scheduler import Scheduler
+from rsaga.process.api import ProcessManager
+from rsaga.process.runner import ProcessRunner
+from rsaga.runtime.scheduler import Scheduler
+from rsaga.runtime.worker import Worker
 from rsaga.scripts import all_scripts
 from rsaga.store import EventStore
-from rsaga.worker import Worker
 
 Handler = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -362,9 +364,15 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         keyspace=store.keyspace,
     )
     await _agree_on_shards(store)
-    observer = PrometheusObserver() if args.metrics_port else None
+    interceptors = resolve_interceptors(worker_settings.interceptors)
+    observer = next((i for i in interceptors if isinstance(i, PrometheusObserver)), None)
+    if observer is None and args.metrics_port:
+        observer = PrometheusObserver()
     worker = Worker(
-        Executor(store, retry=settings.executor.retry, observer=observer or NO_OBSERVER),
+        Executor(
+            store, retry=settings.executor.retry, observer=observer or NO_OBSERVER,
+            interceptors=interceptors,
+        ),
         [item.handler() for item in selected],
         settings=worker_settings,
         shards=shards,
@@ -373,7 +381,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, stop)
-            if observer is not None:
+            if observer is not None and args.metrics_port:
                 types = worker.runner.managers if worker.runner else {}
                 groups = [(sub.consumer.log, sub.consumer.group) for sub in worker.subscriptions]
                 tg.start_soon(

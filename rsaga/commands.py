@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, NewType, TypeVar
+from typing import Any, ClassVar, Generic, NewType, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
@@ -46,6 +46,38 @@ def _stream_fields(cls: type) -> tuple[tuple[str, bool], ...]:
         elif typing.get_origin(hint) in (list, tuple, Sequence) and args and args[0] is StreamId:
             found.append((field.name, True))
     return tuple(found)
+
+
+@runtime_checkable
+class Executable(Protocol[S]):
+    """What the executor runs: a `Command`, or rsaga's own process step.
+
+    It names the streams it reads, folds their events into a state, and decides.
+    """
+
+    def read_streams(self) -> list[str]:
+        """The streams to read first."""
+        ...
+
+    def metric_label(self) -> str:
+        """Its label in metrics."""
+        ...
+
+    def initial_state(self) -> S:
+        """The state before any event."""
+        ...
+
+    def apply(self, state: S, event: RecordedEvent) -> S:
+        """Fold one event into the state."""
+        ...
+
+    def more_streams(self, state: S) -> Iterable[str]:
+        """Streams to read as well, decided after seeing the state."""
+        ...
+
+    def handle(self, state: S) -> Writes | WritePlan:
+        """Decide what to write."""
+        ...
 
 
 class Command(msgspec.Struct, Generic[S], frozen=True, kw_only=True, tag=True):

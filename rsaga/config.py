@@ -20,11 +20,16 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
+from rsaga.defaults import (
+    DEFAULT_COMMAND_RETRY,
+    DEFAULT_DEAD_LETTER_MAX_LEN,
+    DEFAULT_PAGE_SIZE,
+    DURABILITIES,
+)
 from rsaga.errors import ConfigError
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES
-from rsaga.executor import DEFAULT_COMMAND_RETRY
-from rsaga.retry import RetryPolicy
-from rsaga.store import DEFAULT_PAGE_SIZE, DURABILITIES
+from rsaga.interceptors import unknown_names
+from rsaga.retry import BuiltinRetryPolicy
 
 DEFAULT_CONFIG_PATH = Path("config/rsaga.toml")
 
@@ -150,7 +155,7 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The command executor."""
 
-    retry: RetryPolicy = DEFAULT_COMMAND_RETRY
+    retry: BuiltinRetryPolicy = DEFAULT_COMMAND_RETRY
     """Retry policy on version conflicts: ``kind`` "fixed", "exponential" or "linear"."""
 
 
@@ -159,6 +164,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     handlers: list[str] = msgspec.field(default_factory=list)
     """Handlers to load by import path (``package.module:Class``), besides entry points."""
+    interceptors: list[str] = msgspec.field(default_factory=list)
+    """Interceptors around handler calls, commands, steps and timeouts, outermost first:
+    ``metrics``, ``otel``, a ``rsaga.interceptors`` entry point or ``module:attribute``."""
     concurrency: int = 32
     """Events handled at once by one worker process (over all handlers and streams)."""
     batch_size: int = 100
@@ -176,7 +184,7 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     the environment): each handler's own `claim_timeout`."""
     max_deliveries: int = 5
     """Deliveries without acknowledgement (crashes) before an entry goes to dead letters."""
-    dead_letter_max_len: int = 100_000
+    dead_letter_max_len: int = DEFAULT_DEAD_LETTER_MAX_LEN
     """Dead letters kept per shard (oldest trimmed first, approximately)."""
     log_retention: float = 3600.0
     """Seconds acknowledged entries stay on the shard log before trimming."""
@@ -184,6 +192,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Seconds between trims of the shard logs."""
 
     def __post_init__(self) -> None:
+        unknown = unknown_names(self.interceptors)
+        if unknown:
+            raise ValueError(unknown)
         if self.start not in ("beginning", "new"):
             raise ValueError(f"start: must be 'beginning' or 'new', got {self.start!r}")
         for name in ("concurrency", "batch_size", "block_ms", "max_deliveries",
@@ -333,6 +344,7 @@ _SHORT_NAMES: dict[tuple[str, str], str] = {
     ("store", "durability"): "RSAGA_DURABILITY",
     ("redis", "cluster"): "RSAGA_REDIS_CLUSTER",
     ("worker", "handlers"): "RSAGA_HANDLERS",
+    ("worker", "interceptors"): "RSAGA_INTERCEPTORS",
     ("worker", "concurrency"): "RSAGA_CONCURRENCY",
     ("worker", "shutdown_timeout"): "RSAGA_SHUTDOWN_TIMEOUT",
     ("worker", "claim_timeout"): "RSAGA_CLAIM_TIMEOUT",

@@ -18,9 +18,9 @@ from redis.exceptions import RedisClusterException, ResponseError
 from rsaga.cluster import ClusterClient, as_cluster, client_options, is_cluster
 from rsaga.config import RedisAddress, RedisSettings, parse_redis_url, redact_url
 from rsaga.errors import ConfigError, RedisUnavailable
-from rsaga.health import redis_down
 from rsaga.keyspace import Keyspace
 from rsaga.permissions import MissingPermissions, missing_permissions
+from rsaga.runtime.liveness import redis_down
 
 log = logging.getLogger("rsaga.connection")
 

@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 
 from rsaga.errors import ValidationError
 from rsaga.keyspace import Keyspace
-from rsaga.processes import decode_timeout
-from rsaga.scripts import script
+from rsaga.process.timeouts import decode_timeout
+from rsaga.records import DeadLetterRecord
+from rsaga.scripts import Scripts
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
@@ -49,26 +50,22 @@ class ReplayReport(msgspec.Struct, frozen=True):
     """Dead-letter id -> why it could not be replayed (it stays a dead letter)."""
 
 
-def _text(fields: dict[bytes, bytes], name: bytes, default: str = "") -> str:
-    return fields.get(name, default.encode()).decode(errors="replace")
-
-
 def _dead_letter(shard: int, entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
-    version = fields.get(b"v")
+    letter = DeadLetterRecord.decode(fields)
     return DeadLetter(
         id=entry_id.decode(),
         shard=shard,
-        handler=_text(fields, b"handler"),
-        stream_id=_text(fields, b"s"),
-        version=int(version) if version and version.isdigit() else None,
-        log_id=_text(fields, b"log_id"),
-        error_type=_text(fields, b"error_type"),
-        error=_text(fields, b"error"),
-        traceback=_text(fields, b"traceback"),
-        attempts=int(_text(fields, b"attempts", "0") or 0),
-        deliveries=int(_text(fields, b"deliveries", "0") or 0),
-        failed_at=datetime.fromtimestamp(int(_text(fields, b"failed_at_ms", "0")) / 1000, UTC),
-        timeout=_timeout_name(fields.get(b"p")),
+        handler=letter.handler,
+        stream_id=letter.stream_id,
+        version=letter.version,
+        log_id=letter.log_id,
+        error_type=letter.error_type,
+        error=letter.error,
+        traceback=letter.traceback,
+        attempts=letter.attempts,
+        deliveries=letter.deliveries,
+        failed_at=datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC),
+        timeout=_timeout_name(letter.payload),
     )
 
 
@@ -123,11 +120,8 @@ class DeadLetters:
         `ValidationError`.
         """
         self._shards(shard)
-        ks = self.keyspace
-        new_id: bytes = await script("replay_dead_letter")(
-            self.redis,
-            [ks.dead_letters(shard), ks.log(shard), ks.due_timeouts(shard)],
-            [dead_letter_id],
+        new_id: bytes = await Scripts(self.redis, self.keyspace).replay_dead_letter(
+            shard, dead_letter_id
         )
         if new_id == b"-":
             raise ValidationError(

@@ -6,8 +6,10 @@ name; the name is what is stored, so it must stay stable.
 
 A stored event is one msgpack array, the *envelope*:
 ``[event_id(16 bytes), type, occurred_at_ms, correlation_id, causation_id, payload,
-command_id]`` where ``payload`` is the msgpack encoding of the user's struct and
-``command_id`` (optional) is the idempotency key of the command that wrote it. Stream id and
+command_id, metadata]`` where ``payload`` is the msgpack encoding of the user's struct,
+``command_id`` (optional) is the idempotency key of the command that wrote it and
+``metadata`` (optional, absent from older envelopes and left out when empty) a map
+of strings such as the W3C trace context. Stream id and
 version are not in the envelope: they come from the key and the entry id.
 """
 
@@ -86,9 +88,13 @@ class RecordedEvent(msgspec.Struct, Generic[EventData], frozen=True):
     """Id of the event or command that directly caused this one."""
     command_id: str | None = None
     """Idempotency key of the command execution that wrote the event, if it had one."""
+    metadata: dict[str, str] | None = None
+    """String pairs the writer carried along (e.g. the W3C trace context), if any."""
 
 
-class _Envelope(msgspec.Struct, array_like=True, frozen=True):
+class _PlainEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    """An envelope without metadata: written as envelopes were before metadata existed."""
+
     event_id: bytes
     type: str
     occurred_at_ms: int
@@ -96,6 +102,12 @@ class _Envelope(msgspec.Struct, array_like=True, frozen=True):
     causation_id: str | None
     payload: msgspec.Raw
     command_id: str | None = None
+
+
+class _Envelope(_PlainEnvelope, array_like=True, frozen=True):
+    """Decodes both; written when there is metadata."""
+
+    metadata: dict[str, str] | None = None
 
 
 def _type_name(cls: type[msgspec.Struct]) -> str:
@@ -191,6 +203,7 @@ class EventCodec:
         correlation_id: str,
         causation_id: str | None,
         command_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> bytes:
         """Envelope bytes for a new event; raises before anything is written if invalid."""
         name = self.registry.name_of(event)
@@ -199,15 +212,11 @@ class EventCodec:
                 f"event {name} nests containers more than {MAX_EVENT_NESTING} deep"
             )
         payload = self._encoder.encode(event)
-        envelope = _Envelope(
-            bytes.fromhex(event_id),
-            name,
-            occurred_at_ms,
-            correlation_id,
-            causation_id,
-            msgspec.Raw(payload),
-            command_id,
+        parts = (
+            bytes.fromhex(event_id), name, occurred_at_ms, correlation_id, causation_id,
+            msgspec.Raw(payload), command_id,
         )
+        envelope = _Envelope(*parts, metadata) if metadata else _PlainEnvelope(*parts)
         blob = self._encoder.encode(envelope)
         if len(blob) > self.max_event_bytes:
             raise EventTooLarge(
@@ -274,4 +283,5 @@ class EventCodec:
             correlation_id=env.correlation_id,
             causation_id=env.causation_id,
             command_id=env.command_id,
+            metadata=env.metadata,
         )

@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import random
-import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import msgspec
 
-from rsaga.commands import Command, WritePlan
+from rsaga.commands import Command, Executable, WritePlan
+from rsaga.defaults import DEFAULT_COMMAND_RETRY as DEFAULT_COMMAND_RETRY
 from rsaga.errors import (
     ConcurrencyConflict,
-    DomainError,
     RetriesExhausted,
     UndeclaredStream,
     ValidationError,
 )
 from rsaga.events import RecordedEvent, new_id
+from rsaga.interceptors import (
+    NO_INTERCEPTORS,
+    CommandInput,
+    Interceptor,
+    Interceptors,
+    Metadata,
+)
 from rsaga.keyspace import validate_stream_id
 from rsaga.observe import NO_OBSERVER, Observer
-from rsaga.retry import ExponentialBackoff, RetryPolicy
+from rsaga.retry import RetryPolicy, policy_delay
 from rsaga.store import EventStore, StreamSlice, StreamWrite
-
-DEFAULT_COMMAND_RETRY: RetryPolicy = ExponentialBackoff(
-    base=0.002, cap=0.25, max_retries=25, jitter=1.0
-)
-"""Conflicts resolve fast under contention: short, fully jittered delays."""
 
 MAX_RESOLVE_ROUNDS = 16
 
@@ -44,6 +46,20 @@ class ExecutionResult(msgspec.Struct, frozen=True):
     """True if an earlier execution with the same idempotency key had written already."""
 
 
+def with_observer(
+    interceptors: Interceptors | Sequence[Interceptor], observer: Observer
+) -> Interceptors:
+    """`interceptors` as a chain, with `observer` outermost (an `Observer` measures calls
+    as an interceptor) unless it is the plain no-op one or in the chain already."""
+    items = list(interceptors.interceptors if isinstance(interceptors, Interceptors)
+                 else interceptors)
+    if type(observer) is not Observer and observer not in items:
+        items.insert(0, observer)
+    if isinstance(interceptors, Interceptors) and len(items) == len(interceptors.interceptors):
+        return interceptors
+    return Interceptors(items)
+
+
 class Executor:
     """Executes commands against an `EventStore`, retrying version conflicts."""
 
@@ -54,19 +70,36 @@ class Executor:
         retry: RetryPolicy = DEFAULT_COMMAND_RETRY,
         rng: random.Random | None = None,
         observer: Observer = NO_OBSERVER,
+        interceptors: Interceptors | Sequence[Interceptor] = NO_INTERCEPTORS,
     ) -> None:
         self.store = store
         self.retry = retry
-        self.observer = observer
         self._rng = rng or random.Random()
+        self._delay = policy_delay(retry, self._rng)
+        self._given = interceptors
+        self.observer = observer
+
+    @property
+    def observer(self) -> Observer:
+        """Receives what the runtime does; measures calls as the outermost interceptor."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer) -> None:
+        # Workers and process runners take their chains from `interceptors` when
+        # they are built; commands see a new observer at once.
+        self._observer = observer
+        self.interceptors = with_observer(self._given, observer)
+        self._execute = self.interceptors.execute_command(self._run)
 
     async def execute(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
         idempotency_key: str | None = None,
+        metadata: Metadata | None = None,
     ) -> ExecutionResult:
         """Execute `command` and return what it wrote.
 
@@ -78,52 +111,40 @@ class Executor:
         that finds an event with the same key in the streams it read writes
         nothing and returns ``duplicate=True``: re-running a command after a crash
         or a redelivery applies its effect once.
+
+        `metadata` is carried by every event written (interceptors may add to it).
+        The call goes through the `execute_command` interceptors.
         """
-        if not isinstance(command, Command):
+        if not isinstance(command, Command) and not isinstance(command, Executable):
             raise ValidationError(f"expected a Command, got {type(command).__name__}")
-        correlation = correlation_id or new_id()
-        name = command.metric_label()
-        started = time.perf_counter()
+        return await self._execute(
+            CommandInput(command, correlation_id, causation_id, idempotency_key, metadata)
+        )
+
+    async def _run(self, call: CommandInput) -> ExecutionResult:
+        correlation = call.correlation_id or new_id()
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = await self._attempt(
-                    command, correlation, causation_id, idempotency_key, attempt
+                return await self._attempt(
+                    call.command, correlation, call.causation_id, call.idempotency_key,
+                    attempt, call.metadata,
                 )
             except ConcurrencyConflict as conflict:
-                delay = self.retry.delay(attempt, self._rng)
+                delay = self._delay(attempt)
                 if delay is None:
-                    self.observer.command_executed(
-                        name, seconds=time.perf_counter() - started, attempts=attempt,
-                        outcome="gave up",
-                    )
                     raise RetriesExhausted(attempt, conflict) from conflict
                 await anyio.sleep(delay)
-            except DomainError:
-                self.observer.command_executed(
-                    name, seconds=time.perf_counter() - started, attempts=attempt,
-                    outcome="refused",
-                )
-                raise
-            else:
-                outcome = (
-                    "duplicate" if result.duplicate else "written" if result.events
-                    else "unchanged"
-                )
-                self.observer.command_executed(
-                    name, seconds=time.perf_counter() - started, attempts=attempt,
-                    outcome=outcome,
-                )
-                return result
 
     async def _attempt(
         self,
-        command: Command[Any],
+        command: Executable[Any],
         correlation: str,
         causation: str | None,
         key: str | None,
         attempt: int,
+        metadata: Metadata | None,
     ) -> ExecutionResult:
         state = command.initial_state()
         slices: dict[str, StreamSlice] = {}
@@ -168,5 +189,6 @@ class Executor:
             causation_id=causation,
             command_id=key,
             effects=effects,
+            metadata=metadata,
         )
         return ExecutionResult(result.versions, result.events, attempt)

@@ -12,7 +12,6 @@ in the config.
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -24,14 +23,14 @@ from rsaga.commands import Command
 from rsaga.errors import ConfigError, ValidationError
 from rsaga.events import RecordedEvent
 from rsaga.executor import ExecutionResult, Executor
+from rsaga.names import check_name
 from rsaga.retry import ExponentialBackoff, RetryPolicy
 from rsaga.store import EventStore, StreamSlice
 
 if TYPE_CHECKING:
-    from rsaga.processes import ProcessManager
+    from rsaga.process.api import ProcessManager
 
 ENTRY_POINT_GROUP = "rsaga.handlers"
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 class HandlerContext:
@@ -119,16 +118,6 @@ class EventHandler:
             raise ValidationError(f"handler {name}: claim_timeout must be > 0")
 
 
-def check_name(cls: type) -> str:
-    """The class's `name`, if usable as a consumer-group name; else `ValidationError`."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-        raise ValidationError(
-            f"{cls.__qualname__}.name must be 1-100 of [A-Za-z0-9._-], got {name!r}"
-        )
-    return name
-
-
 @dataclass(frozen=True)
 class InstalledHandler:
     """A handler (or process manager) class and where it was found."""
@@ -138,7 +127,7 @@ class InstalledHandler:
 
 
 def _load(target: Any, source: str) -> InstalledHandler:
-    from rsaga.processes import ProcessManager
+    from rsaga.process.api import ProcessManager
 
     if not (isinstance(target, type) and issubclass(target, EventHandler | ProcessManager)):
         raise ConfigError(
@@ -194,7 +183,7 @@ def discover_handlers(import_paths: Iterable[str] = ()) -> list[InstalledHandler
 
 def installed_process_managers(import_paths: Iterable[str] = ()) -> list[ProcessManager[Any]]:
     """One instance of every installed process type (entry points and `import_paths`)."""
-    from rsaga.processes import ProcessManager
+    from rsaga.process.api import ProcessManager
 
     return [
         item.handler()

@@ -1,132 +1,31 @@
-"""Liveness: heartbeats of workers and schedulers, kept in Redis with a TTL.
+"""The health report (`rsaga health`): liveness and backlogs, read from Redis.
 
-A process that stops gracefully deletes its heartbeat; one that dies lets it
-expire. `rsaga health` reads them to tell which processes are alive.
+Heartbeats and `redis_down` live in `rsaga.runtime.liveness` (the runtime writes
+them); they are re-exported here for code that imported them from this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
-import anyio
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import (
-    BusyLoadingError,
-    ClusterError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisClusterException,
-    ResponseError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.cluster import mget
-from rsaga.errors import RedisUnavailable
 from rsaga.keyspace import Keyspace
+from rsaga.records import Heartbeat as Heartbeat
+from rsaga.runtime.liveness import FORGET_DEAD_AFTER_MS as FORGET_DEAD_AFTER_MS
+from rsaga.runtime.liveness import REDIS_DOWN as REDIS_DOWN
+from rsaga.runtime.liveness import keep_heartbeat as keep_heartbeat
+from rsaga.runtime.liveness import redis_down as redis_down
+from rsaga.runtime.liveness import this_process as this_process
+from rsaga.runtime.liveness import write_heartbeat as write_heartbeat
 
 log = logging.getLogger("rsaga.health")
-
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
-"""Errors that mean Redis is unreachable right now: wait and try again, never give up."""
-
-_TRANSIENT_ERRORS = (
-    ReadOnlyError, BusyLoadingError, OutOfMemoryError,
-    # A Redis Cluster failing over or resharding: the client reads the slot map again.
-    ClusterError, TryAgainError, SlotNotCoveredError,
-)
-_TRANSIENT_PREFIXES = (
-    "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED",
-    "OOM", "NOREPLICAS",
-)
-
-
-def redis_down(exc: BaseException) -> bool:
-    """Whether `exc` means Redis cannot serve us right now (unreachable, loading, read-only
-    after a failover, out of memory, busy...): wait and retry; it is nobody's fault."""
-    if isinstance(exc, (*REDIS_DOWN, *_TRANSIENT_ERRORS)):
-        return True
-    if isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc):
-        return True  # no node of a cluster answered while reading its slot map
-    return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
-
-
-class Heartbeat(msgspec.Struct, frozen=True):
-    """What a live worker or scheduler tells about itself in Redis."""
-
-    consumer: str
-    host: str
-    pid: int
-    handlers: list[str]
-    started_at: float
-    kind: str = "worker"
-
-
-def this_process(name: str, handlers: list[str], kind: str) -> Heartbeat:
-    """The heartbeat of the current process."""
-    return Heartbeat(
-        consumer=name,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        handlers=handlers,
-        started_at=time.time(),
-        kind=kind,
-    )
-
-
-FORGET_DEAD_AFTER_MS = 3_600_000
-"""How long the name of a consumer that died (its heartbeat expired) stays in the
-heartbeats index before a live one's renewal removes it."""
-
-
-async def write_heartbeat(redis: Redis, keyspace: Keyspace, beat: Heartbeat, ttl: float) -> None:
-    """Write (or renew) `beat` for `ttl` seconds and name it in the heartbeats index."""
-    now_ms = int(time.time() * 1000)
-    ttl_ms = int(ttl * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(keyspace.heartbeat(beat.consumer), msgspec.json.encode(beat), px=ttl_ms)
-        pipe.zadd(keyspace.heartbeats(), {beat.consumer: now_ms + ttl_ms})
-        pipe.zremrangebyscore(keyspace.heartbeats(), "-inf", now_ms - FORGET_DEAD_AFTER_MS)
-        await pipe.execute()
-
-
-async def keep_heartbeat(
-    redis: Redis, keyspace: Keyspace, beat: Heartbeat, ttl: float, stop: anyio.Event
-) -> None:
-    """Renew `beat` every third of `ttl` until `stop` is set, then delete it.
-
-    The heartbeat is a key with a TTL; the heartbeats index names it, so that
-    `rsaga health` finds every heartbeat without scanning the keyspace.
-    """
-    try:
-        while not stop.is_set():
-            try:
-                await write_heartbeat(redis, keyspace, beat, ttl)
-            except Exception as exc:
-                if not redis_down(exc):
-                    raise
-                log.warning("heartbeat failed: %s", exc)
-            with anyio.move_on_after(ttl / 3):
-                await stop.wait()
-    finally:
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(2),
-            contextlib.suppress(*REDIS_DOWN),
-        ):
-            await redis.delete(keyspace.heartbeat(beat.consumer))
-            await redis.zrem(keyspace.heartbeats(), beat.consumer)
-
 
 # --- the health report (`rsaga health`) --------------------------------------------------
 
@@ -260,7 +159,7 @@ def _heartbeats(blobs: Iterable[Any]) -> list[Heartbeat]:
     for blob in blobs:
         if blob and not isinstance(blob, Exception):
             with contextlib.suppress(msgspec.DecodeError):
-                beats.append(msgspec.json.decode(blob, type=Heartbeat))
+                beats.append(Heartbeat.decode(blob))
     return beats
 
 

@@ -15,16 +15,11 @@ from rsaga.config import HealthSettings
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
 from rsaga.health import ProcessThresholds, decode_process_record, default_thresholds
 from rsaga.keyspace import Keyspace, validate_stream_id
-from rsaga.processes import (
-    ProcessCompensated,
-    ProcessCompleted,
-    ProcessFailed,
-    ProcessStarted,
-    TimeoutCancelled,
-    TimeoutFired,
-    TimeoutScheduled,
-    decode_timeout,
-)
+from rsaga.process.api import ProcessInfo
+from rsaga.process.engine import fold_info
+from rsaga.process.events import ProcessStarted
+from rsaga.process.timeouts import decode_timeout, split_timeout_id
+from rsaga.records import DATA
 from rsaga.store import EventStore
 
 STATES = ("active", "stuck", "failed", "compensated", "completed")
@@ -152,7 +147,7 @@ async def read_events(
     for entry_id, fields in page:
         version = int(entry_id.partition(b"-")[0])
         try:
-            event = store.codec.decode(stream_id, version, fields[b"d"])
+            event = store.codec.decode(stream_id, version, fields[DATA])
         except (UnknownEventType, EventDecodeError, KeyError) as exc:
             rows.append(EventRow(version, None, "?", f"(cannot decode here: {exc})", None, None))
             continue
@@ -171,21 +166,14 @@ async def show_process(store: EventStore, stream_id: str) -> ProcessView | None:
             break
     if not events or not any(isinstance(e.data, ProcessStarted) for e in events):
         return None
-    status = "active"
-    pending: dict[str, PendingTimeout] = {}
+    info = ProcessInfo("", "", stream_id)
     for event in events:
-        match event.data:
-            case ProcessCompleted():
-                status = "completed"
-            case ProcessFailed():
-                status = "failed"
-            case ProcessCompensated():
-                status = "compensated"
-            case TimeoutScheduled(name=name, due_ms=due, attempt=attempt):
-                pending[name] = PendingTimeout(name, _time(due), attempt)
-            case TimeoutCancelled(name=name) | TimeoutFired(name=name):
-                pending.pop(name, None)
-    return ProcessView(stream_id, status, events, list(pending.values()))
+        at = event.occurred_at
+        fold_info(info, event.data, int(at.timestamp() * 1000) if at is not None else 0)
+    pending = [
+        PendingTimeout(name, _time(info.due[name]), info.attempts[name]) for name in info.pending
+    ]
+    return ProcessView(stream_id, info.status, events, pending)
 
 
 async def list_timeouts(redis: Redis, keyspace: Keyspace, *, limit: int = 50) -> list[TimeoutRow]:
@@ -200,7 +188,7 @@ async def list_timeouts(redis: Redis, keyspace: Keyspace, *, limit: int = 50) ->
             continue
         blobs: Any = await redis.hmget(keyspace.timeout_data(shard), [m for m, _ in found])
         for (member, due), blob in zip(found, blobs, strict=True):
-            process, _, name = member.decode().rpartition("|")
+            process, name = split_timeout_id(member.decode())
             attempt = 1
             if blob:
                 with contextlib.suppress(msgspec.DecodeError):

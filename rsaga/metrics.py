@@ -42,9 +42,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from redis.asyncio import Redis
 
-from rsaga.health import ProcessThresholds, redis_down
+from rsaga.health import ProcessThresholds
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
+from rsaga.runtime.liveness import redis_outage
 
 log = logging.getLogger("rsaga.metrics")
 
@@ -127,7 +128,7 @@ class PrometheusObserver(Observer):
             "rsaga_handler_failures", "Handler attempts that raised.", ["handler"], registry=r
         )
         self.handler_duration = Histogram(
-            "rsaga_handler_duration_seconds", "Time to handle an entry, retries included.",
+            "rsaga_handler_duration_seconds", "Time of the handler call that handled an entry.",
             ["handler"], buckets=_DURATIONS, registry=r,
         )
         self.lag = Gauge(
@@ -429,15 +430,13 @@ async def refresh_loop(
     """Refresh the Redis-backed gauges every `interval` seconds until `stop` is set."""
     types, pairs = list(process_types), list(groups)
     while not stop.is_set():
-        try:
+        with redis_outage() as outage:
             await observer.refresh(
                 redis, keyspace, process_types=types, groups=pairs, scheduler=scheduler,
                 thresholds=thresholds,
             )
-        except Exception as exc:
-            if not redis_down(exc):
-                raise
+        if outage.error is not None:
             observer.redis_up.set(0)
-            log.warning("could not refresh metrics from Redis: %s", exc)
+            log.warning("could not refresh metrics from Redis: %s", outage.error)
         with anyio.move_on_after(interval):
             await stop.wait()

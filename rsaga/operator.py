@@ -19,18 +19,18 @@ import msgspec
 from rsaga.deadletters import DeadLetters
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
 from rsaga.events import RecordedEvent, new_id
-from rsaga.processes import (
+from rsaga.process.api import (
     DefinitionError,
     OperatorAction,
     ProcessInfo,
     ProcessManager,
     ProcessNotFound,
-    ProcessRetried,
-    ProcessRunner,
-    ProcessStarted,
-    decode_timeout,
 )
-from rsaga.worker import timeouts_group
+from rsaga.process.events import ProcessRetried, ProcessStarted
+from rsaga.process.runner import ProcessRunner
+from rsaga.process.timeouts import decode_timeout
+from rsaga.records import DeadLetterRecord, LogRecord, is_due_record, payload_of
+from rsaga.runtime.sources import timeouts_group
 
 
 class ProcessState(msgspec.Struct):
@@ -145,7 +145,7 @@ class Operator:
         for shard in range(keyspace.shards):
             entries: Any = await redis.xrevrange(keyspace.dead_letters(shard), count=1000)
             for entry_id, fields in entries:
-                if fields.get(b"handler", b"").decode(errors="replace") not in groups:
+                if DeadLetterRecord.decode(fields).handler not in groups:
                     continue
                 if self._triggers(manager, process_id, fields):
                     if found is None or _later(entry_id.decode(), found[1]):
@@ -158,15 +158,15 @@ class Operator:
     ) -> bool:
         """Whether a dead letter's entry (a timeout or an event) was a trigger of the process."""
         try:
-            if b"p" in fields:
-                return decode_timeout(fields[b"p"]).process_id == process_id
-            if b"d" not in fields or not fields.get(b"s"):
+            if is_due_record(fields):
+                return decode_timeout(payload_of(fields)).process_id == process_id
+            record = LogRecord.decode(fields)
+            if not record.stream_id:
                 return False
-            version = int(fields.get(b"v", b"0") or 0)
-            event = self.store.codec.decode(fields[b"s"].decode(), version, fields[b"d"])
+            event = self.store.codec.decode(record.stream_id, record.version, record.envelope)
             return ProcessRunner.correlate(manager, event) == process_id
         except (msgspec.DecodeError, EventDecodeError, UnknownEventType, DefinitionError,
-                ValueError):
+                KeyError, ValueError):
             return False
 
 

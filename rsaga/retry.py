@@ -1,13 +1,18 @@
 """Retry policies: fixed delay, exponential backoff and linear backoff.
 
 One policy type serves command conflicts, handler failures and process retries.
-Policies are msgspec structs tagged by ``kind``, so config files can name them:
+`RetryPolicy` is a protocol: any object with ``delay(retry)`` and ``max_retries``
+will do. The three built-in policies are msgspec structs tagged by ``kind``
+(`BuiltinRetryPolicy`), so config files can name them:
 ``{kind = "exponential", base = 0.01, cap = 1.0, max_retries = 5}``.
 """
 
 from __future__ import annotations
 
+import functools
 import random
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -105,5 +110,26 @@ class LinearBackoff(_Policy, frozen=True, tag="linear"):
         return self.initial + self.increment * (retry - 1)
 
 
-RetryPolicy = FixedDelay | ExponentialBackoff | LinearBackoff
-"""Any of the three retry policies (a msgspec tagged union on ``kind``)."""
+@runtime_checkable
+class RetryPolicy(Protocol):
+    """How long to wait before each retry, and when to stop."""
+
+    @property
+    def max_retries(self) -> int:
+        """How many retries follow the first attempt (0: never retry)."""
+        ...
+
+    def delay(self, retry: int) -> float | None:
+        """Seconds to wait before retry `retry` (1-based), or None once retries are spent."""
+        ...
+
+
+BuiltinRetryPolicy = FixedDelay | ExponentialBackoff | LinearBackoff
+"""The three built-in policies, a msgspec tagged union on ``kind``: what config files hold."""
+
+
+def policy_delay(policy: RetryPolicy, rng: random.Random) -> Callable[[int], float | None]:
+    """`policy.delay` drawing its jitter from `rng` where the policy takes one."""
+    if isinstance(policy, _Policy):
+        return functools.partial(policy.delay, rng=rng)
+    return policy.delay

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from rsaga.errors import RsagaError
+from rsaga.errors import RsagaError, ValidationError
+from rsaga.keyspace import Keyspace
 
 _INCLUDE = re.compile(r'^--\s*@include\s+"([A-Za-z0-9_]+)"\s*$', re.MULTILINE)
 
@@ -97,3 +98,185 @@ def all_scripts() -> list[Script]:
         if entry.name.endswith(".lua")
     )
     return [script(name) for name in names]
+
+
+SIDE_EFFECTS = ("process_index",)
+"""The side effects ``commit.lua`` knows (its ``SIDE_EFFECTS`` table)."""
+
+
+class SideEffect(NamedTuple):
+    """A named extension of a commit, applied in the same atomic step: ``commit.lua``
+    calls the Lua function registered under `name` in its ``SIDE_EFFECTS`` table with
+    `keys` and `args`. The store passes it through without interpreting it."""
+
+    name: str
+    keys: Sequence[str]
+    args: Sequence[EncodableArg]
+
+
+class CommitStream(NamedTuple):
+    """One stream of a commit: its expected version and its new (type, envelope) pairs."""
+
+    stream_id: str
+    expected: int
+    events: Sequence[tuple[str, bytes]]
+
+
+class ScriptCall(NamedTuple):
+    """A script with the KEYS and ARGV of one call, built by `Scripts`."""
+
+    script: Script
+    keys: list[str]
+    args: list[EncodableArg]
+
+    async def run(self, redis: Redis) -> Any:
+        """Run the call."""
+        return await self.script(redis, self.keys, self.args)
+
+
+class Scripts:
+    """Every Lua script, one method each (as BullMQ's ``Scripts`` class): the method owns
+    which KEYS and ARGV its script takes, so callers never build key lists."""
+
+    def __init__(self, redis: Redis, keyspace: Keyspace) -> None:
+        self.redis = redis
+        self.keyspace = keyspace
+
+    async def commit(self, shard: int, streams: Sequence[CommitStream], **effects: Any) -> Any:
+        """``commit.lua`` (see `commit_call` for the arguments)."""
+        return await self.commit_call(shard, streams, **effects).run(self.redis)
+
+    def commit_call(
+        self,
+        shard: int,
+        streams: Sequence[CommitStream],
+        *,
+        schedule: Sequence[tuple[str, int, bytes]] = (),
+        cancel: Sequence[str] = (),
+        side_effects: Sequence[SideEffect] = (),
+        dead_letters: Sequence[Mapping[str, EncodableArg]] = (),
+        dead_letter_max_len: int = 0,
+        with_effects: bool = False,
+    ) -> ScriptCall:
+        """``commit.lua``, to run: check the versions, append the events, and
+        (`with_effects`) schedule and cancel timeouts, apply side effects and add dead
+        letters. The store runs it, followed by a WAIT when commits must reach replicas."""
+        ks = self.keyspace
+        keys = [ks.log(shard)]
+        header: list[EncodableArg] = [len(streams)]
+        envelopes: list[EncodableArg] = []
+        for stream in streams:
+            keys.append(ks.stream(stream.stream_id))
+            header += [stream.stream_id, stream.expected, len(stream.events)]
+            for pair in stream.events:
+                envelopes += pair
+        args = header + envelopes
+        if with_effects:
+            args.append(len(schedule))
+            for timeout in schedule:
+                args += timeout
+            args.append(len(cancel))
+            args.extend(cancel)
+            if schedule or cancel:
+                keys += [ks.timeouts(shard), ks.timeout_data(shard), ks.timeouts_wake(shard)]
+            args.append(len(side_effects))
+            for effect in side_effects:
+                if effect.name not in SIDE_EFFECTS:
+                    raise ValidationError(f"commit.lua has no side effect {effect.name!r}")
+                args += [effect.name, len(effect.keys), len(effect.args), *effect.args]
+                keys += effect.keys
+            args += [len(dead_letters), dead_letter_max_len]
+            for letter in dead_letters:
+                args.append(2 * len(letter))
+                for field, value in letter.items():
+                    args += [field, value]
+            if dead_letters:
+                keys.append(ks.dead_letters(shard))
+        return ScriptCall(script("commit"), keys, args)
+
+    async def read_streams(
+        self, stream_ids: Sequence[str], page_size: int, from_versions: Sequence[int]
+    ) -> Any:
+        """``read_streams.lua``: a page of each stream from its version on."""
+        keys = [self.keyspace.stream(s) for s in stream_ids]
+        return await script("read_streams")(self.redis, keys, [page_size, *from_versions])
+
+    def _group_keys(self, log: str, shard: int, group: str) -> list[str]:
+        ks = self.keyspace
+        return [
+            log, ks.stream_owners(shard, group), ks.in_flight(shard, group),
+            ks.handoffs(shard, group), ks.consumers_alive(shard, group),
+        ]
+
+    async def read_batch(
+        self, log: str, shard: int, group: str, consumer: str, count: int,
+        claim_timeout_ms: int, wanted: Sequence[str] = (),
+    ) -> Any:
+        """``read_batch.lua``: entries handed over, taken over, and up to `count` new ones
+        of `log` (a shard log or due stream) for `consumer` of `group`."""
+        return await script("read_batch")(
+            self.redis, self._group_keys(log, shard, group),
+            [group, consumer, count, claim_timeout_ms, *wanted],
+        )
+
+    async def ack_batch(
+        self, log: str, shard: int, group: str, consumer: str, handoff_limit: int,
+        entries: Sequence[tuple[str, bytes]],
+    ) -> Any:
+        """``ack_batch.lua``: acknowledge (entry id, stream id) pairs; take handoffs."""
+        args: list[EncodableArg] = [group, consumer, handoff_limit]
+        for pair in entries:
+            args += pair
+        return await script("ack_batch")(self.redis, self._group_keys(log, shard, group)[:4], args)
+
+    async def dead_letter(
+        self, log: str, shard: int, group: str, consumer: str, entry_id: str,
+        stream_id: bytes, max_len: int, fields: Mapping[str, EncodableArg],
+    ) -> Any:
+        """``dead_letter.lua``: move one entry to the shard's dead letters, acknowledged."""
+        keys = [*self._group_keys(log, shard, group)[:3], self.keyspace.dead_letters(shard)]
+        args: list[EncodableArg] = [group, consumer, entry_id, stream_id, max_len]
+        for field, value in fields.items():
+            args += [field, value]
+        return await script("dead_letter")(self.redis, keys, args)
+
+    async def take_over_dead(
+        self, log: str, shard: int, group: str, consumer: str, claim_timeout_ms: int
+    ) -> Any:
+        """``take_over_dead.lua``: take over the entries of silent consumers of `group`."""
+        ks = self.keyspace
+        keys = [log, ks.stream_owners(shard, group), ks.consumers_alive(shard, group),
+                ks.handoffs(shard, group)]
+        return await script("take_over_dead")(
+            self.redis, keys, [group, consumer, claim_timeout_ms]
+        )
+
+    async def keep_alive(self, shard: int, group: str, consumer: str, *, leaving: bool) -> Any:
+        """``keep_alive.lua``: renew (or, `leaving`, give up) a consumer's claim."""
+        return await script("keep_alive")(
+            self.redis, [self.keyspace.consumers_alive(shard, group)],
+            [consumer, "gone" if leaving else "alive"],
+        )
+
+    async def move_due_timeouts(self, shard: int, batch_size: int, now_ms: int | str) -> Any:
+        """``move_due_timeouts.lua``: move due timeouts onto the due stream ('' for now:
+        the server's clock)."""
+        ks = self.keyspace
+        return await script("move_due_timeouts")(
+            self.redis,
+            [ks.timeouts(shard), ks.timeout_data(shard), ks.due_timeouts(shard)],
+            [batch_size, now_ms],
+        )
+
+    async def trim_log(self, log: str, retention_ms: int) -> Any:
+        """``trim_log.lua``: trim what every group acknowledged longer ago than retention."""
+        return await script("trim_log")(self.redis, [log], [retention_ms])
+
+    async def replay_dead_letter(self, shard: int, dead_letter_id: str) -> Any:
+        """``replay_dead_letter.lua``: put a dead letter back for its group."""
+        ks = self.keyspace
+        return await script("replay_dead_letter")(
+            self.redis,
+            [ks.dead_letters(shard), ks.log(shard), ks.due_timeouts(shard)],
+            [dead_letter_id],
+        )

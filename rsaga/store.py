@@ -10,11 +10,10 @@ can skip unwanted types inside Redis) and ``d`` (envelope).
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from redis.asyncio import Redis
@@ -23,6 +22,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock, SystemClock
 from rsaga.cluster import client_options, ensure_shard_count, is_cluster, run_replicated
+from rsaga.defaults import DEFAULT_DEAD_LETTER_MAX_LEN, DURABILITIES
+from rsaga.defaults import DEFAULT_PAGE_SIZE as DEFAULT_PAGE_SIZE
 from rsaga.errors import (
     ConcurrencyConflict,
     ConfigError,
@@ -34,13 +35,8 @@ from rsaga.errors import (
 )
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, EventRegistry, RecordedEvent, new_id
 from rsaga.keyspace import Keyspace, validate_stream_id
-from rsaga.scripts import EncodableArg, script
-
-DEFAULT_PAGE_SIZE = 512
-
-DURABILITIES = ("async", "replicated")
-"""When a commit is acknowledged: once its master has it ("async"), or once
-`replicas` replicas have it too ("replicated", a WAIT on the writing connection)."""
+from rsaga.records import TYPE, LogRecord
+from rsaga.scripts import CommitStream, EncodableArg, Scripts, SideEffect
 
 
 class ExpectedVersion(enum.IntEnum):
@@ -83,25 +79,14 @@ class TimeoutWrite(msgspec.Struct, frozen=True):
     payload: bytes
 
 
-class IndexUpdate(msgspec.Struct, frozen=True):
-    """A process lifecycle transition to record in the same atomic write."""
+class SideEffectSource(Protocol):
+    """Something a commit applies atomically that the store does not interpret (the
+    process index, see `rsaga.process.index`): it says which extension of
+    ``commit.lua`` to call, with which keys of the commit's shard and which args."""
 
-    process_type: str
-    stream_id: str
-    transition: str
-    """'start', 'progress', 'complete', 'fail' or 'compensate'."""
-    duration_ms: int = 0
-    next_due_ms: int | None = None
-    """Due time of the process's earliest pending timeout: it is waiting, not stuck."""
-    starts: bool = False
-    """This write starts the process (it may also end it)."""
-    correlation_id: str = ""
-    """The correlation id the process started in (read when `starts`): search finds it."""
-    retry_step: str = ""
-    """The step being retried, when `retries` > 0."""
-    retries: int = -1
-    """How many times the current step has been retried after this write: 0 when the
-    process stops retrying, -1 when it neither was nor is retrying (nothing to write)."""
+    def side_effect(self, keyspace: Keyspace, shard: int) -> SideEffect:
+        """The extension call for a commit in `shard`."""
+        ...
 
 
 class Effects(msgspec.Struct, frozen=True):
@@ -109,8 +94,11 @@ class Effects(msgspec.Struct, frozen=True):
 
     schedule: Sequence[TimeoutWrite] = ()
     cancel: Sequence[str] = ()
-    index: Sequence[IndexUpdate] = ()
-    dead_letters: Sequence[Mapping[str, str]] = ()
+    side_effects: Sequence[SideEffectSource] = ()
+    """Extensions of the commit, applied in the same atomic step (see `SideEffectSource`)."""
+    index: Sequence[SideEffectSource] = ()
+    """The same as `side_effects` (the name process-index updates were passed under)."""
+    dead_letters: Sequence[Mapping[str, EncodableArg]] = ()
     """Failures to report to an operator, as dead-letter fields."""
 
 
@@ -177,6 +165,7 @@ class EventStore:
         durability: str = "async",
         replicas: int = 1,
         replication_timeout: float = 1.0,
+        dead_letter_max_len: int = DEFAULT_DEAD_LETTER_MAX_LEN,
     ) -> None:
         if client_options(redis).get("decode_responses"):
             raise ConfigError("the Redis client must have decode_responses=False")
@@ -191,13 +180,15 @@ class EventStore:
         self.keyspace = keyspace or Keyspace()
         self.codec = EventCodec(registry, max_event_bytes=max_event_bytes)
         self.page_size = page_size
+        self.dead_letter_max_len = dead_letter_max_len
+        """Dead letters a commit keeps per shard (`worker.dead_letter_max_len`, as the
+        worker's dead letters)."""
         self.clock: Clock = clock or SystemClock()
-        self._commit = script("commit")
-        self._read = functools.partial(script("read_streams"), redis)
         self.durability = durability
         self.replicas = replicas
         self.replication_timeout = replication_timeout
         self._shard_count_checked = False
+        self.scripts = Scripts(redis, self.keyspace)
 
     @contextmanager
     def _talking_to_redis(self) -> Iterator[None]:
@@ -232,9 +223,8 @@ class EventStore:
         decode = self.codec.decode
         with self._talking_to_redis():
             while pending:
-                replies = await self._read(
-                    [self.keyspace.stream(s) for s in pending],
-                    [self.page_size, *(next_version[s] for s in pending)],
+                replies = await self.scripts.read_streams(
+                    pending, self.page_size, [next_version[s] for s in pending]
                 )
                 full = []
                 for stream_id, flat in zip(pending, replies, strict=True):
@@ -297,14 +287,14 @@ class EventStore:
         """
         log_id = entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id
         try:
-            stream_id = fields[b"s"].decode()
-            version = int(fields[b"v"])
-            blob = fields[b"d"]
+            record = LogRecord.decode(fields)
         except (KeyError, ValueError, UnicodeDecodeError) as exc:
             raise EventDecodeError(
                 f"log entry {log_id} lacks a valid s/v/d field: {exc!r}"
             ) from None
-        event = self.codec.decode_wanted(stream_id, version, blob, wanted, fields.get(b"t"))
+        event = self.codec.decode_wanted(
+            record.stream_id, record.version, record.envelope, wanted, fields.get(TYPE)
+        )
         return None if event is None else LogEntry(log_id, event)
 
     # --- writing ------------------------------------------------------------------
@@ -317,12 +307,14 @@ class EventStore:
         expected: Expected = ExpectedVersion.ANY,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> CommitResult:
         """Append `events` to one stream if its version is `expected`."""
         return await self.commit(
             [StreamWrite(stream_id, int(expected), events)],
             correlation_id=correlation_id,
             causation_id=causation_id,
+            metadata=metadata,
         )
 
     async def commit(
@@ -333,31 +325,47 @@ class EventStore:
         causation_id: str | None = None,
         command_id: str | None = None,
         effects: Effects | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> CommitResult:
         """Check every write's expected version, then append all events, atomically.
 
         `effects` (timeouts to schedule or cancel, process-index transitions) are
-        applied in the same atomic step, in the shard of the streams.
+        applied in the same atomic step, in the shard of the streams. Every event
+        carries `metadata` (see `RecordedEvent.metadata`).
 
         Raises `ConcurrencyConflict` (nothing written) if any stream is not at its
         expected version; validation errors are raised before Redis is touched.
         """
-        keys, args, recorded = self._encode_commit(
-            writes, correlation_id, causation_id, command_id
+        shard, streams, recorded = self._encode_commit(
+            writes, correlation_id, causation_id, command_id, metadata
         )
-        if effects is not None:
-            self._encode_effects(effects, self.keyspace.shard_of(writes[0].stream_id), keys, args)
         with self._talking_to_redis():
             if not self._shard_count_checked:
                 await ensure_shard_count(self.redis, self.keyspace)
                 self._shard_count_checked = True
+            if effects is None:
+                call = self.scripts.commit_call(shard, streams)
+            else:
+                call = self.scripts.commit_call(
+                    shard,
+                    streams,
+                    schedule=[(t.timeout_id, t.due_ms, t.payload) for t in effects.schedule],
+                    cancel=effects.cancel,
+                    side_effects=[
+                        e.side_effect(self.keyspace, shard)
+                        for e in (*effects.side_effects, *effects.index)
+                    ],
+                    dead_letters=effects.dead_letters,
+                    dead_letter_max_len=self.dead_letter_max_len,
+                    with_effects=True,
+                )
             if self.durability == "replicated":
                 timeout_ms = max(1, int(self.replication_timeout * 1000))
                 reply, acked = await run_replicated(
-                    self.redis, self._commit, keys, args, self.replicas, timeout_ms
+                    self.redis, call.script, call.keys, call.args, self.replicas, timeout_ms
                 )
             else:
-                reply, acked = await self._commit(self.redis, keys, args), self.replicas
+                reply, acked = await call.run(self.redis), self.replicas
         if acked < self.replicas and int(reply[0]) == 0:
             raise NotReplicated(
                 f"a commit to {writes[0].stream_id!r} reached its master but {acked} of "
@@ -373,7 +381,8 @@ class EventStore:
         correlation_id: str | None,
         causation_id: str | None,
         command_id: str | None,
-    ) -> tuple[list[str], list[EncodableArg], list[list[RecordedEvent]]]:
+        metadata: dict[str, str] | None = None,
+    ) -> tuple[int, list[CommitStream], list[list[RecordedEvent]]]:
         if not writes:
             raise ValidationError("a commit needs at least one stream")
         stream_ids = [validate_stream_id(w.stream_id) for w in writes]
@@ -389,19 +398,16 @@ class EventStore:
         now_ms = self.clock.now_ms()
         occurred_at = datetime.fromtimestamp(now_ms / 1000, UTC)
         correlation = correlation_id or new_id()
-        keys: list[str] = [self.keyspace.log(shard)]
-        header: list[EncodableArg] = [len(writes)]
-        envelopes: list[EncodableArg] = []
+        streams: list[CommitStream] = []
         recorded: list[list[RecordedEvent]] = []
         for w in writes:
-            keys.append(self.keyspace.stream(w.stream_id))
-            header += [w.stream_id, int(w.expected), len(w.events)]
+            pairs: list[tuple[str, bytes]] = []
             mine = []
             for event in w.events:
                 event_id = new_id()
                 type_name = self.registry.name_of(event)
-                envelopes.append(type_name)
-                envelopes.append(
+                pairs.append((
+                    type_name,
                     self.codec.encode(
                         event,
                         event_id=event_id,
@@ -409,8 +415,9 @@ class EventStore:
                         correlation_id=correlation,
                         causation_id=causation_id,
                         command_id=command_id,
-                    )
-                )
+                        metadata=metadata,
+                    ),
+                ))
                 mine.append(
                     RecordedEvent(
                         stream_id=w.stream_id,
@@ -422,40 +429,12 @@ class EventStore:
                         correlation_id=correlation,
                         causation_id=causation_id,
                         command_id=command_id,
+                        metadata=metadata,
                     )
                 )
+            streams.append(CommitStream(w.stream_id, int(w.expected), pairs))
             recorded.append(mine)
-        return keys, header + envelopes, recorded
-
-    def _encode_effects(
-        self, effects: Effects, shard: int, keys: list[str], args: list[EncodableArg]
-    ) -> None:
-        ks = self.keyspace
-        args.append(len(effects.schedule))
-        for timeout in effects.schedule:
-            args += [timeout.timeout_id, timeout.due_ms, timeout.payload]
-        args.append(len(effects.cancel))
-        args.extend(effects.cancel)
-        if effects.schedule or effects.cancel:
-            keys += [ks.timeouts(shard), ks.timeout_data(shard), ks.timeouts_wake(shard)]
-        args.append(len(effects.index))
-        for update in effects.index:
-            if update.transition not in ("start", "progress", "complete", "fail", "compensate"):
-                raise ValidationError(f"unknown process transition {update.transition!r}")
-            keys += ks.process_index(shard, update.process_type)
-            next_due = -1 if update.next_due_ms is None else update.next_due_ms
-            args += [
-                update.process_type, update.transition, update.stream_id, update.duration_ms,
-                next_due, int(update.starts), update.correlation_id, update.retry_step,
-                update.retries,
-            ]
-        args.append(len(effects.dead_letters))
-        for letter in effects.dead_letters:
-            args.append(2 * len(letter))
-            for field, value in letter.items():
-                args += [field, value]
-        if effects.dead_letters:
-            keys.append(ks.dead_letters(shard))
+        return shard, streams, recorded
 
     def _commit_result(
         self, writes: Sequence[StreamWrite], reply: Any, recorded: list[list[RecordedEvent]]

@@ -31,10 +31,11 @@ from rsaga.events import EventRegistry
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler
 from rsaga.keyspace import Keyspace
-from rsaga.processes import ProcessManager, ProcessRunner
-from rsaga.scheduler import Scheduler
+from rsaga.process.api import ProcessManager
+from rsaga.process.runner import ProcessRunner
+from rsaga.runtime.scheduler import Scheduler
+from rsaga.runtime.worker import Worker
 from rsaga.store import EventStore
-from rsaga.worker import Worker
 
 __all__ = [
     "Driver",

@@ -334,7 +334,7 @@ def saga_steps(events: list[RecordedEvent]) -> list[str]:
     return [
         f"{type(e.data).__name__} {getattr(e.data, 'step', '')}".strip()
         for e in events
-        if type(e.data).__module__ == "rsaga.sagas"
+        if type(e.data).__module__ == "rsaga.process.saga"
     ]
 
 

@@ -29,7 +29,8 @@ from rsaga.health import (
 )
 from rsaga.inspect import Page, SearchRow, process_types, search_processes
 from rsaga.metrics import PrometheusObserver
-from rsaga.store import Effects, IndexUpdate, StreamWrite
+from rsaga.process.index import IndexUpdate
+from rsaga.store import Effects, StreamWrite
 from rsaga.testing import Driver
 
 TYPES = [Errand, PatientErrand]

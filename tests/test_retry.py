@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from rsaga import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy, ValidationError
+from rsaga.retry import BuiltinRetryPolicy
 
 
 def delays(policy: RetryPolicy, n: int) -> list[float | None]:
@@ -145,13 +146,17 @@ def test_invalid_values_are_refused(make: object, field: str) -> None:
 
 
 def test_policies_decode_from_a_dict_by_kind() -> None:
-    fixed = msgspec.convert({"kind": "fixed", "interval": 0, "max_retries": 2}, RetryPolicy)
+    fixed = msgspec.convert(
+        {"kind": "fixed", "interval": 0, "max_retries": 2}, BuiltinRetryPolicy
+    )
     assert fixed == FixedDelay(interval=0.0, max_retries=2)
     exp = msgspec.convert(
-        {"kind": "exponential", "base": 0.01, "cap": 1.0, "max_retries": 5}, RetryPolicy
+        {"kind": "exponential", "base": 0.01, "cap": 1.0, "max_retries": 5}, BuiltinRetryPolicy
     )
     assert exp == ExponentialBackoff(base=0.01, cap=1.0, max_retries=5)
-    linear = msgspec.convert({"kind": "linear", "initial": 1, "increment": 2}, RetryPolicy)
+    linear = msgspec.convert(
+        {"kind": "linear", "initial": 1, "increment": 2}, BuiltinRetryPolicy
+    )
     assert isinstance(linear, LinearBackoff)
     assert delays(linear, 3) == [1.0, 3.0, 5.0]
 
@@ -160,7 +165,7 @@ def test_policies_round_trip_through_their_encoding() -> None:
     policy = ExponentialBackoff(base=0.5, cap=3.0, multiplier=1.5, max_retries=9, jitter=0.2)
     encoded = msgspec.to_builtins(policy)
     assert encoded["kind"] == "exponential"
-    assert msgspec.convert(encoded, RetryPolicy) == policy
+    assert msgspec.convert(encoded, BuiltinRetryPolicy) == policy
 
 
 @pytest.mark.parametrize(
@@ -175,4 +180,4 @@ def test_policies_round_trip_through_their_encoding() -> None:
 )
 def test_bad_policy_dicts_fail_to_decode(raw: dict[str, object], message: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=message):
-        msgspec.convert(raw, RetryPolicy)
+        msgspec.convert(raw, BuiltinRetryPolicy)

@@ -41,7 +41,7 @@ from rsaga.processes import (
     ProcessManager,
     ProcessStarted,
 )
-from rsaga.retry import ExponentialBackoff, FixedDelay, RetryPolicy
+from rsaga.retry import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPolicy
 from rsaga.sagas import Saga, SagaCompensated, SagaCompleted, StepFailed
 from rsaga.scheduler import Scheduler
 from rsaga.store import EventStore
@@ -90,7 +90,9 @@ HEARTBEAT_CHECK_EVERY = 2.0
 
 
 def _retries_total(policy: RetryPolicy) -> float:
-    return sum(policy.base_delay(n) for n in range(1, policy.max_retries + 1))
+    if isinstance(policy, FixedDelay | ExponentialBackoff | LinearBackoff):
+        return sum(policy.base_delay(n) for n in range(1, policy.max_retries + 1))
+    return sum(policy.delay(n) or 0.0 for n in range(1, policy.max_retries + 1))
 
 
 def settle_time(definition: type[Any]) -> float:

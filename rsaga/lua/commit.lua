@@ -1,6 +1,6 @@
 --[[
   Commit one versioned multi-stream write, atomically: events, and with them
-  the timeouts and process-index changes they imply.
+  the timeouts and side effects (the process index) they imply.
 
   1. Check the expected version of every stream the command read, including
      streams it only read. On the first mismatch, return a conflict having
@@ -9,7 +9,10 @@
      to the shard log in commit order (fields s = stream id, v = version,
      t = event type, d = envelope).
   3. Schedule and cancel timeouts (see includes/timeouts.lua).
-  4. Update process lifecycle indexes (see includes/process_index.lua).
+  4. Apply side effects: each names a function of SIDE_EFFECTS below, called
+     with its keys, the server's now (ms) and its args; the caller (see
+     rsaga.scripts.Scripts.commit) checks the names. The process index
+     (includes/process_index.lua) is one.
   5. Add dead letters that report failures to an operator (a saga whose
      compensation failed), once, with the events that record the failure.
 
@@ -18,8 +21,7 @@
     KEYS[2 .. n+1]       the n checked streams
     then, if any timeout is scheduled or cancelled: the shard's timeouts
                          sorted set, timeout data hash and wake stream
-    then, per index update: the 13 index keys of its process type
-                         (Keyspace.process_index; see includes/process_index.lua)
+    then, per side effect: its K keys
     then, if any dead letter is added: the shard's dead-letter stream
     ARGV[1]              n
     ARGV[2 .. 3n+1]      per checked stream: stream id, expected version
@@ -27,22 +29,21 @@
     then                 the new events as (type, envelope) pairs, stream by stream
     then                 S, and S x (timeout id, due ms, payload) to schedule
     then                 C, and C x timeout id to cancel
-    then                 I, and I x (process type, transition, member, duration
-                         ms, next due ms or -1: the earliest pending timeout,
-                         starts '1'/'0', correlation id, retried step, retries)
-    then                 D, and D x (F, then F field/value pairs) dead letters
+    then                 E, and E x (name, K, A, then A args) side effects
+    then                 D, the dead letters' approximate max length, and
+                         D x (F, then F field/value pairs) dead letters
 
   Output:
     {0, v_1 .. v_n}      OK: the version of each checked stream after the write
     {-1, i, actual}      CONFLICT: checked stream i is at version `actual`
 ]]
+-- @include "record_fields"
 -- @include "stream_version"
 -- @include "now_ms"
 -- @include "timeouts"
 -- @include "process_index"
 
-local INDEX_KEYS = 13
-local INDEX_ARGS = 9
+local SIDE_EFFECTS = {process_index = update_process_index}
 
 local n = tonumber(ARGV[1])
 local versions = {}
@@ -66,8 +67,9 @@ for i = 1, n do
     version = version + 1
     local event_type, envelope = ARGV[arg], ARGV[arg + 1]
     arg = arg + 2
-    redis.call('XADD', key, version .. '-0', 'd', envelope)
-    redis.call('XADD', log, '*', 's', stream_id, 'v', version, 't', event_type, 'd', envelope)
+    redis.call('XADD', key, version .. '-0', RECORD.data, envelope)
+    redis.call('XADD', log, '*', RECORD.stream, stream_id, RECORD.version, version,
+      RECORD.type, event_type, RECORD.data, envelope)
   end
   versions[i] = version
 end
@@ -92,29 +94,32 @@ else
   arg = arg + 2
 end
 
-local updates = tonumber(ARGV[arg] or 0)
-if updates > 0 then
-  local now = now_ms()
-  for _ = 1, updates do
-    local index_keys = {}
-    for j = 1, INDEX_KEYS do
-      index_keys[j] = KEYS[key + j - 1]
-    end
-    update_process_index(index_keys, now, unpack(ARGV, arg + 1, arg + INDEX_ARGS))
-    key = key + INDEX_KEYS
-    arg = arg + INDEX_ARGS
+local side_effects = tonumber(ARGV[arg] or 0)
+local now = nil
+for _ = 1, side_effects do
+  local name = ARGV[arg + 1]
+  local key_count, arg_count = tonumber(ARGV[arg + 2]), tonumber(ARGV[arg + 3])
+  local effect_keys = {}
+  for j = 1, key_count do
+    effect_keys[j] = KEYS[key + j - 1]
   end
+  now = now or now_ms()
+  SIDE_EFFECTS[name](effect_keys, now, unpack(ARGV, arg + 4, arg + 3 + arg_count))
+  key = key + key_count
+  arg = arg + 3 + arg_count
 end
 arg = arg + 1
 
 local letters = tonumber(ARGV[arg] or 0)
+local max_len = ARGV[arg + 1]
+arg = arg + 1
 for _ = 1, letters do
   local count = tonumber(ARGV[arg + 1])
   local fields = {}
   for i = 1, count do
     fields[i] = ARGV[arg + 1 + i]
   end
-  redis.call('XADD', KEYS[key], 'MAXLEN', '~', 100000, '*', unpack(fields))
+  redis.call('XADD', KEYS[key], 'MAXLEN', '~', max_len, '*', unpack(fields))
   arg = arg + 1 + count
 end
 

@@ -17,6 +17,7 @@
     {moved, next_due_ms, now_ms}   next_due_ms is -1 if nothing is scheduled
     due entries: s = process stream id, t = process type, p = payload, due = due ms
 ]]
+-- @include "record_fields"
 -- @include "now_ms"
 -- @include "timeouts"
 -- @include "timeout_process_type"
@@ -29,12 +30,12 @@ for i = 1, #due, 2 do
   local id, due_ms = due[i], due[i + 1]
   local payload = redis.call('HGET', data, id)
   if payload then
-    local stream_id = string.match(id, '^(.*)|[^|]*$') or id
-    local entry = {'s', stream_id, 'p', payload, 'due', due_ms}
+    local stream_id = timeout_stream_id(id)
+    local entry = {RECORD.stream, stream_id, RECORD.payload, payload, RECORD.due, due_ms}
     local process_type = timeout_process_type(payload)
     if process_type then
       -- Without t (a corrupt payload), every group gets it and dead-letters it.
-      entry[#entry + 1] = 't'
+      entry[#entry + 1] = RECORD.type
       entry[#entry + 1] = process_type
     end
     redis.call('XADD', due_stream, '*', unpack(entry))

@@ -30,6 +30,7 @@
     {last_id, entries, deliveries}   entries as {id, fields} in the order to run
                                      them; last_id is '' unless nothing was read.
 ]]
+-- @include "record_fields"
 -- @include "group_entries"
 -- @include "entry_field"
 -- @include "now_ms"
@@ -58,10 +59,10 @@ end
 local owner_of, handed_to = {}, {}
 for _, entry in ipairs(read) do
   local fields = entry[2]
-  local stream_id = entry_field(fields, 's')
+  local stream_id = entry_field(fields, RECORD.stream)
   local mine = true
-  local event_type = wanted and entry_field(fields, 't')
-  local target = entry_field(fields, 'g')
+  local event_type = wanted and entry_field(fields, RECORD.type)
+  local target = entry_field(fields, RECORD.group)
   if (event_type and not wanted[event_type]) or (target and target ~= group) then
     redis.call('XACK', log, group, entry[1])
     mine = false

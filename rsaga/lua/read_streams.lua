@@ -11,6 +11,7 @@
     per stream: {version, v_1, d_1, v_2, d_2, ...}   the stream's current version,
                 then up to a page of (version, envelope) pairs from the start
 ]]
+-- @include "record_fields"
 -- @include "stream_version"
 
 local out = {}
@@ -21,7 +22,7 @@ for i, key in ipairs(KEYS) do
     flat[#flat + 1] = tonumber(string.match(entry[1], '^(%d+)'))
     local fields = entry[2]
     for j = 1, #fields, 2 do
-      if fields[j] == 'd' then
+      if fields[j] == RECORD.data then
         flat[#flat + 1] = fields[j + 1]
       end
     end

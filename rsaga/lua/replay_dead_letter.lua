@@ -12,6 +12,7 @@
     the new entry id, '' if there is no such dead letter, or '-' if it records
     a failure with nothing to replay (a process that failed and escalated)
 ]]
+-- @include "record_fields"
 -- @include "entry_field"
 
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
@@ -20,14 +21,14 @@ if #found == 0 then
 end
 local fields = found[1][2]
 local target, copied
-if entry_field(fields, 'p') then
-  target, copied = KEYS[3], {'s', 't', 'p', 'due'}
-elseif entry_field(fields, 'd') then
-  target, copied = KEYS[2], {'s', 'v', 'd'}
+if entry_field(fields, RECORD.payload) then
+  target, copied = KEYS[3], {RECORD.stream, RECORD.type, RECORD.payload, RECORD.due}
+elseif entry_field(fields, RECORD.data) then
+  target, copied = KEYS[2], {RECORD.stream, RECORD.version, RECORD.data}
 else
   return '-'
 end
-local replayed = {'g', entry_field(fields, 'handler'), 'r', ARGV[1]}
+local replayed = {RECORD.group, entry_field(fields, 'handler'), RECORD.replay_of, ARGV[1]}
 for _, name in ipairs(copied) do
   local value = entry_field(fields, name)
   if value then

@@ -40,7 +40,8 @@ from rsaga.inspect import (
     show_process,
 )
 from rsaga.operator import Operator, ProcessState
-from rsaga.processes import ProcessManager, ProcessRunner
+from rsaga.process.api import ProcessManager
+from rsaga.process.runner import ProcessRunner
 from rsaga.store import EventStore
 from rsaga.web.views import process_detail, shown
 

@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 
 from rsaga.inspect import ProcessView
-from rsaga.processes import CommandsIssued
-from rsaga.sagas import (
+from rsaga.process.events import CommandsIssued
+from rsaga.process.saga import (
     CompensationAttemptFailed,
     CompensationStarted,
     StepCompensated,

@@ -22,6 +22,7 @@
   `entries`, and how often each has been delivered, this delivery included, to
   `deliveries`.
 ]]
+-- @include "record_fields"
 -- @include "entry_field"
 
 local function live_consumers(alive, me, dead, now, timeout_ms)
@@ -59,7 +60,7 @@ local function take_over(log, group, owners, alive, handoffs, me, dead, entries,
       local stream_id = nil
       local found = redis.call('XRANGE', log, id, id)
       if found[1] then
-        stream_id = entry_field(found[1][2], 's')
+        stream_id = entry_field(found[1][2], RECORD.stream)
       end
       local taker = me
       if stream_id and stream_id ~= '' then
