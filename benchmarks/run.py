@@ -160,6 +160,26 @@ appending is not what limits a rate; ``append_s`` says how long it took.
   ``dur_saga_*`` (from ProcessStarted) for trips requested at a paced
   ``dur_rate`` per second for 3 s, with the same 30% refused.
 
+Redis Cluster scenarios start Redis of their own (whatever ``RSAGA_REDIS_URL``
+says), all with ``store.shards = 8``: ``cluster_*`` on a private cluster of 3
+masters, ``sharded_*`` the same scenario on one private server in the same run
+(``ratio_to_node`` = cluster rate / one-node rate).
+
+- ``sharded_command_c32`` / ``cluster_command_c32``: Transfers between two of
+  2,000 accounts of one shard (a command's writes share a shard), 32 tasks;
+  ``redis_cpu_us`` per command over all servers and ``redis_cpu_us_m<i>`` per
+  master, ``client_cpu_us`` this process's CPU per command (the cost of
+  client-side slot routing shows here).
+- ``replicated_command_c32``: the same on 3 masters with a replica each, first
+  with ``durability = "async"`` then ``"replicated"`` (WAIT 1 replica after each
+  commit): ``ratio_to_async``.
+- ``sharded_process_e2e`` / ``cluster_process_e2e``: 2 workers running the order
+  fulfilment handlers and one scheduler (``RSAGA_REDIS_CLUSTER``,
+  ``RSAGA_SHARDS=8``); after 50 warm-up orders, 300 orders appended by 32
+  tasks: ``processes_per_s`` until every process-stats hash of the 8 shards
+  counts them completed; ``redis_cpu_us`` (and per master) and
+  ``worker_cpu_us`` (workers and scheduler) per process.
+
 ``BENCH_METRICS=1`` in this script's environment gives every worker of every
 scenario a Prometheus endpoint (``--metrics-port``), so any scenario can be
 measured with metrics on.
@@ -233,6 +253,7 @@ from rsaga import (
 from rsaga.config import RedisSettings, redact_url
 from rsaga.connection import connect as rsaga_connect
 from rsaga.events import new_id
+from rsaga.health import live_heartbeats
 from rsaga.processes import (
     FRAMEWORK_EVENTS,
     ProcessCompensated,
@@ -247,7 +268,7 @@ from rsaga.sagas import SAGA_EVENTS
 from rsaga.scheduler import Scheduler
 from rsaga.scripts import Script, script
 from rsaga.store import StreamSlice
-from rsaga.testing import RedisServer, free_port
+from rsaga.testing import RedisClusterNodes, RedisServer, free_port
 
 Metric = float | int | str | None
 Metrics = dict[str, Metric]
@@ -1030,9 +1051,11 @@ class Fleet:
     in the repository (so ``config/rsaga.toml`` applies, as for `rsaga worker`).
     """
 
-    def __init__(self, url: str, keyspace: Keyspace) -> None:
+    def __init__(self, url: str, keyspace: Keyspace, env: dict[str, str] | None = None) -> None:
         self.url = url
         self.keyspace = keyspace
+        self.env = env or {}
+        """More variables for every subprocess (a cluster's ``RSAGA_REDIS_CLUSTER``...)."""
         self.children: list[Child] = []
         self._dir = Path(tempfile.mkdtemp(prefix="rsaga-bench-"))
 
@@ -1044,6 +1067,7 @@ class Fleet:
             RSAGA_LOG_LEVEL="WARNING",
             PYTHONPATH=os.pathsep.join(p for p in (str(PLUGINS_DIR), env.get("PYTHONPATH")) if p),
         )
+        env.update(self.env)
         if handlers:
             env["RSAGA_HANDLERS"] = handlers
         if kind == "worker" and os.environ.get("BENCH_METRICS") and "--metrics-port" not in args:
@@ -1080,11 +1104,9 @@ class Fleet:
     async def ready(self, redis: Redis) -> float:
         """Wait until every subprocess has its heartbeat key; seconds since the first start."""
         began = perf_counter()
-        pattern = self.keyspace.heartbeat_pattern()
 
         async def all_beating() -> bool:
-            found = [k async for k in redis.scan_iter(match=pattern, count=10_000)]
-            return len(found) >= len(self.children)
+            return len(await live_heartbeats(redis, self.keyspace)) >= len(self.children)
 
         await self.wait("worker heartbeats", all_beating, poll=0.02)
         return perf_counter() - began
@@ -1974,6 +1996,201 @@ scenario(
 
 
 # --- running --------------------------------------------------------------------------
+
+
+# --- Redis Cluster ----------------------------------------------------------------------
+#
+# Each of these starts its own private Redis: a cluster of 3 masters (`cluster_*`,
+# `replicated_*` with a replica each) or one server (`sharded_*`, the same scenario on
+# one node in the same run), both with store.shards = 8, so ``ratio_to_node`` is what
+# routing over a cluster costs on this machine. ``redis_cpu_us`` is the servers' CPU
+# per operation, ``redis_cpu_us_m<i>`` each master's share (spread over the masters
+# is the point of a cluster); ``client_cpu_us`` this process's CPU per operation.
+
+CLUSTER_SHARDS = 8
+CLUSTER_MASTERS = 3
+CLUSTER_ACCOUNTS = 2_000
+CLUSTER_E2E_ORDERS = 300
+"""Fewer than process_e2e's 1,000: on a loaded 2-core machine a burst of 1,000 over 8
+shards outlasts the example's 10-s service timeouts and orders fail."""
+
+
+@contextmanager
+def private_redis(cluster: bool, replicas: int = 0) -> Iterator[tuple[str, list[int]]]:
+    """(url, the masters' ports) of a private cluster of 3 masters, or of one server."""
+    if cluster:
+        with RedisClusterNodes(CLUSTER_MASTERS, replicas) as nodes:
+            yield nodes.url, nodes.master_ports()
+    else:
+        with RedisServer() as server:
+            yield server.url, [server.port]
+
+
+async def servers_cpu(ports: Sequence[int]) -> list[float]:
+    """CPU seconds (user + sys) each server on `ports` has used so far."""
+    used: list[float] = []
+    for port in ports:
+        client = Redis(host="127.0.0.1", port=port)
+        try:
+            info: dict[str, Any] = await client.info("cpu")
+        finally:
+            await client.aclose()
+        used.append(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]))
+    return used
+
+
+def cpu_metrics(before: list[float], after: list[float], client: float, per: int) -> Metrics:
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    out: Metrics = {
+        "redis_cpu_us": round(sum(spent) / per * 1e6, 1),
+        "client_cpu_us": round(client / per * 1e6, 1),
+    }
+    if len(spent) > 1:
+        out.update({f"redis_cpu_us_m{i}": round(x / per * 1e6, 1) for i, x in enumerate(spent)})
+    return out
+
+
+def sharded_store(redis: Redis, prefix: str, registry: EventRegistry, **options: Any) -> EventStore:
+    keyspace = Keyspace(prefix=prefix, shards=CLUSTER_SHARDS)
+    return EventStore(redis, registry, keyspace=keyspace, **options)
+
+
+async def transfers(bench: Bench, store: EventStore, concurrency: int, ports: list[int]) -> Metrics:
+    """Time Transfers between two accounts of one shard (a command's writes share a shard)."""
+    ids = [account_id(n) for n in range(CLUSTER_ACCOUNTS)]
+
+    async def seed(i: int) -> None:
+        await store.append(ids[i], [Deposited(INITIAL_BALANCE)], expected=ExpectedVersion.ANY)
+
+    await run_batch(seed, len(ids))
+    by_shard: dict[int, list[str]] = {}
+    for stream_id in ids:
+        by_shard.setdefault(store.keyspace.shard_of(stream_id), []).append(stream_id)
+    groups = list(by_shard.values())
+    executor = Executor(store)
+    rng = random.Random(5)
+
+    async def op() -> None:
+        group = groups[rng.randrange(len(groups))]
+        a, b = rng.sample(group, 2)
+        await executor.execute(Transfer(source=StreamId(a), target=StreamId(b)))
+
+    await drive(op, concurrency, bench.warmup)
+    latencies: list[float] = []
+    cpu_before, client_before = await servers_cpu(ports), time.process_time()
+    ops, elapsed = await drive(op, concurrency, bench.duration, latencies)
+    client = time.process_time() - client_before
+    metrics: Metrics = {"ops": ops, "ops_per_s": round(ops / elapsed, 1)}
+    latencies.sort()
+    metrics.update(ms_percentiles([x * 1000 for x in latencies], "lat"))
+    metrics.update(cpu_metrics(cpu_before, await servers_cpu(ports), client, ops))
+    return metrics
+
+
+async def sharded_command(bench: Bench, *, concurrency: int, cluster: bool) -> Metrics:
+    """Executor.execute of a Transfer within one of 8 shards, on a private Redis."""
+    with private_redis(cluster) as (url, ports):
+        redis = rsaga_connect(RedisSettings(url=url, cluster=cluster))
+        try:
+            store = sharded_store(redis, f"{bench.prefix}.cmd", bench.registry)
+            return await transfers(bench, store, concurrency, ports)
+        finally:
+            await redis.aclose()
+
+
+async def replicated_command(bench: Bench, *, concurrency: int) -> Metrics:
+    """Transfers on 3 masters with a replica each: durability "replicated" against "async"."""
+    with private_redis(cluster=True, replicas=1) as (url, ports):
+        redis = rsaga_connect(RedisSettings(url=url, cluster=True))
+        try:
+            plain = sharded_store(redis, f"{bench.prefix}.async", bench.registry)
+            default = await transfers(bench, plain, concurrency, ports)
+            durable = sharded_store(
+                redis, f"{bench.prefix}.replicated", bench.registry, durability="replicated"
+            )
+            metrics = await transfers(bench, durable, concurrency, ports)
+        finally:
+            await redis.aclose()
+    metrics["async_ops_per_s"] = default["ops_per_s"]
+    metrics["async_lat_p50_ms"] = default["lat_p50_ms"]
+    rate, base = metrics["ops_per_s"], default["ops_per_s"]
+    if isinstance(rate, float) and isinstance(base, float) and base:
+        metrics["ratio_to_async"] = round(rate / base, 3)
+    return metrics
+
+
+async def sharded_process_e2e(bench: Bench, *, orders: int, workers: int, cluster: bool) -> Metrics:
+    """Order fulfilments per second over 8 shards: 2 workers, 1 scheduler, a private Redis."""
+    with private_redis(cluster) as (url, ports):
+        redis = rsaga_connect(RedisSettings(url=url, cluster=cluster))
+        keyspace = Keyspace(prefix=f"{bench.prefix}.e2e", shards=CLUSTER_SHARDS)
+        registry = EventRegistry([OrderPlaced, *FRAMEWORK_EVENTS])
+        store = EventStore(redis, registry, keyspace=keyspace)
+        env = {"RSAGA_SHARDS": str(CLUSTER_SHARDS), "RSAGA_REDIS_CLUSTER": str(cluster).lower()}
+        stats = [keyspace.process_stats(n, "order-fulfilment") for n in range(CLUSTER_SHARDS)]
+
+        async def completed(n: int) -> bool:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in stats:
+                    pipe.hmget(key, ["completed", "failed"])
+                replies = await pipe.execute()
+            if sum(int(failed or 0) for _, failed in replies):
+                raise ScenarioFailed("order processes failed")
+            return sum(int(done or 0) for done, _ in replies) >= n
+
+        async def place(prefix: str, count: int) -> None:
+            async def one(i: int) -> None:
+                await store.append(f"order-{prefix}{i}", [OrderPlaced(f"{prefix}{i}", 100)])
+
+            await run_batch(one, count)
+
+        try:
+            with Fleet(url, keyspace, env) as fleet:
+                handlers = [arg for group in E2E_GROUPS for arg in ("--handler", group)]
+                for _ in range(workers):
+                    fleet.start("worker", *handlers)
+                fleet.start("scheduler")
+                startup = await fleet.ready(redis)
+                await place("w", E2E_WARMUP_ORDERS)
+                await fleet.wait("the warm-up orders", lambda: completed(E2E_WARMUP_ORDERS))
+
+                def fleet_cpu() -> float:
+                    return sum(c.cpu_seconds() or 0.0 for c in fleet.children)
+
+                cpu_before, fleet_before = await servers_cpu(ports), fleet_cpu()
+                started = perf_counter()
+                await place("b", orders)
+                total = E2E_WARMUP_ORDERS + orders
+                await fleet.wait("every order completed", lambda: completed(total), poll=0.01)
+                elapsed = perf_counter() - started
+                metrics: Metrics = {
+                    "orders": orders,
+                    "startup_s": round(startup, 2),
+                    "processes_per_s": round(orders / elapsed, 1),
+                    **cpu_metrics(cpu_before, await servers_cpu(ports), 0.0, orders),
+                    "worker_cpu_us": round((fleet_cpu() - fleet_before) / orders * 1e6, 1),
+                }
+                del metrics["client_cpu_us"]
+                fleet.check()
+                return metrics
+        finally:
+            await redis.aclose()
+
+
+scenario("sharded_command_c32", concurrency=32, cluster=False)(sharded_command)
+scenario(
+    "cluster_command_c32", ratios={"ratio_to_node": "sharded_command_c32"},
+    concurrency=32, cluster=True,
+)(sharded_command)
+scenario("replicated_command_c32", concurrency=32)(replicated_command)
+scenario(
+    "sharded_process_e2e", rate="processes_per_s",
+    orders=CLUSTER_E2E_ORDERS, workers=E2E_WORKERS, cluster=False,
+)(sharded_process_e2e)
+scenario(
+    "cluster_process_e2e", rate="processes_per_s", ratios={"ratio_to_node": "sharded_process_e2e"},
+    orders=CLUSTER_E2E_ORDERS, workers=E2E_WORKERS, cluster=True,
+)(sharded_process_e2e)
 
 
 def progress(message: str) -> None:

@@ -70,5 +70,8 @@ def open_store(
         keyspace=Keyspace(prefix=settings.store.prefix, shards=settings.store.shards),
         max_event_bytes=settings.store.max_event_bytes,
         page_size=settings.store.read_page_size,
+        durability=settings.store.durability,
+        replicas=settings.store.replicas,
+        replication_timeout=settings.store.replication_timeout,
         dead_letter_max_len=settings.worker.dead_letter_max_len,
     )

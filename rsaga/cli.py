@@ -34,6 +34,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 import rsaga
 from rsaga import logs
 from rsaga.app import open_store
+from rsaga.cluster import (
+    Master,
+    cluster_layout,
+    ensure_shard_count,
+    is_cluster,
+    one_shard_warning,
+    parse_shards,
+)
 from rsaga.config import Settings, load_settings, redact_url
 from rsaga.connection import connect, embedded, ping
 from rsaga.deadletters import DeadLetters
@@ -95,11 +103,16 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     redis = connect(settings.redis)
     where = redact_url(settings.redis.url)
     keyspace = Keyspace(prefix=settings.store.prefix, shards=settings.store.shards)
+    masters: list[Master] = []
     try:
         info = await ping(redis, where)
         missing = await missing_permissions(redis, keyspace)
         for script in [] if missing else all_scripts():
             await script.load(redis)
+        if not missing:
+            await ensure_shard_count(redis, keyspace)
+            if is_cluster(redis):
+                masters = await cluster_layout(redis, keyspace)
     finally:
         await redis.aclose()
     if missing:
@@ -111,10 +124,48 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
         f"server     Redis {info.version} ({info.mode})",
         f"prefix     {settings.store.prefix}",
         f"shards     {settings.store.shards}",
-        f"scripts    {len(all_scripts())} loaded",
-        "ok",
+        f"durability {settings.store.durability}",
     )
+    for master in masters:
+        held = _ranges(master.shards) or "none"
+        _print(
+            f"master     {master.name}: {master.slots} slots, {master.replicas} replica(s), "
+            f"shards {held}"
+        )
+    warning = one_shard_warning(redis, keyspace)
+    if warning:
+        _print(f"warning    {warning}")
+    _print(f"scripts    {len(all_scripts())} loaded", "ok")
     return 0
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``0-3,6`` for [0, 1, 2, 3, 6]."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+async def _agree_on_shards(store: EventStore) -> None:
+    """Refuse to run on a keyspace made with another shard count; warn of one shard on a
+    cluster."""
+    await ensure_shard_count(store.redis, store.keyspace)
+    warning = one_shard_warning(store.redis, store.keyspace)
+    if warning:
+        logging.getLogger("rsaga").warning(warning)
+
+
+def _shard_choice(args: argparse.Namespace, settings: Settings) -> list[int] | None:
+    if not args.shards:
+        return None
+    try:
+        return parse_shards(args.shards, settings.store.shards)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class _Progress:
@@ -306,11 +357,13 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     worker_settings = settings.worker
     if args.concurrency:
         worker_settings = msgspec.structs.replace(worker_settings, concurrency=args.concurrency)
+    shards = _shard_choice(args, settings)
     store = _store(settings)
     await ping(
         store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
         keyspace=store.keyspace,
     )
+    await _agree_on_shards(store)
     interceptors = resolve_interceptors(worker_settings.interceptors)
     observer = next((i for i in interceptors if isinstance(i, PrometheusObserver)), None)
     if observer is None and args.metrics_port:
@@ -323,6 +376,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         ),
         [item.handler() for item in selected],
         settings=worker_settings,
+        shards=shards,
     )
     stop = anyio.Event()
     try:
@@ -351,15 +405,18 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
     """Move due timeouts to the due streams until SIGTERM or SIGINT."""
+    shards = _shard_choice(args, settings)
     store = _store(settings)
     await ping(
         store.redis, redact_url(settings.redis.url), wait=settings.redis.connect_timeout,
         keyspace=store.keyspace,
     )
+    await _agree_on_shards(store)
     observer = PrometheusObserver() if args.metrics_port else None
     scheduler = Scheduler(
         store.redis,
         store.keyspace,
+        shards=shards,
         batch_size=args.batch_size or settings.scheduler.batch_size,
         max_sleep=settings.scheduler.max_sleep,
         heartbeat_ttl=settings.scheduler.heartbeat_ttl,
@@ -730,6 +787,13 @@ def _limit_option(parser: argparse.ArgumentParser, default: int, what: str) -> N
     parser.add_argument("--limit", type=_positive, default=default, metavar="N", help=what)
 
 
+def _shards_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--shards", metavar="LIST",
+        help=f"{what}, e.g. 0-7 or 0,2,4-5 (default: every shard)",
+    )
+
+
 def _metrics_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=_positive, metavar="PORT",
@@ -814,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive, metavar="N",
         help="events handled at once (default: worker.concurrency, 32)",
     )
+    _shards_option(worker, "serve only these shards' logs")
     _metrics_option(worker)
 
     scheduler = _command(
@@ -825,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive, metavar="N",
         help="timeouts moved per atomic call (default: scheduler.batch_size, 1000)",
     )
+    _shards_option(scheduler, "drain only these shards' timeouts")
     _metrics_option(scheduler)
 
     health = _command(

@@ -24,6 +24,7 @@ from rsaga.defaults import (
     DEFAULT_COMMAND_RETRY,
     DEFAULT_DEAD_LETTER_MAX_LEN,
     DEFAULT_PAGE_SIZE,
+    DURABILITIES,
 )
 from rsaga.errors import ConfigError
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES
@@ -59,7 +60,11 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     connect_timeout: float = 60.0
     """Seconds a starting worker or scheduler waits for Redis to answer before it exits 1."""
     max_connections: int = 1000
-    """Ceiling on the connection pool of one process (connections open as needed)."""
+    """Ceiling on the connection pool of one process (connections open as needed; on a
+    cluster, per node)."""
+    cluster: bool = False
+    """`url` names one node of a Redis Cluster: discover the others and route each key to
+    its master (see docs/scaling.md)."""
 
     def __post_init__(self) -> None:
         address = parse_redis_url(self.url) if self.url else None
@@ -85,6 +90,8 @@ class RedisSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError(f"connect_timeout: must be >= 0, got {self.connect_timeout}")
         if self.max_connections < 1:
             raise ValueError(f"max_connections: must be >= 1, got {self.max_connections}")
+        if self.cluster and address is not None and address.scheme == "unix":
+            raise ValueError("cluster: a Redis Cluster is reached over TCP, not unix://")
 
     def _check_tls(self, address: RedisAddress | None) -> None:
         for name in ("tls_ca", "tls_cert", "tls_key"):
@@ -120,13 +127,29 @@ class StoreSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Largest encoded event accepted."""
     read_page_size: int = DEFAULT_PAGE_SIZE
     """Events per XRANGE page when reading a stream."""
+    durability: str = "async"
+    """"async": a commit is acknowledged once its master has it (a failover can lose the
+    last writes); "replicated": also once `replicas` replicas have it (WAIT), else an
+    error."""
+    replicas: int = 1
+    """Replicas that must acknowledge a commit when `durability` is "replicated"."""
+    replication_timeout: float = 1.0
+    """Seconds a "replicated" commit waits for its replicas before it fails."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,50}", self.prefix):
             raise ValueError(f"prefix: must be 1-50 of [A-Za-z0-9._-], got {self.prefix!r}")
-        for name in ("shards", "max_event_bytes", "read_page_size"):
+        for name in ("shards", "max_event_bytes", "read_page_size", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.shards > 16384:
+            raise ValueError(f"shards: must be <= 16384, got {self.shards}")
+        if self.durability not in DURABILITIES:
+            raise ValueError(
+                f"durability: must be 'async' or 'replicated', got {self.durability!r}"
+            )
+        if self.replication_timeout <= 0:
+            raise ValueError(f"replication_timeout: must be > 0, got {self.replication_timeout}")
 
 
 class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -326,6 +349,8 @@ _SHORT_NAMES: dict[tuple[str, str], str] = {
     ("store", "prefix"): "RSAGA_PREFIX",
     ("store", "shards"): "RSAGA_SHARDS",
     ("store", "max_event_bytes"): "RSAGA_MAX_EVENT_BYTES",
+    ("store", "durability"): "RSAGA_DURABILITY",
+    ("redis", "cluster"): "RSAGA_REDIS_CLUSTER",
     ("worker", "handlers"): "RSAGA_HANDLERS",
     ("worker", "interceptors"): "RSAGA_INTERCEPTORS",
     ("worker", "concurrency"): "RSAGA_CONCURRENCY",

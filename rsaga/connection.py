@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import anyio
 from redis.asyncio import ConnectionPool, Redis, SSLConnection
@@ -13,8 +13,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 
+from rsaga.cluster import ClusterClient, as_cluster, client_options, is_cluster
 from rsaga.config import RedisAddress, RedisSettings, parse_redis_url, redact_url
 from rsaga.errors import ConfigError, RedisUnavailable
 from rsaga.keyspace import Keyspace
@@ -37,27 +38,39 @@ def connect(settings: RedisSettings) -> Redis:
     commands are retried by their handler (expected versions and idempotency
     keys make that safe), a worker resyncs its pending entries before it reads
     again, and outages are waited out with backoff (see docs/design.md).
+
+    With ``redis.cluster`` the URL names one node of a Redis Cluster and the
+    client is redis-py's asyncio `RedisCluster` (typed as `Redis`: it has the same
+    commands) with the same options, per node. It follows MOVED and ASK itself;
+    on a connection error it raises, like the single-node client, and reads the
+    slot map again before its next command, so a failover is waited out by the
+    same backoff as an outage.
     """
     if not settings.url:
         raise ConfigError("redis.url: no Redis configured (set RSAGA_REDIS_URL)")
     # Only the credential-free address is ever parsed by redis-py, so no
     # error it raises can quote the password.
     target = parse_redis_url(settings.url)
+    options: dict[str, Any] = {
+        "decode_responses": False,
+        "socket_timeout": settings.socket_timeout,
+        "socket_connect_timeout": settings.socket_timeout,
+        "max_connections": settings.max_connections,
+        "health_check_interval": 30,
+        "retry": NO_RESEND,
+        **_credentials(settings, target),
+        **_tls_files(settings),
+    }
     try:
+        if settings.cluster:
+            # reinitialize_steps=0: a MOVED patches the slot map; redis-py's periodic full
+            # refresh closes every connection, replies in flight on other tasks included.
+            client = ClusterClient.from_url(target.address, reinitialize_steps=0, **options)
+            return cast(Redis, client)
         # A plain pool (a blocking one costs ~20% per round trip, measured);
         # max_connections is a ceiling, connections are opened as needed.
-        pool = ConnectionPool.from_url(
-            target.address,
-            decode_responses=False,
-            socket_timeout=settings.socket_timeout,
-            socket_connect_timeout=settings.socket_timeout,
-            max_connections=settings.max_connections,
-            health_check_interval=30,
-            retry=NO_RESEND,
-            **_credentials(settings, target),
-            **_tls_files(settings),
-        )
-    except ValueError as exc:
+        pool = ConnectionPool.from_url(target.address, **options)
+    except (ValueError, RedisClusterException) as exc:
         raise ConfigError(f"redis.url: {exc} ({redact_url(settings.url)})") from None
     return Redis(connection_pool=pool)
 
@@ -122,12 +135,17 @@ class ServerInfo(NamedTuple):
 
 
 async def server_info(redis: Redis) -> ServerInfo:
-    """Version and mode from ``HELLO`` (allowed to every ACL user), else ``INFO server``."""
+    """Version and mode from ``HELLO`` (allowed to every ACL user), else ``INFO server``
+    (on a cluster, of one node)."""
+    one_node: dict[str, Any] = {}
+    if is_cluster(redis):
+        cluster = await as_cluster(redis).initialize()
+        one_node["target_nodes"] = cluster.get_default_node()
     try:
-        reply: Any = await redis.execute_command("HELLO")  # type: ignore[no-untyped-call]
+        reply: Any = await redis.execute_command("HELLO", **one_node)  # type: ignore[no-untyped-call]
     except ResponseError:
         try:
-            info: dict[str, Any] = await redis.info("server")
+            info: dict[str, Any] = await redis.info("server", **one_node)
         except ResponseError:  # INFO is @dangerous: a restricted user may not run it
             return ServerInfo("?", "?")
         return ServerInfo(str(info.get("redis_version", "?")), str(info.get("redis_mode", "?")))
@@ -152,22 +170,26 @@ async def ping(
     With `keyspace`, the user's ACL permissions on it are checked too
     (`MissingPermissions`, one line).
     """
-    info = await _reachable(redis, where, wait)
-    if keyspace is not None:
-        missing = await missing_permissions(redis, keyspace)
-        if missing:
-            raise MissingPermissions(missing, keyspace.prefix)
-    return info
+    return await _reachable(redis, where, wait, keyspace)
 
 
-async def _reachable(redis: Redis, where: str, wait: float) -> ServerInfo:
+async def _reachable(
+    redis: Redis, where: str, wait: float, keyspace: Keyspace | None
+) -> ServerInfo:
     deadline = time.monotonic() + wait
     next_log = time.monotonic()
     delay = 0.1
     while True:
         try:
             await redis.ping()
-            return await server_info(redis)
+            info = await server_info(redis)
+            if keyspace is not None:
+                # Inside the wait: a cluster master failing over while this process
+                # starts is waited out like an outage.
+                missing = await missing_permissions(redis, keyspace)
+                if missing:
+                    raise MissingPermissions(missing, keyspace.prefix)
+            return info
         except RedisAuthenticationError as exc:
             # The cause tells the CLI this is a configuration problem (exit 2), not an outage.
             raise RedisUnavailable(f"Redis at {where} refused the credentials: {exc}") from exc
@@ -199,9 +221,9 @@ def _tls_mistake(redis: Redis, exc: BaseException) -> str | None:
     (TLS 1.3) and just drops a client without one, which redis-py reports as
     a reset connection: say what that means.
     """
-    if redis.connection_pool.connection_class is not SSLConnection:
+    kwargs = client_options(redis)
+    if not issubclass(kwargs.get("connection_class", type(None)), SSLConnection):
         return None
-    kwargs = redis.connection_pool.connection_kwargs
     text = str(exc)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         hint = "" if kwargs.get("ssl_ca_certs") else "; set redis.tls_ca to the CA that signed it"

@@ -15,3 +15,6 @@ DEFAULT_PAGE_SIZE = 512
 
 DEFAULT_DEAD_LETTER_MAX_LEN = 100_000
 """Dead letters kept per shard (oldest trimmed first, approximately)."""
+
+DURABILITIES = ("async", "replicated")
+"""What `store.durability` may be: acknowledged by the master, or also by replicas (WAIT)."""

@@ -68,5 +68,11 @@ class RedisUnavailable(RsagaError, ConnectionError):
     """Redis could not be reached; the message names the address, never the password."""
 
 
+class NotReplicated(RedisUnavailable):
+    """A commit reached its master but not enough replicas acknowledged it in time
+    (``store.durability = "replicated"``): a failover now could lose it. Retrying the
+    command is safe (expected versions and idempotency keys)."""
+
+
 class ScriptError(RsagaError):
     """A Lua script returned an error code rsaga does not know, naming the script."""

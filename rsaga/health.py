@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from rsaga.cluster import mget
 from rsaga.keyspace import Keyspace
 from rsaga.records import Heartbeat as Heartbeat
 from rsaga.runtime.liveness import FORGET_DEAD_AFTER_MS as FORGET_DEAD_AFTER_MS
@@ -148,7 +149,7 @@ async def live_heartbeats(redis: Redis, keyspace: Keyspace) -> list[Heartbeat]:
     consumers: Any = await redis.zrange(keyspace.heartbeats(), 0, -1)
     if not consumers:
         return []
-    blobs: Any = await redis.mget([keyspace.heartbeat(c.decode()) for c in consumers])
+    blobs = await mget(redis, [keyspace.heartbeat(c.decode()) for c in consumers])
     return _heartbeats(blobs)
 
 
@@ -175,7 +176,7 @@ async def health_report(
     round trips, whatever the number of processes.
     """
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.time()
+        pipe.execute_command("TIME")  # not .time(): refused in a cluster pipeline
         pipe.zrange(keyspace.heartbeats(), 0, -1)
         for shard in range(keyspace.shards):
             pipe.smembers(keyspace.process_types(shard))

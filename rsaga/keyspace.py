@@ -188,6 +188,10 @@ class Keyspace:
 
     # --- keys outside any shard -------------------------------------------------
 
+    def shard_count(self) -> str:
+        """String: the shard count the keyspace was created with (set on first use)."""
+        return f"{self.prefix}:shards"
+
     def heartbeat(self, consumer: str) -> str:
         """String with TTL: a live worker or scheduler's description."""
         return f"{self.prefix}:heartbeat:{consumer}"

@@ -274,7 +274,7 @@ class PrometheusObserver(Observer):
             for stream in streams:
                 pipe.xinfo_groups(stream)
             if scheduler:
-                pipe.time()
+                pipe.execute_command("TIME")  # not .time(): refused in a cluster pipeline
                 for shard in range(keyspace.shards):
                     pipe.zrange(keyspace.timeouts(shard), 0, 0, withscores=True)
             try:

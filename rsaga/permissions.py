@@ -14,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
+from rsaga.cluster import as_cluster, is_cluster, replies_of
 from rsaga.errors import RsagaError
 from rsaga.keyspace import Keyspace
 
@@ -51,6 +52,13 @@ def probes(keyspace: Keyspace) -> list[tuple[str, ...]]:
         ("SCAN", "0", "MATCH", f"{keyspace.prefix}:*", "COUNT", "1"),
         ("SCRIPT", "LOAD", "return 1"),
         ("EVALSHA", "0" * 40, "1", log),
+        ("EVAL", "return 1", "1", log),
+        ("WAIT", "0", "0"),
+        # A Redis Cluster client reads the slot map and the command table, and
+        # follows ASK redirects.
+        ("CLUSTER", "SLOTS"),
+        ("COMMAND", "COUNT"),
+        ("ASKING",),
         ("GET", heartbeat),
         ("SET", heartbeat, "1", "PX", "1000"),
         ("DEL", heartbeat),
@@ -96,7 +104,7 @@ def probes(keyspace: Keyspace) -> list[tuple[str, ...]]:
     ]
 
 
-_SUBCOMMANDS = {"SCRIPT", "XGROUP", "XINFO"}
+_SUBCOMMANDS = {"SCRIPT", "XGROUP", "XINFO", "CLUSTER"}
 
 
 def _acl_name(probe: tuple[str, ...]) -> str:
@@ -114,12 +122,35 @@ def minimal_acl(prefix: str) -> str:
 
 
 async def missing_permissions(redis: Redis, keyspace: Keyspace) -> list[str]:
-    """One line per permission the connected user lacks (empty: it has all rsaga needs)."""
-    connection = await redis.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+    """One line per permission the connected user lacks (empty: it has all rsaga needs).
+
+    On a Redis Cluster every master is asked (ACL users are per node), and each
+    line names the node.
+    """
+    if not is_cluster(redis):
+        pool = redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await _missing_on(connection, keyspace)
+        finally:
+            await pool.release(connection)
+    cluster = as_cluster(redis)
+    await cluster.initialize()
+    missing: list[str] = []
+    for node in cluster.get_primaries():
+        connection = node.acquire_connection()
+        try:
+            missing += [f"{node.name}: {line}" for line in await _missing_on(connection, keyspace)]
+        finally:
+            node.release(connection)
+    return missing
+
+
+async def _missing_on(connection: Any, keyspace: Keyspace) -> list[str]:
     try:
         # EXEC outside a transaction runs nothing; MULTI must be known to
         # work before anything else is sent, or the probes would really run.
-        exec_reply, multi_reply = await _replies(connection, [("EXEC",), ("MULTI",)])
+        exec_reply, multi_reply = await replies_of(connection, [("EXEC",), ("MULTI",)])
         denied = [
             _not_allowed(name)
             for name, reply in (("exec", exec_reply), ("multi", multi_reply))
@@ -128,27 +159,13 @@ async def missing_permissions(redis: Redis, keyspace: Keyspace) -> list[str]:
         if isinstance(multi_reply, ResponseError):
             return denied
         queued = probes(keyspace)
-        *replies, discard_reply = await _replies(connection, [*queued, ("DISCARD",)])
+        *replies, discard_reply = await replies_of(connection, [*queued, ("DISCARD",)])
     except BaseException:
         await connection.disconnect()  # replies may be left unread: never reuse it
         raise
-    finally:
-        await redis.connection_pool.release(connection)
     if isinstance(discard_reply, ResponseError):
         raise ResponseError(f"DISCARD after the permission probes: {discard_reply}")
     return denied + _describe(queued, replies)
-
-
-async def _replies(connection: Any, commands: list[tuple[str, ...]]) -> list[object]:
-    """Send `commands` in one round trip; their replies, errors as `ResponseError` values."""
-    await connection.send_packed_command(connection.pack_commands(commands))
-    replies: list[object] = []
-    for _ in commands:
-        try:
-            replies.append(await connection.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
 
 
 def _denied(reply: object) -> bool:

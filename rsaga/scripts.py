@@ -3,8 +3,9 @@
 Each ``.lua`` file is one atomic state change. Shared helpers live in
 ``lua/includes/``, one ``local function`` per file, pulled in with a line
 ``-- @include "name"``; each include is expanded once per script, and a cycle
-is an error. On NOSCRIPT (a restarted or flushed server) the script is loaded
-and the call repeated once.
+is an error. On NOSCRIPT (a restarted or flushed server, a replica promoted by a
+failover, a cluster node that never saw the script) the call is repeated once with
+EVAL, which runs the script on the node that owns the keys and caches it there.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Script:
     async def __call__(
         self, redis: Redis, keys: Sequence[str], args: Sequence[EncodableArg]
     ) -> Any:
-        """Run the script; load it first if the server does not know it.
+        """Run the script; send its source if the node does not know it.
 
         The call is pipelined with the other script calls of this turn of the event
         loop (`rsaga.batching`)."""
@@ -79,11 +80,12 @@ class Script:
         try:
             return await batcher.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await redis.script_load(self.source)
-            return await batcher.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+            # Not SCRIPT LOAD: on a cluster that goes to every master, and one
+            # master down would stop the shards of all the others.
+            return await batcher.execute("EVAL", self.source, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
-        """Load the script into the server's script cache."""
+        """Load the script into the server's script cache (every master of a cluster)."""
         await redis.script_load(self.source)
 
 
@@ -125,6 +127,18 @@ class CommitStream(NamedTuple):
     events: Sequence[tuple[str, bytes]]
 
 
+class ScriptCall(NamedTuple):
+    """A script with the KEYS and ARGV of one call, built by `Scripts`."""
+
+    script: Script
+    keys: list[str]
+    args: list[EncodableArg]
+
+    async def run(self, redis: Redis) -> Any:
+        """Run the call."""
+        return await self.script(redis, self.keys, self.args)
+
+
 class Scripts:
     """Every Lua script, one method each (as BullMQ's ``Scripts`` class): the method owns
     which KEYS and ARGV its script takes, so callers never build key lists."""
@@ -133,7 +147,11 @@ class Scripts:
         self.redis = redis
         self.keyspace = keyspace
 
-    async def commit(
+    async def commit(self, shard: int, streams: Sequence[CommitStream], **effects: Any) -> Any:
+        """``commit.lua`` (see `commit_call` for the arguments)."""
+        return await self.commit_call(shard, streams, **effects).run(self.redis)
+
+    def commit_call(
         self,
         shard: int,
         streams: Sequence[CommitStream],
@@ -145,10 +163,11 @@ class Scripts:
         dead_letter_max_len: int = 0,
         snapshots: Sequence[tuple[str, str, int, bytes]] = (),
         with_effects: bool = False,
-    ) -> Any:
-        """``commit.lua``: check the versions, append the events, and (`with_effects`)
-        schedule and cancel timeouts, apply side effects, add dead letters and store
-        snapshots (stream id, fold, version, blob)."""
+    ) -> ScriptCall:
+        """``commit.lua``, to run: check the versions, append the events, and
+        (`with_effects`) schedule and cancel timeouts, apply side effects, add dead
+        letters and store snapshots (stream id, fold, version, blob). The store runs it,
+        followed by a WAIT when commits must reach replicas."""
         ks = self.keyspace
         keys = [ks.log(shard)]
         header: list[EncodableArg] = [len(streams)]
@@ -184,7 +203,7 @@ class Scripts:
             for stream_id, fold, version, blob in snapshots:
                 keys.append(ks.snapshot(stream_id, fold))
                 args += [version, blob]
-        return await script("commit")(self.redis, keys, args)
+        return ScriptCall(script("commit"), keys, args)
 
     async def read_streams(
         self,

@@ -21,12 +21,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock, SystemClock
-from rsaga.defaults import DEFAULT_DEAD_LETTER_MAX_LEN
+from rsaga.cluster import client_options, ensure_shard_count, is_cluster, run_replicated
+from rsaga.defaults import DEFAULT_DEAD_LETTER_MAX_LEN, DURABILITIES
 from rsaga.defaults import DEFAULT_PAGE_SIZE as DEFAULT_PAGE_SIZE
 from rsaga.errors import (
     ConcurrencyConflict,
     ConfigError,
     EventDecodeError,
+    NotReplicated,
     RedisUnavailable,
     ScriptError,
     ValidationError,
@@ -138,7 +140,10 @@ class LogEntry(msgspec.Struct, frozen=True):
 
 def describe_redis(redis: Redis) -> str:
     """Where `redis` points, for messages: never includes a password."""
-    kwargs = redis.connection_pool.connection_kwargs
+    kwargs = client_options(redis)
+    if is_cluster(redis):
+        nodes = redis.get_nodes() or redis.startup_nodes  # type: ignore[attr-defined]
+        return "Redis Cluster " + ",".join(node.name for node in nodes)
     if "path" in kwargs:
         where = f"unix://{kwargs['path']}"
     elif "host" in kwargs:
@@ -153,7 +158,13 @@ def describe_redis(redis: Redis) -> str:
 class EventStore:
     """Reads and atomically writes event streams in Redis.
 
-    `redis` must be a `redis.asyncio.Redis` client with ``decode_responses=False``.
+    `redis` must be a `redis.asyncio.Redis` client with ``decode_responses=False``
+    (or a `RedisCluster`, see `rsaga.connection.connect`).
+
+    `durability` "replicated" makes every commit wait until `replicas` replicas
+    have it, for at most `replication_timeout` seconds, else raise `NotReplicated`
+    (the commit is then on the master only). The first commit stores the shard
+    count in Redis, or refuses to go on (`ConfigError`) if Redis holds another one.
     """
 
     def __init__(
@@ -165,14 +176,19 @@ class EventStore:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         page_size: int = DEFAULT_PAGE_SIZE,
         clock: Clock | None = None,
+        durability: str = "async",
+        replicas: int = 1,
+        replication_timeout: float = 1.0,
         dead_letter_max_len: int = DEFAULT_DEAD_LETTER_MAX_LEN,
     ) -> None:
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        if client_options(redis).get("decode_responses"):
             raise ConfigError("the Redis client must have decode_responses=False")
         if page_size < 1:
             raise ValidationError(f"page_size must be >= 1, got {page_size}")
         if max_event_bytes < 1:
             raise ValidationError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
+        if durability not in DURABILITIES:
+            raise ValidationError(f"durability must be 'async' or 'replicated', got {durability!r}")
         self.redis = redis
         self.registry = registry
         self.keyspace = keyspace or Keyspace()
@@ -182,6 +198,10 @@ class EventStore:
         """Dead letters a commit keeps per shard (`worker.dead_letter_max_len`, as the
         worker's dead letters)."""
         self.clock: Clock = clock or SystemClock()
+        self.durability = durability
+        self.replicas = replicas
+        self.replication_timeout = replication_timeout
+        self._shard_count_checked = False
         self.scripts = Scripts(redis, self.keyspace)
 
     @contextmanager
@@ -355,10 +375,13 @@ class EventStore:
             writes, correlation_id, causation_id, command_id, metadata
         )
         with self._talking_to_redis():
+            if not self._shard_count_checked:
+                await ensure_shard_count(self.redis, self.keyspace)
+                self._shard_count_checked = True
             if effects is None:
-                reply = await self.scripts.commit(shard, streams)
+                call = self.scripts.commit_call(shard, streams)
             else:
-                reply = await self.scripts.commit(
+                call = self.scripts.commit_call(
                     shard,
                     streams,
                     schedule=[(t.timeout_id, t.due_ms, t.payload) for t in effects.schedule],
@@ -374,6 +397,20 @@ class EventStore:
                     ],
                     with_effects=True,
                 )
+            if self.durability == "replicated":
+                timeout_ms = max(1, int(self.replication_timeout * 1000))
+                reply, acked = await run_replicated(
+                    self.redis, call.script, call.keys, call.args, self.replicas, timeout_ms
+                )
+            else:
+                reply, acked = await call.run(self.redis), self.replicas
+        if acked < self.replicas and int(reply[0]) == 0:
+            raise NotReplicated(
+                f"a commit to {writes[0].stream_id!r} reached its master but {acked} of "
+                f"{self.replicas} replicas acknowledged it within {self.replication_timeout:g} s "
+                "(store.durability = 'replicated'): a failover now could lose it; retrying "
+                "the command is safe"
+            )
         return self._commit_result(writes, reply, recorded)
 
     def _encode_commit(

@@ -192,8 +192,10 @@ class ChargeFee(BankCommand, frozen=True, kw_only=True):
 
 
 async def keys_under(redis: Redis, prefix: str) -> list[bytes]:
-    """Every key whose name starts with ``<prefix>:`` (sorted)."""
-    return sorted([key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)])
+    """Every key of data whose name starts with ``<prefix>:`` (sorted), on every master of
+    a cluster; the shard count the first commit stores (``<prefix>:shards``) left out."""
+    found = [key async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+    return sorted(key for key in found if key != f"{prefix}:shards".encode())
 
 
 async def raw_entries(redis: Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from rsaga.testing import RedisServer, fake_redis, require_real_redis
+from rsaga.cluster import is_cluster
+from rsaga.config import RedisSettings
+from rsaga.connection import connect
+from rsaga.testing import RedisClusterNodes, RedisServer, fake_redis, require_real_redis
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -54,11 +57,42 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A private Redis Cluster of 3 masters (no replicas) for the session."""
+    if not RedisClusterNodes.available():
+        _no_real_redis("redis-server and redis-cli are not on PATH")
+    with RedisClusterNodes(masters=3) as cluster:
+        yield cluster
+
+
+CLUSTER_SHARDS = 8
+"""The shard count of stores on the cluster backend: shards spread over the masters."""
+
+
+def cluster_client(url: str) -> Redis:
+    """A client of the Redis Cluster at `url`, as `rsaga.connection.connect` builds it."""
+    return connect(RedisSettings(url=url, cluster=True))
+
+
+def shards_for(redis: Redis) -> int:
+    """The shard count a suite's store uses on `redis`: 8 on a cluster, else 1."""
+    return CLUSTER_SHARDS if is_cluster(redis) else 1
+
+
+BACKENDS = ["fakeredis", "redis", pytest.param("cluster", marks=pytest.mark.cluster)]
+"""The backends of the `redis` fixture; suites that run on a cluster too take it."""
+
+
+@pytest.fixture(params=BACKENDS)
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
-    """An async client on fakeredis or on a real server (the test runs on both)."""
+    """An async client on fakeredis, on a real server, or on a real Redis Cluster of 3
+    masters (the test runs on each; a store on the cluster has `CLUSTER_SHARDS` shards,
+    see `shards_for`)."""
     if request.param == "fakeredis":
         client = fake_redis()
+    elif request.param == "cluster":
+        client = cluster_client(request.getfixturevalue("redis_cluster").url)
     else:
         client = Redis.from_url(request.getfixturevalue("real_redis_url"))
     try:

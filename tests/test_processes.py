@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import shards_for
 from redis.asyncio import Redis
 from rsaga_examples.orders import (
     WORLD_EVENTS,
@@ -44,8 +45,11 @@ from rsaga.retry import ExponentialBackoff, FixedDelay, LinearBackoff, RetryPoli
 from rsaga.testing import Driver, ManualClock
 
 
-def make_store(redis: Redis, prefix: str) -> EventStore:
-    return EventStore(redis, EventRegistry(WORLD_EVENTS), keyspace=Keyspace(prefix=prefix))
+def make_store(redis: Redis, prefix: str, shards: int | None = None) -> EventStore:
+    """A store on `redis`; on a cluster with 8 shards unless `shards` is given (tests that
+    look at one shard's keys use one shard)."""
+    keyspace = Keyspace(prefix=prefix, shards=shards or shards_for(redis))
+    return EventStore(redis, EventRegistry(WORLD_EVENTS), keyspace=keyspace)
 
 
 async def history(store: EventStore, stream_id: str) -> list[RecordedEvent]:
@@ -64,7 +68,7 @@ async def timeouts_of(redis: Redis, store: EventStore, stream_id: str) -> list[b
 async def test_order_fulfilment_happy_path_completes_and_leaves_no_timeouts(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     services = [PaymentService(), InventoryService(), ShippingService()]
     driver = Driver(store, [OrderFulfilment(), *services])
     await store.append("order-1", [OrderPlaced("1", 250)])
@@ -101,7 +105,7 @@ async def test_no_payment_retries_with_the_policy_delays_then_fails(
     class Impatient(OrderFulfilment):
         retry = policy
 
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     driver = Driver(store, [Impatient()])
     await store.append("order-7", [OrderPlaced("7", 10)])
     await driver.run_until_idle()
@@ -150,13 +154,14 @@ async def run_scenario(redis: Redis, prefix: str, *, twice: bool) -> list[Record
         for _ in range(2 if twice else 1):
             await runner.on_event(manager, recorded)
 
+    shard = store.keyspace.shard_of("order-fulfilment-3")
+
     async def fire_due() -> None:
-        due = await redis.zrangebyscore(
-            store.keyspace.timeouts(0), "-inf", driver.clock.now_ms()
-        )
+        ks = store.keyspace
+        due = await redis.zrangebyscore(ks.timeouts(shard), "-inf", driver.clock.now_ms())
         for member in due:
-            payload = decode_timeout(await redis.hget(store.keyspace.timeout_data(0), member))
-            await redis.zrem(store.keyspace.timeouts(0), member)
+            payload = decode_timeout(await redis.hget(ks.timeout_data(shard), member))
+            await redis.zrem(ks.timeouts(shard), member)
             for _ in range(2 if twice else 1):
                 await runner.on_timeout(payload)
 
@@ -189,7 +194,7 @@ async def test_every_trigger_twice_gives_the_same_history_as_once(
 
 async def test_duplicated_log_entries_reach_the_process_once(redis: Redis, prefix: str) -> None:
     """Every trigger is on the log twice (as after a crash before acknowledging)."""
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     driver = Driver(store, [OrderFulfilment()])
     log_key = store.keyspace.log(0)
     for stream_id, event in [
@@ -355,7 +360,7 @@ async def test_100000_timeouts_due_at_the_same_moment_all_drain(
 async def test_the_scheduler_reports_the_next_due_time(redis: Redis, prefix: str) -> None:
     from rsaga.scheduler import Scheduler
 
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     clock = ManualClock()
     driver = Driver(store, [Alarm()], clock=clock)
     await driver.processes.start("alarm", "n1", 42.0)
@@ -373,7 +378,7 @@ async def test_the_scheduler_is_woken_by_an_earlier_timeout(redis: Redis, prefix
     from rsaga.processes import ProcessRunner
     from rsaga.scheduler import Scheduler
 
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     runner = ProcessRunner(Executor(store), [Alarm()])
     await runner.start("alarm", "late", 60.0)
     scheduler = Scheduler(redis, store.keyspace, max_sleep=5.0)

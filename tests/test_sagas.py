@@ -6,6 +6,7 @@ import random
 
 import msgspec
 import pytest
+from conftest import shards_for
 from redis.asyncio import Redis
 from rsaga_examples.travel import (
     SERVICES,
@@ -48,8 +49,11 @@ from rsaga.testing import Driver
 SERVICE_HANDLERS = [HotelService(), FlightService(), CarService()]
 
 
-def make_store(redis: Redis, prefix: str) -> EventStore:
-    return EventStore(redis, EventRegistry(TRAVEL_EVENTS), keyspace=Keyspace(prefix=prefix))
+def make_store(redis: Redis, prefix: str, shards: int | None = None) -> EventStore:
+    """A store on `redis`; on a cluster with 8 shards unless `shards` is given (tests that
+    look at one shard's keys use one shard)."""
+    keyspace = Keyspace(prefix=prefix, shards=shards or shards_for(redis))
+    return EventStore(redis, EventRegistry(TRAVEL_EVENTS), keyspace=keyspace)
 
 
 async def saga_history(store: EventStore, trip_id: str) -> list[RecordedEvent]:
@@ -181,7 +185,8 @@ async def test_a_compensation_that_always_fails_ends_in_compensation_failed(
     assert letter.handler == "travel-booking"
     assert letter.stream_id == "travel-booking-t5"
     assert "compensation of flight failed 5 times: system busy" in letter.error
-    stats = await redis.hgetall(store.keyspace.process_stats(0, "travel-booking"))
+    shard = store.keyspace.shard_of("travel-booking-t5")
+    stats = await redis.hgetall(store.keyspace.process_stats(shard, "travel-booking"))
     assert stats[b"failed"] == b"1"
 
 
@@ -264,7 +269,7 @@ async def test_a_definition_that_gains_a_field_keeps_running_processes_going(
 
     old = EventStore(redis, EventRegistry([OldRequest]), keyspace=Keyspace(prefix=prefix))
     await old.append("hotel-v1", [OldRequest("v1", "hotel")])
-    new = make_store(redis, prefix)
+    new = make_store(redis, prefix, shards=1)
     [event] = (await new.read("hotel-v1")).events
     assert event.data == CancellationRequested("v1", "hotel", fail_times=0)
 

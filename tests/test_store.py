@@ -20,6 +20,7 @@ from bank import (
     snapshot,
     whole_log,
 )
+from conftest import shards_for
 from redis.asyncio import Redis
 
 from rsaga import (
@@ -52,7 +53,9 @@ NO_STREAM = int(ExpectedVersion.NO_STREAM)
 def make_store(
     redis: Redis, prefix: str, types: tuple[type, ...] = BANK_EVENTS, **options: object
 ) -> EventStore:
-    shards = options.pop("shards", 1)
+    """A store on `redis`: on a cluster with 8 shards, unless `shards` is given (tests of
+    multi-stream commits and of the layout of one shard log use one shard)."""
+    shards = options.pop("shards", shards_for(redis))
     return EventStore(
         redis,
         EventRegistry(types),
@@ -86,7 +89,7 @@ async def test_append_then_read_returns_exactly_what_was_committed(
 
 
 async def test_stored_layout(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     result = await store.append("acct-1", [Opened("ann"), Deposited(10)])
     ks = Keyspace(prefix=prefix)
     stream = await raw_entries(redis, ks.stream("acct-1"))
@@ -111,7 +114,7 @@ async def test_missing_stream_reads_as_version_zero(redis: Redis, prefix: str) -
 
 
 async def test_multi_stream_commit(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("b", [Opened("bob")])
     await store.append("c", [Opened("cat"), Deposited(1)])
     result = await store.commit(
@@ -187,7 +190,7 @@ async def test_expected_exact_version(redis: Redis, prefix: str) -> None:
 
 
 async def test_expected_exact_version_of_a_missing_stream(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     with pytest.raises(ConcurrencyConflict) as caught:
         await store.append("a", [Deposited(1)], expected=1)
     assert (caught.value.expected, caught.value.actual) == ("1", 0)
@@ -229,7 +232,7 @@ async def test_commit_accepts_expected_version_members(
 async def test_concurrent_appends_at_one_expected_version_admit_one(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     outcomes: list[CommitResult | ConcurrencyConflict] = []
 
     async def append(n: int) -> None:
@@ -255,7 +258,7 @@ async def test_concurrent_appends_at_one_expected_version_admit_one(
 
 
 async def test_a_read_only_stream_that_changed_is_a_conflict(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("a", [Opened("ann")])
     await store.append("rates", [Deposited(1)])
     seen = await store.version("rates")
@@ -274,7 +277,7 @@ async def test_a_read_only_stream_that_changed_is_a_conflict(redis: Redis, prefi
 async def test_a_read_only_stream_that_did_not_change_is_not_written(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("rates", [Deposited(1)])
     result = await store.commit(
         [StreamWrite("a", NO_STREAM, [Opened("ann")]), StreamWrite("rates", 1)]
@@ -286,7 +289,7 @@ async def test_a_read_only_stream_that_did_not_change_is_not_written(
 
 
 async def test_a_check_only_commit_on_a_missing_stream(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     assert (await store.commit([StreamWrite("ghost", NO_STREAM)])).versions == {"ghost": 0}
     with pytest.raises(ConcurrencyConflict):
         await store.commit([StreamWrite("ghost", 1)])
@@ -298,7 +301,7 @@ async def test_a_check_only_commit_on_a_missing_stream(redis: Redis, prefix: str
 
 @pytest.mark.parametrize("stale", ["a", "b", "c"])
 async def test_a_conflict_writes_nothing_anywhere(redis: Redis, prefix: str, stale: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("a", [Opened("ann")])
     await store.append("b", [Opened("bob"), Deposited(2)])
     await store.append("c", [Opened("cat"), Deposited(3), Withdrawn(1)])
@@ -323,7 +326,7 @@ async def test_a_conflict_writes_nothing_anywhere(redis: Redis, prefix: str, sta
 async def test_the_log_holds_every_committed_event_once_in_commit_order(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix, (*BANK_EVENTS, Note))
+    store = make_store(redis, prefix, (*BANK_EVENTS, Note), shards=1)
     committed: list[RecordedEvent] = []
     committed += (await store.append("a", [Opened("ann"), Deposited(1)])).events
     committed += (await store.append("b", [Opened("bob")], expected=NO_STREAM)).events
@@ -351,7 +354,7 @@ async def test_the_log_holds_every_committed_event_once_in_commit_order(
 
 
 async def test_read_log_pages_with_after_and_count(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     committed = (await store.append("a", [Deposited(n) for n in range(1, 8)])).events
     first = await store.read_log(0, count=3)
     assert [e.event for e in first] == committed[:3]
@@ -443,7 +446,7 @@ async def test_event_size_limit_is_configurable_and_inclusive(redis: Redis, pref
 async def test_one_bad_event_in_a_multi_stream_commit_writes_nothing(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix, (*BANK_EVENTS, Note), max_event_bytes=200)
+    store = make_store(redis, prefix, (*BANK_EVENTS, Note), shards=1, max_event_bytes=200)
     with pytest.raises(EventTooLarge):
         await store.commit(
             [
@@ -536,7 +539,7 @@ async def test_paged_read_is_complete_and_in_order(redis: Redis, prefix: str, n:
 async def test_paged_read_uses_one_round_trip_per_page(
     redis: Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = make_store(redis, prefix, page_size=3)
+    store = make_store(redis, prefix, shards=1, page_size=3)
     await store.append("long", [Deposited(i) for i in range(10)])
     await store.append("short", [Deposited(i) for i in range(2)])
     await store.read("short")  # loads the script, so NOSCRIPT retries do not count
@@ -620,8 +623,8 @@ async def test_unknown_type_name_in_redis_raises_on_read(redis: Redis, prefix: s
 async def test_a_reader_without_the_writers_type_raises_unknown_event_type(
     redis: Redis, prefix: str
 ) -> None:
-    writer = make_store(redis, prefix, (*BANK_EVENTS, Note))
-    reader = make_store(redis, prefix)
+    writer = make_store(redis, prefix, (*BANK_EVENTS, Note), shards=1)
+    reader = make_store(redis, prefix, shards=1)
     await writer.append("a", [Opened("ann"), Note("memo")])
     assert [e.type for e in (await writer.read("a")).events] == ["bank.opened", "Note"]
     with pytest.raises(UnknownEventType, match="'Note'"):
@@ -672,7 +675,7 @@ async def test_decode_log_entry_with_bad_fields(
 
 
 async def test_decode_log_entry_of_a_good_entry(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     result = await store.append("a", [Opened("ann")])
     [(entry_id, fields)] = await raw_entries(redis, store.keyspace.log(0))
     entry = store.decode_log_entry(entry_id, fields)
@@ -699,7 +702,7 @@ async def test_decode_log_entry_skips_unwanted_types_without_decoding_them(
 
 
 async def test_correlation_and_causation_are_stored(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.commit(
         [StreamWrite("a", ANY, [Opened("ann")]), StreamWrite("b", ANY, [Opened("bob")])],
         correlation_id="order-77",

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from conftest import shards_for
 from redis.asyncio import Redis
 from worker_plugins import Flaky, Other, Ping, Recorder, Seen
 
@@ -34,8 +35,11 @@ from rsaga.worker import Worker
 FAST = WorkerSettings(concurrency=32, block_ms=50, heartbeat_ttl=5, shutdown_timeout=5)
 
 
-def make_store(redis: Redis, prefix: str) -> EventStore:
-    return EventStore(redis, EventRegistry([Ping, Other, Seen]), keyspace=Keyspace(prefix=prefix))
+def make_store(redis: Redis, prefix: str, shards: int | None = None) -> EventStore:
+    """A store on `redis`; on a cluster with 8 shards unless `shards` is given (tests that
+    look at one shard's keys use one shard)."""
+    keyspace = Keyspace(prefix=prefix, shards=shards or shards_for(redis))
+    return EventStore(redis, EventRegistry([Ping, Other, Seen]), keyspace=keyspace)
 
 
 async def run_workers(
@@ -148,7 +152,7 @@ class Picky(EventHandler):
 async def test_unwanted_types_are_acknowledged_without_reaching_the_handler(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     Picky.seen = []
     await store.append("a", [Other(), Other(), Ping(), Other()])
     worker = Worker(Executor(store), [Picky()], settings=FAST)
@@ -164,7 +168,7 @@ async def test_unwanted_types_are_acknowledged_without_reaching_the_handler(
 async def test_failing_handler_dead_letters_then_replay_succeeds(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     Flaky.calls = []
     await store.append("acct", [Ping(n=1)])
     dead = DeadLetters(redis, store.keyspace)
@@ -254,7 +258,7 @@ async def test_unknown_event_type_for_a_wanted_name_goes_to_dead_letters(
     bad = msgspec.msgpack.encode(items)
     await redis.xadd(writer.keyspace.log(0), {b"s": b"y", b"v": b"1", b"d": bad})
     dead = DeadLetters(redis, writer.keyspace)
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await run_workers(
         [Worker(Executor(store), [Recorder()], settings=FAST)],
         lambda: _has(dead.count(), 1),
@@ -266,7 +270,7 @@ async def test_unknown_event_type_for_a_wanted_name_goes_to_dead_letters(
 
 
 async def test_a_dead_consumer_is_taken_over_with_its_streams(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("a", [Ping(), Ping()])
     dead_consumer = GroupConsumer(
         redis, store.keyspace, 0, Recorder.name, "dead", claim_timeout_ms=200
@@ -294,7 +298,7 @@ async def test_a_dead_consumer_is_taken_over_with_its_streams(redis: Redis, pref
 
 async def test_taking_over_keeps_stream_order(redis: Redis, prefix: str) -> None:
     """Entries handed to a consumer that then dies come back in order, all at once."""
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     owner = GroupConsumer(redis, store.keyspace, 0, "g", "owner", claim_timeout_ms=100)
     other = GroupConsumer(redis, store.keyspace, 0, "g", "other", claim_timeout_ms=100)
     await owner.ensure_group()
@@ -313,7 +317,7 @@ async def test_taking_over_keeps_stream_order(redis: Redis, prefix: str) -> None
 async def test_poison_entry_redelivered_too_often_goes_to_dead_letters(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("p", [Ping()])
     crashy = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "crashy", claim_timeout_ms=1)
     await crashy.ensure_group()
@@ -357,7 +361,7 @@ class Slow(EventHandler):
 async def test_graceful_shutdown_finishes_in_flight_and_leaves_the_rest(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     Slow.finished = []
     await store.append("quick", [Ping(n=50)])
     await store.append("stuck", [Ping(n=60_000)])
@@ -464,7 +468,7 @@ class CrashAfterEffect(EventHandler):
 
 
 async def test_commands_of_a_retried_handler_apply_once(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     CrashAfterEffect.attempts = []
     await store.append("x", [Ping()])
 
@@ -478,7 +482,7 @@ async def test_commands_of_a_retried_handler_apply_once(redis: Redis, prefix: st
 
 
 async def test_a_graceful_leave_blames_nothing(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("g", [Ping(), Ping()])
     leaver = GroupConsumer(redis, store.keyspace, 0, "grp", "leaver", claim_timeout_ms=60_000)
     await leaver.ensure_group()
@@ -508,7 +512,7 @@ async def test_a_stream_field_that_is_not_text_does_not_pin_anything(
 async def test_a_late_ack_from_a_consumer_taken_over_changes_nothing(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("z", [Ping()])
     zombie = GroupConsumer(redis, store.keyspace, 0, "grp", "zombie", claim_timeout_ms=1)
     await zombie.ensure_group()
@@ -526,7 +530,7 @@ async def test_a_late_ack_from_a_consumer_taken_over_changes_nothing(
 
 
 async def test_a_read_that_handed_everything_away_does_not_wait(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("h", [Ping()])
     owner = GroupConsumer(redis, store.keyspace, 0, "grp", "owner")
     await owner.ensure_group()
@@ -541,7 +545,7 @@ async def test_a_read_that_handed_everything_away_does_not_wait(redis: Redis, pr
 async def test_entries_already_pending_on_the_consumer_are_picked_up_at_start(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     await store.append("r", [Ping(), Ping()])
     earlier = GroupConsumer(redis, store.keyspace, 0, Recorder.name, "same-name")
     await earlier.ensure_group()
@@ -555,7 +559,7 @@ async def test_entries_already_pending_on_the_consumer_are_picked_up_at_start(
 
 
 async def test_handed_entries_beyond_a_batch_are_not_overtaken(redis: Redis, prefix: str) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     owner = GroupConsumer(redis, store.keyspace, 0, "grp", "owner")
     other = GroupConsumer(redis, store.keyspace, 0, "grp", "other")
     await owner.ensure_group()
@@ -679,7 +683,7 @@ async def test_an_event_nested_too_deep_is_refused_at_append(redis: Redis, prefi
 async def test_a_take_over_blames_only_the_entries_a_handler_started(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     for stream_id in "abcde":
         await store.append(stream_id, [Ping(), Ping()])
     crashed = GroupConsumer(redis, store.keyspace, 0, "grp", "crashed", claim_timeout_ms=1)
@@ -701,7 +705,7 @@ async def test_a_take_over_blames_only_the_entries_a_handler_started(
 async def test_a_dead_consumers_streams_are_spread_over_the_live_consumers(
     redis: Redis, prefix: str
 ) -> None:
-    store = make_store(redis, prefix)
+    store = make_store(redis, prefix, shards=1)
     streams = [f"s{n}" for n in range(6)]
     for stream_id in streams:
         await store.append(stream_id, [Ping(n=1), Ping(n=2)])

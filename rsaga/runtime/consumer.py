@@ -20,9 +20,10 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from rsaga.cluster import side_client
 from rsaga.keyspace import Keyspace
 from rsaga.records import stream_of
 from rsaga.scripts import EncodableArg, Scripts
@@ -133,14 +134,7 @@ class GroupConsumer:
         Uses a connection of its own, so idle waits never starve the shared pool.
         """
         if self._waiter is None:
-            pool = self.redis.connection_pool
-            self._waiter = Redis(
-                connection_pool=ConnectionPool(
-                    connection_class=pool.connection_class,
-                    max_connections=2,
-                    **pool.connection_kwargs,
-                )
-            )
+            self._waiter = side_client(self.redis, max_connections=2)
         await self._waiter.xread({self.log: after}, count=1, block=block_ms)
 
     async def close(self) -> None:

@@ -15,7 +15,16 @@ import time
 
 import anyio
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,7 +38,11 @@ log = logging.getLogger("rsaga.health")  # the heartbeat's messages, as before t
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, RedisUnavailable, OSError)
 """Errors that mean Redis is unreachable right now: wait and try again, never give up."""
 
-_TRANSIENT_ERRORS = (ReadOnlyError, BusyLoadingError, OutOfMemoryError)
+_TRANSIENT_ERRORS = (
+    ReadOnlyError, BusyLoadingError, OutOfMemoryError,
+    # A Redis Cluster failing over or resharding: the client reads the slot map again.
+    ClusterError, TryAgainError, SlotNotCoveredError,
+)
 _TRANSIENT_PREFIXES = (
     "READONLY", "LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "UNBLOCKED",
     "OOM", "NOREPLICAS",
@@ -41,6 +54,8 @@ def redis_down(exc: BaseException) -> bool:
     after a failover, out of memory, busy...): wait and retry; it is nobody's fault."""
     if isinstance(exc, (*REDIS_DOWN, *_TRANSIENT_ERRORS)):
         return True
+    if isinstance(exc, RedisClusterException) and "cannot be connected" in str(exc):
+        return True  # no node of a cluster answered while reading its slot map
     return isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 

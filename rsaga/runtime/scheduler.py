@@ -11,6 +11,7 @@ a `Clock` is given (tests).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from rsaga.clock import Clock
+from rsaga.cluster import client_options
 from rsaga.keyspace import Keyspace
 from rsaga.observe import NO_OBSERVER, Observer
 from rsaga.runtime.liveness import (
@@ -57,9 +59,12 @@ class Scheduler:
         heartbeat_ttl: float = 15.0,
         name: str | None = None,
         observer: Observer = NO_OBSERVER,
+        shards: Sequence[int] | None = None,
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
+        self.shards = list(range(keyspace.shards) if shards is None else shards)
+        """The shards whose timeouts this scheduler drains: all by default."""
         self.scripts = Scripts(redis, keyspace)
         self.clock = clock
         self.batch_size = batch_size
@@ -89,13 +94,13 @@ class Scheduler:
 
     async def run(self, stop: anyio.Event) -> None:
         """Run until `stop` is set, one loop per shard."""
-        log.info("scheduler %s starting on %d shard(s)", self.name, self.keyspace.shards)
+        log.info("scheduler %s starting on %d shard(s)", self.name, len(self.shards))
         async with anyio.create_task_group() as tg:
             beat = this_process(self.name, [], "scheduler")
             tg.start_soon(
                 keep_heartbeat, self.redis, self.keyspace, beat, self.heartbeat_ttl, stop
             )
-            for shard in range(self.keyspace.shards):
+            for shard in self.shards:
                 tg.start_soon(self._shard_loop, shard, stop)
             await stop.wait()
             tg.cancel_scope.cancel()
@@ -107,7 +112,7 @@ class Scheduler:
         backoff = Backoff(log)
         # A blocking read must return before the socket timeout, or redis-py
         # takes it for a dead connection.
-        socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        socket_timeout = client_options(self.redis).get("socket_timeout")
         longest = self.max_sleep if not socket_timeout else min(
             self.max_sleep, 0.8 * float(socket_timeout)
         )

@@ -379,9 +379,12 @@ class Worker:
         settings: WorkerSettings | None = None,
         name: str | None = None,
         clock: Clock | None = None,
+        shards: Sequence[int] | None = None,
     ) -> None:
         self.executor = executor
         self.handlers = list(handlers)
+        self.shards = list(range(executor.store.keyspace.shards) if shards is None else shards)
+        """The shards this worker serves (`rsaga worker --shards`): all by default."""
         self.settings = settings or WorkerSettings()
         self.name = name or consumer_name()
         self.started_at = time.time()
@@ -424,7 +427,7 @@ class Worker:
                 executor.observer,
             )
             for source, stream, claim_timeout in sources
-            for shard in range(ks.shards)
+            for shard in self.shards
         ]
 
     async def run(self, stop: anyio.Event) -> None:
