@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from rsaga.batching import batcher_for
@@ -74,14 +75,21 @@ class Script:
     ) -> Any:
         """Run the script; send its source if the node does not know it.
 
-        The call is pipelined with the other script calls of this turn of the event
-        loop (`rsaga.batching`)."""
+        On one node the call is pipelined with the other script calls of this turn of
+        the event loop (`rsaga.batching`). On a cluster each call is a round trip of its
+        own: redis-py's cluster pipeline lost calls when a master failed over mid-batch
+        (tests/test_cluster.py), and the client's own routing follows MOVED and ASK."""
+        if isinstance(redis, RedisCluster):
+            try:
+                return await redis.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                # Not SCRIPT LOAD: that goes to every master, and one master down
+                # would stop the shards of all the others.
+                return await redis.eval(self.source, len(keys), *keys, *args)
         batcher = batcher_for(redis)
         try:
             return await batcher.execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            # Not SCRIPT LOAD: on a cluster that goes to every master, and one
-            # master down would stop the shards of all the others.
             return await batcher.execute("EVAL", self.source, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
