@@ -322,6 +322,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         ),
         [item.handler() for item in selected],
         settings=worker_settings,
+        retention=settings.processes.retention,
     )
     stop = anyio.Event()
     try:
@@ -362,6 +363,8 @@ async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch_size or settings.scheduler.batch_size,
         max_sleep=settings.scheduler.max_sleep,
         heartbeat_ttl=settings.scheduler.heartbeat_ttl,
+        retention_interval=settings.scheduler.retention_interval,
+        retention_batch=settings.scheduler.retention_batch,
         observer=observer or NO_OBSERVER,
     )
     stop = anyio.Event()
@@ -494,7 +497,8 @@ async def _operate(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     try:
         runner = ProcessRunner(
-            Executor(store), installed_process_managers(settings.worker.handlers)
+            Executor(store), installed_process_managers(settings.worker.handlers),
+            retention=settings.processes.retention,
         )
         operator = Operator(runner)
         if args.action == "state":

@@ -15,3 +15,6 @@ DEFAULT_PAGE_SIZE = 512
 
 DEFAULT_DEAD_LETTER_MAX_LEN = 100_000
 """Dead letters kept per shard (oldest trimmed first, approximately)."""
+
+DEFAULT_PROCESS_RETENTION = 7 * 86400.0
+"""Seconds a finished process is kept before the scheduler removes it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from rsaga.process.events import (
     ProcessCompensated,
     ProcessCompleted,
     ProcessFailed,
+    ProcessRemoved,
     ProcessRetried,
     ProcessSignalled,
     ProcessStarted,
@@ -59,6 +61,8 @@ from rsaga.process.timeouts import (
 )
 from rsaga.records import STREAM, DeadLetterRecord
 from rsaga.store import Effects, TimeoutWrite
+
+log = logging.getLogger("rsaga.process")
 
 
 def _refuse(where: str, field: str, problem: str) -> NoReturn:
@@ -192,6 +196,8 @@ def fold_info(info: ProcessInfo, data: object, occurred_ms: int) -> bool:
             info.status = "failed"
         case ProcessCompensated():
             info.status = "compensated"
+        case ProcessRemoved():
+            info.status = "removed"
         case (
             CommandsIssued() | CommandRejected() | ProcessTerminated() | ProcessSignalled()
             | ProcessRetried()
@@ -216,6 +222,8 @@ class ProcessStep:
     events: EventRegistry
     correlation_id: str
     metadata: dict[str, str] | None = None
+    retention_ms: int | None = None
+    """How long the process is kept once it finishes (None: for ever)."""
 
     def read_streams(self) -> list[str]:
         """The process's own stream."""
@@ -260,6 +268,11 @@ class ProcessStep:
         if isinstance(trigger, OperatorAction):
             return self._operate(state, trigger)
         if info.finished or trigger is None:  # None: a step built only to fold
+            if info.status == "removed" and trigger is not None:
+                log.info(
+                    "ignored a %s for process %s: it finished and was removed (retention)",
+                    type(trigger).__name__, info.stream_id,
+                )
             return {}
         if info.status != "new" and info.definition_version < manager.compatible_since:
             raise IncompatibleDefinition(
@@ -270,7 +283,8 @@ class ProcessStep:
         if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
             return {}
         plan = _Plan(
-            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata
+            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata,
+            self.retention_ms,
         )
         if isinstance(trigger, TimeoutTrigger):
             plan.fired(trigger)
@@ -308,7 +322,8 @@ class ProcessStep:
                 f"{where} already ended {info.status}: nothing to {action.action}"
             )
         plan = _Plan(
-            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata
+            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata,
+            self.retention_ms,
         )
         if action.action == "terminate":
             plan.events.append(ProcessTerminated(action.reason, action.by, action.compensate))
@@ -378,8 +393,10 @@ class _Plan:
         commands: CommandRegistry,
         correlation_id: str,
         metadata: dict[str, str] | None = None,
+        retention_ms: int | None = None,
     ) -> None:
         self.manager = manager
+        self.retention_ms = retention_ms
         self.correlation_id = correlation_id
         self.metadata = metadata
         self.info = info
@@ -505,6 +522,7 @@ class _Plan:
             correlation_id=self.correlation_id,
             retry_step=retry_step,
             retries=retries,
+            retention_ms=self.retention_ms,
         )
         return WritePlan(
             {info.stream_id: self.events},

@@ -6,6 +6,10 @@ that scheduled them. The scheduler sleeps until the next due time, and is
 woken early through the shard's wake stream when an earlier timeout is
 scheduled, so there is no fixed poll. "Now" is the Redis server's clock unless
 a `Clock` is given (tests).
+
+Every `retention_interval` seconds it also removes finished processes whose
+retention passed (`rsaga.process.retention`), in batches of `retention_batch`,
+by the Redis server's clock (the one the process index's end times are from).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from redis.asyncio import Redis
 from rsaga.clock import Clock
 from rsaga.keyspace import Keyspace
 from rsaga.observe import NO_OBSERVER, Observer
+from rsaga.process.retention import Retention
 from rsaga.runtime.liveness import (
     Backoff,
     consumer_name,
@@ -57,6 +62,8 @@ class Scheduler:
         heartbeat_ttl: float = 15.0,
         name: str | None = None,
         observer: Observer = NO_OBSERVER,
+        retention_interval: float | None = 60.0,
+        retention_batch: int = 100,
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -67,6 +74,11 @@ class Scheduler:
         self.heartbeat_ttl = heartbeat_ttl
         self.name = name or f"scheduler-{consumer_name()}"
         self.observer = observer
+        self.retention_interval = retention_interval
+        """Seconds between removals of expired finished processes; None: never."""
+        # Retention compares with the end times the commits wrote, by the server's
+        # clock: a test's manual clock does not decide it.
+        self.retention = Retention(redis, keyspace, batch_size=retention_batch)
 
     async def tick(self, shard: int) -> Tick:
         """Move up to `batch_size` due timeouts of `shard` (one atomic script call)."""
@@ -97,6 +109,8 @@ class Scheduler:
             )
             for shard in range(self.keyspace.shards):
                 tg.start_soon(self._shard_loop, shard, stop)
+                if self.retention_interval is not None:
+                    tg.start_soon(self._retention_loop, shard, self.retention_interval, stop)
             await stop.wait()
             tg.cancel_scope.cancel()
         log.info("scheduler %s stopped", self.name)
@@ -138,3 +152,17 @@ class Scheduler:
             if outage.error is not None:
                 await backoff.wait(f"scheduler (shard {shard})", outage.error)
                 last_wake = "$"
+
+    async def _retention_loop(self, shard: int, interval: float, stop: anyio.Event) -> None:
+        backoff = Backoff(log)
+        while not stop.is_set():
+            with redis_outage() as outage:
+                removed = await self.retention.sweep(shard)
+                backoff.reset()
+                if removed:
+                    log.info("removed %d finished process(es) of shard %d (retention)",
+                             removed, shard)
+            if outage.error is not None:
+                await backoff.wait(f"retention (shard {shard})", outage.error)
+                continue
+            await anyio.sleep(interval)

@@ -1,0 +1,64 @@
+--[[
+  Remove one batch of finished processes of one type on one shard whose
+  retention has passed: each one's stream is replaced by a one-entry
+  tombstone (version 1, rsaga.ProcessRemoved), so a late trigger folds a
+  finished process and is ignored instead of starting a new one; its entries
+  in the process index go (the counters and durations stay).
+
+  A candidate is removed only if, now, it is in `expiring` with a score at or
+  before now, and it is not active (in none of active, waiting, since): a
+  finished process never becomes active again, so this only guards against a
+  caller passing the wrong streams. Its timeouts went in the commit that
+  finished it (that commit cancels every pending one), so there is no timeout
+  data left to remove. An active candidate is only taken out of `expiring`.
+
+  Input:
+    KEYS[1 .. 14]        the type's process index (Keyspace.process_index order:
+                         active, stats, durations, completed, failed, compensated,
+                         waiting, since, retrying, records, by_correlation, by_id,
+                         types, expiring)
+    KEYS[15 .. 14+n]     the n candidates' process streams
+    ARGV[1]              now (ms), or '' for the Redis server's clock
+    ARGV[2 .. 2n+1]      per candidate: its stream id, its tombstone envelope
+
+  Output:
+    the number of processes removed
+]]
+-- @include "record_fields"
+-- @include "now_ms"
+
+local active, waiting, since, retrying = KEYS[1], KEYS[7], KEYS[8], KEYS[9]
+local finished = {KEYS[4], KEYS[5], KEYS[6]}
+local records, by_correlation, by_id, expiring = KEYS[10], KEYS[11], KEYS[12], KEYS[14]
+local now = tonumber(ARGV[1]) or now_ms()
+
+local removed = 0
+for i = 1, #KEYS - 14 do
+  local member, tombstone = ARGV[2 * i], ARGV[2 * i + 1]
+  local due = redis.call('ZSCORE', expiring, member)
+  local is_active = redis.call('ZSCORE', since, member)
+    or redis.call('ZSCORE', active, member) or redis.call('ZSCORE', waiting, member)
+  if due and tonumber(due) <= now and is_active then
+    redis.call('ZREM', expiring, member)  -- not finished: it goes back in when it finishes
+  elseif due and tonumber(due) <= now then
+    local stream = KEYS[14 + i]
+    redis.call('DEL', stream)
+    redis.call('XADD', stream, '1-0', RECORD.data, tombstone)
+    local blob = redis.call('HGET', records, member)
+    if blob then
+      local record = cjson.decode(blob)
+      if record.c then
+        redis.call('ZREM', by_correlation, record.c .. '\0' .. member)
+      end
+      redis.call('HDEL', records, member)
+    end
+    for _, set in ipairs(finished) do
+      redis.call('ZREM', set, member)
+    end
+    redis.call('ZREM', by_id, member)
+    redis.call('ZREM', retrying, member)
+    redis.call('ZREM', expiring, member)
+    removed = removed + 1
+  end
+end
+return removed
