@@ -12,11 +12,14 @@ import anyio.lowlevel
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from rsaga import EventStore, Keyspace
 from rsaga.config import ProcessSettings, SchedulerSettings
-from rsaga.errors import ValidationError
+from rsaga.errors import StreamRemoved, ValidationError
 from rsaga.events import EventRegistry, RecordedEvent
+from rsaga.inspect import read_events, show_process
+from rsaga.metrics import PrometheusObserver
 from rsaga.process.retention import Retention
 from rsaga.processes import (
     Decision,
@@ -28,6 +31,7 @@ from rsaga.processes import (
 )
 from rsaga.runtime.scheduler import Scheduler
 from rsaga.scripts import Scripts
+from rsaga.store import ExpectedVersion, StreamWrite
 from rsaga.testing import Driver
 
 
@@ -127,7 +131,7 @@ async def test_a_finished_process_is_removed_once_its_retention_passes(
     stats_before = await redis.hgetall(ks.process_stats(0, "order"))
 
     retention = Retention(redis, ks)
-    assert await retention.sweep(0) == 3  # order-k and order-h are not due by the server
+    assert await retention.sweep(0) == {"order": 3}  # order-k and order-h are not due by the server
 
     for n in range(3):
         stream = Order.stream_id(str(n))
@@ -155,7 +159,7 @@ async def test_a_finished_process_is_removed_once_its_retention_passes(
 
     # an hour later by the clock, the hour-order goes too; the kept one never
     later = Retention(redis, ks, clock=_Later(3601))
-    assert await later.sweep(0) == 1
+    assert await later.sweep(0) == {"hour-order": 1}
     assert _types((await driver.store.read("hour-order-h")).events) == ["rsaga.ProcessRemoved"]
     assert len((await driver.store.read("kept-order-k")).events) > 1
 
@@ -168,14 +172,14 @@ async def test_an_active_process_is_never_removed(redis: Redis, prefix: str) -> 
     before = (await driver.store.read("order-1")).version
     # even wrongly listed as expired, the script checks the process is finished
     await redis.zadd(ks.expiring_processes(0, "order"), {"order-1": 0})
-    assert await Retention(redis, ks).sweep(0) == 0
+    assert await Retention(redis, ks).sweep(0) == {}
     assert (await driver.store.read("order-1")).version == before
     assert await redis.zcard(ks.expiring_processes(0, "order")) == 0
     assert await redis.zscore(ks.processes_since(0, "order"), "order-1") is not None
     # and it finishes (and is removed) normally afterwards
     await driver.store.append(_cart("1"), [Paid("1")])
     await driver.run_until_idle()
-    assert await Retention(redis, ks).sweep(0) == 1
+    assert await Retention(redis, ks).sweep(0) == {"order": 1}
 
 
 async def test_a_late_trigger_for_a_removed_process_is_ignored(
@@ -186,7 +190,9 @@ async def test_a_late_trigger_for_a_removed_process_is_ignored(
     await _order(driver, "1")
     await driver.run_until_idle()
     started = await redis.hget(ks.process_stats(0, "order"), "started")
-    assert await Retention(redis, ks).sweep(0) == 1
+    assert await Retention(redis, ks).sweep(0) == {"order": 1}
+    observer = PrometheusObserver()
+    driver.executor.observer = observer
     # a late payment, a replayed start: neither starts the process again
     await driver.store.append(_cart("1"), [Paid("1"), Placed("1")])
     with caplog.at_level("INFO", logger="rsaga.process"):
@@ -198,6 +204,7 @@ async def test_a_late_trigger_for_a_removed_process_is_ignored(
     assert await redis.zcard(ks.processes_since(0, "order")) == 0
     assert await redis.zcard(ks.waiting_processes(0, "order")) == 0
     assert "it finished and was removed" in caplog.text
+    assert observer.late_triggers.labels("order")._value.get() == 2
     # an explicit start of the same id does nothing either
     await driver.processes.start("order", "1")
     assert (await driver.store.read(Order.stream_id("1"))).version == 1
@@ -224,7 +231,7 @@ async def test_retention_racing_late_triggers_never_restarts_a_process(
         while await retention.sweep(0):
             await anyio.lowlevel.checkpoint()
     await driver.run_until_idle()
-    assert await retention.sweep(0) == 0
+    assert await retention.sweep(0) == {}
     for order_id in ids:
         events = (await driver.store.read(Order.stream_id(order_id))).events
         assert _types(events) == ["rsaga.ProcessRemoved"], order_id
@@ -253,7 +260,7 @@ async def test_each_call_removes_at_most_one_batch(
     first = await retention.remove_batch(0, "order")
     assert (first.removed, first.more) == (10, True)
     assert await redis.zcard(ks.expiring_processes(0, "order")) == 15
-    assert await retention.sweep(0) == 15
+    assert await retention.sweep(0) == {"order": 15}
     assert sizes == [10, 10, 5]
 
 
@@ -265,7 +272,10 @@ async def test_the_scheduler_removes_expired_processes_on_its_interval(
         await _order(driver, str(n))
     await driver.run_until_idle()
     ks = driver.store.keyspace
-    scheduler = Scheduler(redis, ks, retention_interval=0.05, retention_batch=2, max_sleep=0.2)
+    observer = PrometheusObserver()
+    scheduler = Scheduler(
+        redis, ks, retention_interval=0.05, retention_batch=2, max_sleep=0.2, observer=observer
+    )
     stop = anyio.Event()
 
     async def left() -> int:
@@ -280,6 +290,7 @@ async def test_the_scheduler_removes_expired_processes_on_its_interval(
         stop.set()
     for n in range(6):
         assert (await driver.store.read(Order.stream_id(str(n)))).version == 1
+    assert observer.removed.labels("order")._value.get() == 6
 
 
 def test_retention_settings_are_validated() -> None:
@@ -317,3 +328,44 @@ async def test_a_type_without_its_own_retention_takes_the_setting(prefix: str) -
     assert ProcessRunner(Executor(store), [Default()], retention=None).retention_ms(
         Default()
     ) is None
+
+
+async def test_a_tombstone_is_small_reads_as_one_event_and_takes_no_writes(
+    redis: Redis, prefix: str
+) -> None:
+    driver = _driver(redis, prefix)
+    store, ks = driver.store, driver.store.keyspace
+    await _order(driver, "1")
+    await driver.run_until_idle()
+    full = await _memory(redis, ks.stream(Order.stream_id("1")))
+    await Retention(redis, ks).sweep(0)
+    key = ks.stream(Order.stream_id("1"))
+    assert await redis.type(key) == b"string"
+    if full is not None:  # real Redis: a stream's first node alone is ~4.7 KB
+        tombstone = await _memory(redis, key)
+        assert tombstone is not None
+        assert tombstone < 300 < full
+    assert await store.version(Order.stream_id("1")) == 1
+    assert (await store.read(Order.stream_id("1"), from_version=2)).events == []
+    rows = await read_events(store, Order.stream_id("1"))
+    assert [r.type for r in rows] == ["rsaga.ProcessRemoved"]
+    assert await read_events(store, Order.stream_id("1"), from_version=2) == []
+    view = await show_process(store, Order.stream_id("1"))
+    assert view is not None
+    assert view.status == "removed"
+    # a write to it is refused with nothing written, not even to the other stream
+    with pytest.raises(StreamRemoved, match="removed after its retention"):
+        await store.commit([
+            StreamWrite(_cart("2"), ExpectedVersion.ANY, [Placed("2")]),
+            StreamWrite(Order.stream_id("1"), 1, [Paid("1")]),
+        ])
+    assert await store.version(_cart("2")) == 0
+    assert await redis.get(key) is not None
+
+
+async def _memory(redis: Redis, key: str) -> int | None:
+    """MEMORY USAGE of `key`; None where the server has no such command (fakeredis)."""
+    try:
+        return int(await redis.memory_usage(key, samples=0))  # type: ignore[arg-type]
+    except ResponseError:
+        return None

@@ -10,14 +10,21 @@
   Output:
     per stream: {version, v_1, d_1, v_2, d_2, ...}   the stream's current version,
                 then up to a page of (version, envelope) pairs from the start
+                (a removed process's tombstone reads as its one event, version 1)
 ]]
 -- @include "record_fields"
 -- @include "stream_version"
 
 local out = {}
 for i, key in ipairs(KEYS) do
-  local page = redis.call('XRANGE', key, ARGV[i + 1] .. '-0', '+', 'COUNT', ARGV[1])
-  local flat = {stream_version(key)}
+  local version, tombstone = stream_version(key)
+  local page = {}
+  if not tombstone then
+    page = redis.call('XRANGE', key, ARGV[i + 1] .. '-0', '+', 'COUNT', ARGV[1])
+  elseif tonumber(ARGV[i + 1]) <= 1 then
+    page = {{'1-0', {RECORD.data, redis.call('GET', key)}}}
+  end
+  local flat = {version}
   for _, entry in ipairs(page) do
     flat[#flat + 1] = tonumber(string.match(entry[1], '^(%d+)'))
     local fields = entry[2]

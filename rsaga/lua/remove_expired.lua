@@ -1,9 +1,10 @@
 --[[
   Remove one batch of finished processes of one type on one shard whose
-  retention has passed: each one's stream is replaced by a one-entry
-  tombstone (version 1, rsaga.ProcessRemoved), so a late trigger folds a
-  finished process and is ignored instead of starting a new one; its entries
-  in the process index go (the counters and durations stay).
+  retention has passed: each one's stream is replaced by its tombstone, a
+  string key holding one envelope (rsaga.ProcessRemoved) that reads as the
+  stream's one event at version 1 (includes/stream_version.lua), so a late
+  trigger folds a finished process and is ignored instead of starting a new
+  one; its entries in the process index go (the counters and durations stay).
 
   A candidate is removed only if, now, it is in `expiring` with a score at or
   before now, and it is not active (in none of active, waiting, since): a
@@ -24,7 +25,6 @@
   Output:
     the number of processes removed
 ]]
--- @include "record_fields"
 -- @include "now_ms"
 
 local active, waiting, since, retrying = KEYS[1], KEYS[7], KEYS[8], KEYS[9]
@@ -42,8 +42,7 @@ for i = 1, #KEYS - 14 do
     redis.call('ZREM', expiring, member)  -- not finished: it goes back in when it finishes
   elseif due and tonumber(due) <= now then
     local stream = KEYS[14 + i]
-    redis.call('DEL', stream)
-    redis.call('XADD', stream, '1-0', RECORD.data, tombstone)
+    redis.call('SET', stream, tombstone)
     local blob = redis.call('HGET', records, member)
     if blob then
       local record = cjson.decode(blob)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import msgspec
@@ -61,8 +60,6 @@ from rsaga.process.timeouts import (
 )
 from rsaga.records import STREAM, DeadLetterRecord
 from rsaga.store import Effects, TimeoutWrite
-
-log = logging.getLogger("rsaga.process")
 
 
 def _refuse(where: str, field: str, problem: str) -> NoReturn:
@@ -208,6 +205,13 @@ def fold_info(info: ProcessInfo, data: object, occurred_ms: int) -> bool:
     return True
 
 
+@dataclass(slots=True)
+class Seen:
+    """What a step's last `handle` found: `removed`, a trigger for a removed process."""
+
+    removed: bool = False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessStep:
     """One trigger applied to one process: what the executor runs for a process step
@@ -224,6 +228,8 @@ class ProcessStep:
     metadata: dict[str, str] | None = None
     retention_ms: int | None = None
     """How long the process is kept once it finishes (None: for ever)."""
+    seen: Seen = field(default_factory=lambda: Seen())
+    """What the last `handle` found, for the runner to report."""
 
     def read_streams(self) -> list[str]:
         """The process's own stream."""
@@ -268,11 +274,7 @@ class ProcessStep:
         if isinstance(trigger, OperatorAction):
             return self._operate(state, trigger)
         if info.finished or trigger is None:  # None: a step built only to fold
-            if info.status == "removed" and trigger is not None:
-                log.info(
-                    "ignored a %s for process %s: it finished and was removed (retention)",
-                    type(trigger).__name__, info.stream_id,
-                )
+            self.seen.removed = info.status == "removed"
             return {}
         if info.status != "new" and info.definition_version < manager.compatible_since:
             raise IncompatibleDefinition(

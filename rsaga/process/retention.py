@@ -103,15 +103,16 @@ class Retention:
         )
         return Batch(int(removed), len(due) >= self.batch_size)
 
-    async def sweep(self, shard: int) -> int:
+    async def sweep(self, shard: int) -> dict[str, int]:
         """Remove every process of `shard` that is due, batch after batch (other tasks and
-        clients run in between); how many were removed."""
-        total = 0
+        clients run in between); how many were removed, per process type (if any)."""
+        removed: dict[str, int] = {}
         for process_type in await self.process_types(shard):
             while True:
                 batch = await self.remove_batch(shard, process_type)
-                total += batch.removed
+                if batch.removed:
+                    removed[process_type] = removed.get(process_type, 0) + batch.removed
                 if not batch.more:
                     break
                 await anyio.lowlevel.checkpoint()
-        return total
+        return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ from rsaga.process.events import (
 from rsaga.process.registry import CommandRegistry
 from rsaga.process.timeouts import TimeoutPayload
 from rsaga.runtime.liveness import redis_down
+
+log = logging.getLogger("rsaga.process")
 
 
 class ProcessRunner:
@@ -227,6 +230,12 @@ class ProcessRunner:
         )
         if not result.duplicate:
             self._observe(manager, trigger, result.events)
+        if step.seen.removed and not result.events:
+            log.info(
+                "ignored %s for process %s: it finished and was removed (retention)",
+                type(trigger).__name__, stream,
+            )
+            self.executor.observer.process_transition(manager.name, "late_trigger", 0)
         events = result.events
         if result.duplicate:
             events = [

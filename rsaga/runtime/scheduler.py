@@ -159,9 +159,10 @@ class Scheduler:
             with redis_outage() as outage:
                 removed = await self.retention.sweep(shard)
                 backoff.reset()
-                if removed:
-                    log.info("removed %d finished process(es) of shard %d (retention)",
-                             removed, shard)
+                for process_type, count in removed.items():
+                    self.observer.processes_removed(process_type, count)
+                    log.info("removed %d finished %s process(es) of shard %d (retention)",
+                             count, process_type, shard)
             if outage.error is not None:
                 await backoff.wait(f"retention (shard {shard})", outage.error)
                 continue
