@@ -4,7 +4,9 @@ real Redis."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from rsaga import EventStore, Keyspace
+from rsaga.cli import main
 from rsaga.config import ProcessSettings, SchedulerSettings
 from rsaga.errors import StreamRemoved, ValidationError
 from rsaga.events import EventRegistry, RecordedEvent
@@ -369,3 +372,37 @@ async def _memory(redis: Redis, key: str) -> int | None:
         return int(await redis.memory_usage(key, samples=0))  # type: ignore[arg-type]
     except ResponseError:
         return None
+
+
+def test_cli_archive_writes_the_processes_due_as_json_lines_and_removes_nothing(
+    env: Path, real_redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+
+    async def finish_orders() -> None:
+        redis = Redis.from_url(real_redis_url)
+        driver = _driver(redis, prefix)
+        for n in range(2):
+            await _order(driver, str(n))
+        await _order(driver, "h", process_type="hour-order")
+        await driver.run_until_idle()
+        await redis.aclose()
+
+    async def versions() -> list[int]:
+        redis = Redis.from_url(real_redis_url)
+        store = EventStore(redis, EventRegistry(), keyspace=Keyspace(prefix))
+        found = [await store.version(s) for s in ("order-0", "order-1", "hour-order-h")]
+        await redis.aclose()
+        return found
+
+    anyio.run(finish_orders)
+    assert main(["archive"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(line["stream_id"] for line in lines) == ["order-0", "order-1"]
+    assert {line["process_type"] for line in lines} == {"order"}
+    assert [e["type"] for e in lines[0]["events"]][-1] == "rsaga.ProcessCompleted"
+    assert main(["archive", "--within", "7200", "--output", "out.jsonl"]) == 0
+    assert "archived 3 process(es) to out.jsonl" in capsys.readouterr().out
+    assert len((env / "out.jsonl").read_text().splitlines()) == 3
+    assert all(v > 1 for v in anyio.run(versions))

@@ -66,9 +66,11 @@ class Retention:
         types: Any = await self.redis.smembers(self.keyspace.process_types(shard))
         return sorted(t.decode() for t in types)
 
-    async def due(self, shard: int, process_type: str, limit: int) -> tuple[list[Expiring], int]:
-        """Up to `limit` processes of `process_type` on `shard` whose retention passed,
-        earliest first, and the clock's now (ms) that decided it."""
+    async def due(
+        self, shard: int, process_type: str, limit: int, *, within_ms: int = 0
+    ) -> tuple[list[Expiring], int]:
+        """Up to `limit` processes of `process_type` on `shard` whose retention passed (or
+        passes within `within_ms`), earliest first, and the clock's now (ms) that decided."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.zrange(
@@ -80,9 +82,21 @@ class Retention:
         found = [
             Expiring(process_type, member.decode(), int(score))
             for member, score in members
-            if score <= now
+            if score <= now + within_ms
         ]
         return found, now
+
+    async def expiring(self, *, within: float = 0.0, limit: int = 1000) -> list[Expiring]:
+        """Every shard's processes whose retention passes within `within` seconds (at most
+        `limit` per type and shard), earliest first per type: what `rsaga archive` exports."""
+        found: list[Expiring] = []
+        for shard in range(self.keyspace.shards):
+            for process_type in await self.process_types(shard):
+                due, _ = await self.due(
+                    shard, process_type, limit, within_ms=round(within * 1000)
+                )
+                found += due
+        return found
 
     async def remove_batch(self, shard: int, process_type: str) -> Batch:
         """Remove up to `batch_size` processes of `process_type` on `shard` that are due
