@@ -56,6 +56,7 @@ from rsaga.handlers import (
 from rsaga.health import health_report, live_heartbeats, process_thresholds, report_lines
 from rsaga.inspect import (
     SEARCH_STATES,
+    EventRow,
     list_timeouts,
     read_events,
     search_processes,
@@ -68,6 +69,7 @@ from rsaga.observe import NO_OBSERVER
 from rsaga.operator import Operator
 from rsaga.permissions import minimal_acl, missing_permissions
 from rsaga.process.api import ProcessManager
+from rsaga.process.retention import Retention
 from rsaga.process.runner import ProcessRunner
 from rsaga.runtime.scheduler import Scheduler
 from rsaga.runtime.worker import Worker
@@ -377,6 +379,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         [item.handler() for item in selected],
         settings=worker_settings,
         shards=shards,
+        retention=settings.processes.retention,
     )
     stop = anyio.Event()
     try:
@@ -420,6 +423,8 @@ async def _scheduler(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch_size or settings.scheduler.batch_size,
         max_sleep=settings.scheduler.max_sleep,
         heartbeat_ttl=settings.scheduler.heartbeat_ttl,
+        retention_interval=settings.scheduler.retention_interval,
+        retention_batch=settings.scheduler.retention_batch,
         observer=observer or NO_OBSERVER,
     )
     stop = anyio.Event()
@@ -552,7 +557,8 @@ async def _operate(args: argparse.Namespace, settings: Settings) -> int:
     store = open_store(settings)
     try:
         runner = ProcessRunner(
-            Executor(store), installed_process_managers(settings.worker.handlers)
+            Executor(store), installed_process_managers(settings.worker.handlers),
+            retention=settings.processes.retention,
         )
         operator = Operator(runner)
         if args.action == "state":
@@ -622,6 +628,40 @@ async def _stream(args: argparse.Namespace, settings: Settings) -> int:
     for e in rows:
         at = f"{e.occurred_at:%Y-%m-%d %H:%M:%S.%f}"[:-3] if e.occurred_at else "?"
         _print(f"{e.version:>5}  {at}  {e.type:<32} {e.data}  corr={e.correlation_id}")
+    return 0
+
+
+async def _archive(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the finished processes due for removal as JSON lines, events included."""
+    store = open_store(settings)
+    to_file = args.output != "-"
+    try:
+        due = await Retention(store.redis, store.keyspace).expiring(
+            within=args.within, limit=args.limit
+        )
+        out = await anyio.open_file(args.output, "a", encoding="utf-8") if to_file \
+            else anyio.wrap_file(sys.stdout)
+        try:
+            for item in due:
+                events: list[EventRow] = []
+                while True:
+                    page = await read_events(
+                        store, item.stream_id, from_version=len(events) + 1, limit=1000
+                    )
+                    events += page
+                    if len(page) < 1000:
+                        break
+                line = {"stream_id": item.stream_id, "process_type": item.process_type,
+                        "expires_at_ms": item.expires_ms, "events": events}
+                await out.write(_json(line) + "\n")
+            await out.flush()
+        finally:
+            if to_file:
+                await out.aclose()
+    finally:
+        await store.redis.aclose()
+    if to_file:
+        _print(f"archived {len(due)} process(es) to {args.output}")
     return 0
 
 
@@ -988,6 +1028,21 @@ def build_parser() -> argparse.ArgumentParser:
                              metavar="V", help="first version shown")
     _limit_option(stream_show, 100, "at most this many events")
     _json_option(stream_show)
+
+    archive = _command(
+        commands, "archive", "finished processes due for removal, as JSON lines",
+        "Write every finished process whose retention passes within --within seconds "
+        "(its type's `retention`, default processes.retention) as one JSON line: "
+        "stream_id, process_type, expires_at_ms and its events. Run it before the "
+        "scheduler removes them, e.g. hourly with --within 7200. It removes nothing.",
+        _archive,
+    )
+    archive.add_argument("--within", type=float, default=0.0, metavar="SECONDS",
+                         help="also processes whose retention passes this soon (default 0: "
+                         "those due now)")
+    archive.add_argument("--output", default="-", metavar="FILE",
+                         help="append to FILE instead of writing to standard output")
+    _limit_option(archive, 1000, "at most this many per process type and shard")
 
     dlq = _command(commands, "dlq", "dead letters (list, replay, drop)",
                    "Inspect and repair dead letters: entries a handler gave up on.")

@@ -24,6 +24,7 @@ from rsaga.defaults import (
     DEFAULT_COMMAND_RETRY,
     DEFAULT_DEAD_LETTER_MAX_LEN,
     DEFAULT_PAGE_SIZE,
+    DEFAULT_PROCESS_RETENTION,
     DURABILITIES,
 )
 from rsaga.errors import ConfigError
@@ -225,13 +226,31 @@ class SchedulerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     """Longest sleep with nothing due (it is woken early when something is scheduled)."""
     heartbeat_ttl: float = 15.0
     """Seconds a scheduler's heartbeat lives unless renewed."""
+    retention_interval: float = 60.0
+    """Seconds between removals of finished processes whose retention has passed."""
+    retention_batch: int = 100
+    """Finished processes removed per atomic script call (each call is one short step)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        for name in ("max_sleep", "heartbeat_ttl"):
+        for name in ("batch_size", "retention_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_sleep", "heartbeat_ttl", "retention_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+
+
+class ProcessSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Process managers and sagas."""
+
+    retention: float | None = DEFAULT_PROCESS_RETENTION
+    """Seconds a finished process (its stream and index entries) is kept before the scheduler
+    removes it; None (empty in the environment): for ever. A process type overrides it with
+    its `retention` attribute."""
+
+    def __post_init__(self) -> None:
+        if self.retention is not None and not self.retention >= 0:
+            raise ValueError(f"retention: must be >= 0 or None, got {self.retention}")
 
 
 class HealthSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -332,6 +351,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     executor: ExecutorSettings = msgspec.field(default_factory=ExecutorSettings)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = msgspec.field(default_factory=SchedulerSettings)
+    processes: ProcessSettings = msgspec.field(default_factory=ProcessSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)

@@ -18,3 +18,6 @@ DEFAULT_DEAD_LETTER_MAX_LEN = 100_000
 
 DURABILITIES = ("async", "replicated")
 """What `store.durability` may be: acknowledged by the master, or also by replicas (WAIT)."""
+
+DEFAULT_PROCESS_RETENTION = 7 * 86400.0
+"""Seconds a finished process is kept before the scheduler removes it."""

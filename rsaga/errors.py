@@ -47,6 +47,11 @@ class ConcurrencyConflict(RsagaError):
         self.actual = actual
 
 
+class StreamRemoved(RsagaError):
+    """A write to the stream of a process removed after its retention (only its tombstone
+    is left); nothing was written."""
+
+
 class RetriesExhausted(RsagaError):
     """A command kept conflicting after every retry its policy allows."""
 

@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from rsaga.config import HealthSettings
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
@@ -17,10 +18,10 @@ from rsaga.health import ProcessThresholds, decode_process_record, default_thres
 from rsaga.keyspace import Keyspace, validate_stream_id
 from rsaga.process.api import ProcessInfo
 from rsaga.process.engine import fold_info
-from rsaga.process.events import ProcessStarted
+from rsaga.process.events import ProcessRemoved, ProcessStarted
 from rsaga.process.timeouts import decode_timeout, split_timeout_id
 from rsaga.records import DATA
-from rsaga.store import EventStore
+from rsaga.store import EventStore, is_tombstone_error
 
 STATES = ("active", "stuck", "failed", "compensated", "completed")
 
@@ -140,9 +141,13 @@ async def read_events(
 ) -> list[EventRow]:
     """Up to `limit` events of a stream, each decoded if this process knows its type."""
     validate_stream_id(stream_id)
-    page: Any = await store.redis.xrange(
-        store.keyspace.stream(stream_id), f"{from_version}-0", "+", count=limit
-    )
+    key = store.keyspace.stream(stream_id)
+    try:
+        page: Any = await store.redis.xrange(key, f"{from_version}-0", "+", count=limit)
+    except ResponseError as exc:
+        if not is_tombstone_error(exc):
+            raise
+        page = [(b"1-0", {DATA: await store.redis.get(key)})] if from_version <= 1 else []
     rows = []
     for entry_id, fields in page:
         version = int(entry_id.partition(b"-")[0])
@@ -164,7 +169,7 @@ async def show_process(store: EventStore, stream_id: str) -> ProcessView | None:
         events += page
         if len(page) < 1000:
             break
-    if not events or not any(isinstance(e.data, ProcessStarted) for e in events):
+    if not any(isinstance(e.data, ProcessStarted | ProcessRemoved) for e in events):
         return None
     info = ProcessInfo("", "", stream_id)
     for event in events:

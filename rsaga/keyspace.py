@@ -164,6 +164,11 @@ class Keyspace:
         """Sorted set, scores 0: stream id of every indexed process (prefix search)."""
         return f"{self._tag(shard)}:by-id:{process_type}"
 
+    def expiring_processes(self, shard: int, process_type: str) -> str:
+        """Sorted set: finished process stream id -> when its retention passes (server ms):
+        what the scheduler removes (a process kept for ever is not in it)."""
+        return f"{self._tag(shard)}:expiring:{process_type}"
+
     def process_types(self, shard: int) -> str:
         """Set: every process type with a lifecycle index on the shard."""
         return f"{self._tag(shard)}:process-types"
@@ -184,6 +189,7 @@ class Keyspace:
             self.processes_by_correlation(shard, process_type),
             self.processes_by_id(shard, process_type),
             self.process_types(shard),
+            self.expiring_processes(shard, process_type),
         ]
 
     # --- keys outside any shard -------------------------------------------------

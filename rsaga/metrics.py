@@ -94,6 +94,16 @@ class PrometheusObserver(Observer):
             "Processes failed for stepping without outside input (a timeout loop).",
             ["process_type"], registry=r,
         )
+        self.removed = Counter(
+            "rsaga_processes_removed",
+            "Finished processes removed once their retention passed (by this scheduler).",
+            ["process_type"], registry=r,
+        )
+        self.late_triggers = Counter(
+            "rsaga_process_late_triggers",
+            "Triggers ignored because their process finished and was removed (retention).",
+            ["process_type"], registry=r,
+        )
         self.duration = Histogram(
             "rsaga_process_duration_seconds", "Start to completion or failure.",
             ["process_type"], buckets=_PROCESS_DURATIONS, registry=r,
@@ -211,6 +221,9 @@ class PrometheusObserver(Observer):
         if transition == "runaway":  # reported with its "fail", which counts it as failed
             self._child(self.runaway, process_type).inc()
             return
+        if transition == "late_trigger":
+            self._child(self.late_triggers, process_type).inc()
+            return
         counter = {"complete": self.completed, "compensate": self.compensated}.get(
             transition, self.failed
         )
@@ -231,6 +244,10 @@ class PrometheusObserver(Observer):
     def timeouts_moved(self, shard: int, moved: int) -> None:
         """Count moved timeouts."""
         self._child(self.moved, str(shard)).inc(moved)
+
+    def processes_removed(self, process_type: str, removed: int) -> None:
+        """Count removed processes."""
+        self._child(self.removed, process_type).inc(removed)
 
     # --- gauges read from Redis ---------------------------------------------------------
 

@@ -45,7 +45,8 @@ class Observer(Interceptor):
     def process_transition(self, process_type: str, transition: str, duration_ms: int) -> None:
         """A process step committed a lifecycle transition: "start", "complete", "fail",
         or "compensate" (ended compensated); "runaway" follows the "fail" of a process
-        stopped for stepping without outside input."""
+        stopped for stepping without outside input; "late_trigger": a trigger was ignored
+        because its process finished and was removed (retention)."""
 
     def timeout_event(self, process_type: str, kind: str, lateness_ms: float = 0.0) -> None:
         """A timeout was "scheduled", "fired" (with its lateness) or "discarded"."""
@@ -55,6 +56,9 @@ class Observer(Interceptor):
 
     def timeouts_moved(self, shard: int, moved: int) -> None:
         """The scheduler moved due timeouts onto a due stream."""
+
+    def processes_removed(self, process_type: str, removed: int) -> None:
+        """The scheduler removed finished processes whose retention passed."""
 
     # --- the calls it measures, as an interceptor ------------------------------------
 

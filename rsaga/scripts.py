@@ -295,6 +295,21 @@ class Scripts:
             [batch_size, now_ms],
         )
 
+    async def remove_expired(
+        self, shard: int, process_type: str, candidates: Sequence[tuple[str, bytes]],
+        now_ms: int | str, snapshot_fold: str,
+    ) -> Any:
+        """``remove_expired.lua``: remove the (stream id, tombstone envelope) candidates of
+        `process_type` whose retention passed ('' for now: the server's clock), and their
+        snapshots of `snapshot_fold`."""
+        ks = self.keyspace
+        keys = ks.process_index(shard, process_type) + [ks.stream(s) for s, _ in candidates]
+        keys += [ks.snapshot(s, snapshot_fold) for s, _ in candidates]
+        args: list[EncodableArg] = [now_ms]
+        for pair in candidates:
+            args += pair
+        return await script("remove_expired")(self.redis, keys, args)
+
     async def trim_log(self, log: str, retention_ms: int) -> Any:
         """``trim_log.lua``: trim what every group acknowledged longer ago than retention."""
         return await script("trim_log")(self.redis, [log], [retention_ms])

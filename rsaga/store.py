@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from rsaga.clock import Clock, SystemClock
@@ -31,6 +32,7 @@ from rsaga.errors import (
     NotReplicated,
     RedisUnavailable,
     ScriptError,
+    StreamRemoved,
     ValidationError,
 )
 from rsaga.events import DEFAULT_MAX_EVENT_BYTES, EventCodec, EventRegistry, RecordedEvent, new_id
@@ -118,6 +120,12 @@ class CommitResult(msgspec.Struct, frozen=True):
 
     versions: dict[str, int]
     events: list[RecordedEvent]
+
+
+def is_tombstone_error(exc: ResponseError) -> bool:
+    """Whether a stream command failed on a removed process's tombstone: a string key in
+    the stream's place (``remove_expired.lua``), which reads as one event at version 1."""
+    return str(exc).startswith("WRONGTYPE")
 
 
 class StreamSlice(msgspec.Struct, frozen=True):
@@ -294,7 +302,12 @@ class EventStore:
         """The current version of `stream_id` (0 if it has no events)."""
         validate_stream_id(stream_id)
         with self._talking_to_redis():
-            return int(await self.redis.xlen(self.keyspace.stream(stream_id)))
+            try:
+                return int(await self.redis.xlen(self.keyspace.stream(stream_id)))
+            except ResponseError as exc:
+                if not is_tombstone_error(exc):
+                    raise
+                return 1  # a removed process's tombstone (rsaga.process.retention)
 
     async def read_log(
         self, shard: int = 0, *, after: str = "0-0", count: int = 1000
@@ -482,6 +495,12 @@ class EventStore:
             write = writes[int(reply[1]) - 1]
             expected = _expected_text(write.expected)
             raise ConcurrencyConflict(write.stream_id, expected, int(reply[2]))
+        if code == -2:
+            stream_id = writes[int(reply[1]) - 1].stream_id
+            raise StreamRemoved(
+                f"stream {stream_id!r} belonged to a process removed after its retention: "
+                "it takes no new events"
+            )
         if code != 0:
             raise ScriptError(f"commit.lua returned unknown code {code}")
         versions: dict[str, int] = {}

@@ -393,6 +393,7 @@ INSPECTION = (
     ["process", "show", "order-fulfilment-1"],
     ["timeouts", "list"],
     ["stream", "show", "s-1"],
+    ["archive"],
     ["dlq", "list"],
     ["dlq", "replay", "0/1-0"],
     ["dlq", "drop", "0/1-0"],

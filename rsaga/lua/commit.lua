@@ -4,7 +4,7 @@
 
   1. Check the expected version of every stream the command read, including
      streams it only read. On the first mismatch, return a conflict having
-     written nothing.
+     written nothing; likewise refuse to append to a removed process's stream.
   2. Append each stream's new events with entry id <version>-0, and each event
      to the shard log in commit order (fields s = stream id, v = version,
      t = event type, d = envelope).
@@ -40,6 +40,8 @@
   Output:
     {0, v_1 .. v_n}      OK: the version of each checked stream after the write
     {-1, i, actual}      CONFLICT: checked stream i is at version `actual`
+    {-2, i}              REMOVED: stream i is a removed process's tombstone
+                         (remove_expired.lua), which takes no new events
 ]]
 -- @include "record_fields"
 -- @include "stream_version"
@@ -53,9 +55,12 @@ local n = tonumber(ARGV[1])
 local versions = {}
 for i = 1, n do
   local expected = tonumber(ARGV[3 * i])
-  local actual = stream_version(KEYS[i + 1])
+  local actual, tombstone = stream_version(KEYS[i + 1])
   if expected >= 0 and actual ~= expected then
     return {-1, i, actual}
+  end
+  if tombstone and tonumber(ARGV[3 * i + 1]) > 0 then
+    return {-2, i}
   end
   versions[i] = actual
 end

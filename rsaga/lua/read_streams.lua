@@ -14,7 +14,8 @@
     per stream: {version, v_1, d_1, v_2, d_2, ...}   the stream's current version,
                 then up to a page of (version, envelope) pairs from the start;
                 a snapshot used comes first as the pair (0, snapshot), and the
-                events then start after its version
+                events then start after its version (a removed process's
+                tombstone reads as its one event, version 1)
 ]]
 -- @include "record_fields"
 -- @include "stream_version"
@@ -23,18 +24,25 @@ local n = #ARGV - 1
 local out = {}
 for i = 1, n do
   local key = KEYS[i]
-  local version = stream_version(key)
+  local version, tombstone = stream_version(key)
   local from = tonumber(ARGV[i + 1])
   local flat = {version}
-  if KEYS[n + i] and from == 1 then
-    local snapshot = redis.call('HMGET', KEYS[n + i], 'v', 'd')
-    local at = tonumber(snapshot[1])
-    if at and snapshot[2] and at <= version then
-      flat[2], flat[3] = 0, snapshot[2]
-      from = at + 1
+  local page = {}
+  if tombstone then
+    if from <= 1 then
+      page = {{'1-0', {RECORD.data, redis.call('GET', key)}}}
     end
+  else
+    if KEYS[n + i] and from == 1 then
+      local snapshot = redis.call('HMGET', KEYS[n + i], 'v', 'd')
+      local at = tonumber(snapshot[1])
+      if at and snapshot[2] and at <= version then
+        flat[2], flat[3] = 0, snapshot[2]
+        from = at + 1
+      end
+    end
+    page = redis.call('XRANGE', key, from .. '-0', '+', 'COUNT', ARGV[1])
   end
-  local page = redis.call('XRANGE', key, from .. '-0', '+', 'COUNT', ARGV[1])
   for _, entry in ipairs(page) do
     flat[#flat + 1] = tonumber(string.match(entry[1], '^(%d+)'))
     local fields = entry[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -169,7 +170,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-Status = Literal["new", "active", "completed", "failed", "compensated"]
+Status = Literal["new", "active", "completed", "failed", "compensated", "removed"]
+"""'removed': the process finished and its retention passed; only a tombstone is left."""
 
 
 class ProcessInfo(msgspec.Struct):
@@ -201,8 +203,8 @@ class ProcessInfo(msgspec.Struct):
 
     @property
     def finished(self) -> bool:
-        """Completed, failed or compensated."""
-        return self.status in ("completed", "failed", "compensated")
+        """Completed, failed or compensated (and 'removed': finished once, then removed)."""
+        return self.status in ("completed", "failed", "compensated", "removed")
 
 
 # --- the process manager API -------------------------------------------------------------
@@ -239,6 +241,10 @@ class ProcessManager(Generic[S]):
     max_retry_count: ClassVar[int | None] = None
     """`rsaga health` warns of active processes of this type whose current step has been
     retried at least this many times; None: `health.max_retry_count`; 0: off."""
+    retention: ClassVar[float | Literal["setting"] | None] = "setting"
+    """Seconds a finished process of this type is kept before the scheduler removes its
+    stream and index entries (a tombstone stays, so a late trigger is ignored); None: for
+    ever; "setting": `processes.retention`. Applies to processes finishing from then on."""
     version: ClassVar[int] = 1
     """Definition version, stored when a process starts. Raise it with every change."""
     compatible_since: ClassVar[int] = 1
@@ -298,6 +304,15 @@ class ProcessManager(Generic[S]):
         check_name(cls)
         if cls.deadline is not None and cls.deadline <= 0:
             raise ValidationError(f"process {cls.name}: deadline must be > 0")
+        retention = cls.retention
+        if retention not in (None, "setting") and (
+            isinstance(retention, bool) or not isinstance(retention, (int, float))
+            or not 0 <= retention < math.inf
+        ):
+            raise ValidationError(
+                f"process {cls.name}: retention must be None, \"setting\" or seconds >= 0, "
+                f"got {retention!r}"
+            )
         steps, window = cls.max_unprompted_steps, cls.unprompted_window
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValidationError(f"process {cls.name}: max_unprompted_steps must be an int >= 1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
 import msgspec
@@ -37,6 +37,7 @@ from rsaga.process.events import (
     ProcessCompensated,
     ProcessCompleted,
     ProcessFailed,
+    ProcessRemoved,
     ProcessRetried,
     ProcessSignalled,
     ProcessStarted,
@@ -193,6 +194,8 @@ def fold_info(info: ProcessInfo, data: object, occurred_ms: int) -> bool:
             info.status = "failed"
         case ProcessCompensated():
             info.status = "compensated"
+        case ProcessRemoved():
+            info.status = "removed"
         case (
             CommandsIssued() | CommandRejected() | ProcessTerminated() | ProcessSignalled()
             | ProcessRetried()
@@ -201,6 +204,18 @@ def fold_info(info: ProcessInfo, data: object, occurred_ms: int) -> bool:
         case _:
             return False
     return True
+
+
+@dataclass(slots=True)
+class Seen:
+    """What a step's last `handle` found: `removed`, a trigger for a removed process."""
+
+    removed: bool = False
+
+
+def snapshot_fold(process_type: str) -> str:
+    """The fold name of a process type's snapshots (`rsaga.snapshots`)."""
+    return f"process.{process_type}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -217,6 +232,10 @@ class ProcessStep:
     events: EventRegistry
     correlation_id: str
     metadata: dict[str, str] | None = None
+    retention_ms: int | None = None
+    """How long the process is kept once it finishes (None: for ever)."""
+    seen: Seen = field(default_factory=lambda: Seen())
+    """What the last `handle` found, for the runner to report."""
 
     cache_state: ClassVar[bool] = True
     fold_per_stream: ClassVar[bool] = False
@@ -246,7 +265,7 @@ class ProcessStep:
         user_state = state_type_of(type(manager), ProcessManager)
         state_type: Any = tuple[ProcessInfo, user_state]  # type: ignore[valid-type]
         return SnapshotSpec(
-            f"process.{manager.name}", manager.snapshot_every, state_type, manager.version
+            snapshot_fold(manager.name), manager.snapshot_every, state_type, manager.version
         )
 
     def to_snapshot(self, state: _Loaded) -> Any:
@@ -296,6 +315,7 @@ class ProcessStep:
         if isinstance(trigger, OperatorAction):
             return self._operate(state, trigger)
         if info.finished or trigger is None:  # None: a step built only to fold
+            self.seen.removed = info.status == "removed"
             return {}
         if info.status != "new" and info.definition_version < manager.compatible_since:
             raise IncompatibleDefinition(
@@ -306,7 +326,8 @@ class ProcessStep:
         if isinstance(trigger, TimeoutTrigger) and info.pending.get(trigger.name) != trigger.token:
             return {}
         plan = _Plan(
-            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata
+            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata,
+            self.retention_ms,
         )
         if isinstance(trigger, TimeoutTrigger):
             plan.fired(trigger)
@@ -344,7 +365,8 @@ class ProcessStep:
                 f"{where} already ended {info.status}: nothing to {action.action}"
             )
         plan = _Plan(
-            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata
+            manager, info, self.now_ms, self.commands, self.correlation_id, self.metadata,
+            self.retention_ms,
         )
         if action.action == "terminate":
             plan.events.append(ProcessTerminated(action.reason, action.by, action.compensate))
@@ -414,8 +436,10 @@ class _Plan:
         commands: CommandRegistry,
         correlation_id: str,
         metadata: dict[str, str] | None = None,
+        retention_ms: int | None = None,
     ) -> None:
         self.manager = manager
+        self.retention_ms = retention_ms
         self.correlation_id = correlation_id
         self.metadata = metadata
         self.info = info
@@ -541,6 +565,7 @@ class _Plan:
             correlation_id=self.correlation_id,
             retry_step=retry_step,
             retries=retries,
+            retention_ms=self.retention_ms,
         )
         return WritePlan(
             {info.stream_id: self.events},

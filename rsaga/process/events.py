@@ -113,6 +113,14 @@ class ProcessRetried(msgspec.Struct, frozen=True, tag="rsaga.ProcessRetried"):
     by: str
 
 
+class ProcessRemoved(msgspec.Struct, frozen=True, tag="rsaga.ProcessRemoved"):
+    """The tombstone of a finished process whose retention passed: the only entry left on its
+    stream, so a late trigger finds a finished process, not a new one."""
+
+    process_type: str
+    removed_at_ms: int
+
+
 FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
     ProcessTerminated,
     ProcessSignalled,
@@ -127,4 +135,5 @@ FRAMEWORK_EVENTS: tuple[type[msgspec.Struct], ...] = (
     ProcessCompleted,
     ProcessFailed,
     ProcessCompensated,
+    ProcessRemoved,
 )

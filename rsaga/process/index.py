@@ -32,6 +32,8 @@ class IndexUpdate(msgspec.Struct, frozen=True):
     retries: int = -1
     """How many times the current step has been retried after this write: 0 when the
     process stops retrying, -1 when it neither was nor is retrying (nothing to write)."""
+    retention_ms: int | None = None
+    """How long the process is kept once this write finishes it (None: for ever)."""
 
     def side_effect(self, keyspace: Keyspace, shard: int) -> SideEffect:
         """The ``process_index`` extension call of a commit in `shard`."""
@@ -44,6 +46,6 @@ class IndexUpdate(msgspec.Struct, frozen=True):
             [
                 self.process_type, self.transition, self.stream_id, self.duration_ms,
                 next_due, int(self.starts), self.correlation_id, self.retry_step,
-                self.retries,
+                self.retries, -1 if self.retention_ms is None else self.retention_ms,
             ],
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from rsaga.clock import Clock, SystemClock
 from rsaga.commands import StreamId
+from rsaga.defaults import DEFAULT_PROCESS_RETENTION
 from rsaga.errors import DomainError, InvalidStreamId, UnknownEventType
 from rsaga.events import EventRegistry, RecordedEvent, new_id
 from rsaga.executor import Executor
@@ -41,6 +43,8 @@ from rsaga.process.registry import CommandRegistry
 from rsaga.process.timeouts import TimeoutPayload
 from rsaga.runtime.liveness import redis_down
 
+log = logging.getLogger("rsaga.process")
+
 
 class ProcessRunner:
     """Runs process steps: for events (through the worker), timeouts, and explicit calls."""
@@ -51,10 +55,13 @@ class ProcessRunner:
         managers: Sequence[ProcessManager[Any]],
         *,
         clock: Clock | None = None,
+        retention: float | None = DEFAULT_PROCESS_RETENTION,
     ) -> None:
         self.executor = executor
         self.clock: Clock = clock or SystemClock()
         self.managers = {m.name: m for m in managers}
+        self.retention = retention
+        """`processes.retention`: for the process types that do not set their own."""
         self._step = executor.interceptors.process_step(self._run_step)
         self.commands = CommandRegistry()
         registry: EventRegistry = executor.store.registry
@@ -75,6 +82,13 @@ class ProcessRunner:
                 f"no process manager named {process_type!r} is installed here "
                 f"(installed: {', '.join(sorted(self.managers)) or 'none'})"
             ) from None
+
+    def retention_ms(self, manager: ProcessManager[Any]) -> int | None:
+        """How long (ms) a finished process of `manager`'s type is kept; None: for ever."""
+        retention = manager.retention
+        if retention == "setting":
+            retention = self.retention
+        return None if retention is None else round(retention * 1000)
 
     async def on_event(
         self, manager: ProcessManager[Any], event: RecordedEvent, *, attempt: int | None = None
@@ -208,6 +222,7 @@ class ProcessRunner:
             events=self.executor.store.registry,
             correlation_id=correlation_id,
             metadata=call.metadata,
+            retention_ms=self.retention_ms(manager),
         )
         result = await self.executor.execute(
             step, correlation_id=correlation_id, causation_id=causation_id, idempotency_key=key,
@@ -215,6 +230,12 @@ class ProcessRunner:
         )
         if not result.duplicate:
             self._observe(manager, trigger, result.events)
+        if step.seen.removed and not result.events:
+            log.info(
+                "ignored %s for process %s: it finished and was removed (retention)",
+                type(trigger).__name__, stream,
+            )
+            self.executor.observer.process_transition(manager.name, "late_trigger", 0)
         events = result.events
         if result.duplicate:
             events = [

@@ -6,6 +6,10 @@ that scheduled them. The scheduler sleeps until the next due time, and is
 woken early through the shard's wake stream when an earlier timeout is
 scheduled, so there is no fixed poll. "Now" is the Redis server's clock unless
 a `Clock` is given (tests).
+
+Every `retention_interval` seconds it also removes finished processes whose
+retention passed (`rsaga.process.retention`), in batches of `retention_batch`,
+by the Redis server's clock (the one the process index's end times are from).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from rsaga.clock import Clock
 from rsaga.cluster import client_options
 from rsaga.keyspace import Keyspace
 from rsaga.observe import NO_OBSERVER, Observer
+from rsaga.process.retention import Retention
 from rsaga.runtime.liveness import (
     Backoff,
     consumer_name,
@@ -60,6 +65,8 @@ class Scheduler:
         name: str | None = None,
         observer: Observer = NO_OBSERVER,
         shards: Sequence[int] | None = None,
+        retention_interval: float | None = 60.0,
+        retention_batch: int = 100,
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -72,6 +79,11 @@ class Scheduler:
         self.heartbeat_ttl = heartbeat_ttl
         self.name = name or f"scheduler-{consumer_name()}"
         self.observer = observer
+        self.retention_interval = retention_interval
+        """Seconds between removals of expired finished processes; None: never."""
+        # Retention compares with the end times the commits wrote, by the server's
+        # clock: a test's manual clock does not decide it.
+        self.retention = Retention(redis, keyspace, batch_size=retention_batch)
 
     async def tick(self, shard: int) -> Tick:
         """Move up to `batch_size` due timeouts of `shard` (one atomic script call)."""
@@ -102,6 +114,8 @@ class Scheduler:
             )
             for shard in self.shards:
                 tg.start_soon(self._shard_loop, shard, stop)
+                if self.retention_interval is not None:
+                    tg.start_soon(self._retention_loop, shard, self.retention_interval, stop)
             await stop.wait()
             tg.cancel_scope.cancel()
         log.info("scheduler %s stopped", self.name)
@@ -143,3 +157,18 @@ class Scheduler:
             if outage.error is not None:
                 await backoff.wait(f"scheduler (shard {shard})", outage.error)
                 last_wake = "$"
+
+    async def _retention_loop(self, shard: int, interval: float, stop: anyio.Event) -> None:
+        backoff = Backoff(log)
+        while not stop.is_set():
+            with redis_outage() as outage:
+                removed = await self.retention.sweep(shard)
+                backoff.reset()
+                for process_type, count in removed.items():
+                    self.observer.processes_removed(process_type, count)
+                    log.info("removed %d finished %s process(es) of shard %d (retention)",
+                             count, process_type, shard)
+            if outage.error is not None:
+                await backoff.wait(f"retention (shard {shard})", outage.error)
+                continue
+            await anyio.sleep(interval)

@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 
 from rsaga.clock import Clock
 from rsaga.config import WorkerSettings
+from rsaga.defaults import DEFAULT_PROCESS_RETENTION
 from rsaga.executor import Executor
 from rsaga.handlers import EventHandler
 from rsaga.observe import Observer
@@ -380,6 +381,7 @@ class Worker:
         name: str | None = None,
         clock: Clock | None = None,
         shards: Sequence[int] | None = None,
+        retention: float | None = DEFAULT_PROCESS_RETENTION,
     ) -> None:
         self.executor = executor
         self.handlers = list(handlers)
@@ -390,7 +392,9 @@ class Worker:
         self.started_at = time.time()
         store = executor.store
         managers = [h for h in self.handlers if isinstance(h, ProcessManager)]
-        self.runner = ProcessRunner(executor, managers, clock=clock) if managers else None
+        self.runner = ProcessRunner(
+            executor, managers, clock=clock, retention=retention
+        ) if managers else None
         sources: list[tuple[Source, str, float]] = []
         for handler in self.handlers:
             if isinstance(handler, ProcessManager):

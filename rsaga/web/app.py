@@ -388,6 +388,7 @@ def create_app(
             Executor(console.opened),
             list(managers) if managers is not None
             else installed_process_managers(settings.worker.handlers),
+            retention=settings.processes.retention,
         )
         try:
             yield

@@ -20,11 +20,16 @@
      end and outcome are its score and set in 4-6);
   11. by_correlation: sorted set (all scores 0) of "<correlation id>\0<stream id>";
   12. by_id: sorted set (all scores 0) of stream ids: prefix search;
-  13. types: set of the process types indexed on the shard.
+  13. types: set of the process types indexed on the shard;
+  14. expiring: sorted set of finished processes scored by when their retention
+     passes (end + retention, server ms): what remove_expired.lua removes; a
+     process kept for ever (retention -1) is not in it. It is not capped like
+     4-6, so a process pushed out of those is still removed in time.
   transition is 'start', 'progress', 'complete', 'fail' or 'compensate'; starts
   is '1' when this commit starts the process (a process may start and end in one);
   retries is the retry count of the current step after the commit, 0 when the
-  process stops retrying, -1 when it neither was nor is retrying (nothing to write).
+  process stops retrying, -1 when it neither was nor is retrying (nothing to write);
+  retention_ms how long a process this commit finishes is kept (-1: for ever).
 ]]
 local FINISHED_KEPT = 10000
 
@@ -67,7 +72,7 @@ end
 
 local function update_process_index(
   keys, now, process_type, transition, member, duration_ms, next_due, starts, correlation,
-  retry_step, retries
+  retry_step, retries, retention_ms
 )
   local active, stats, durations, waiting = keys[1], keys[2], keys[3], keys[7]
   local since, retrying, records = keys[8], keys[9], keys[10]
@@ -109,5 +114,9 @@ local function update_process_index(
     redis.call('LTRIM', durations, 0, 999)
     redis.call('ZADD', finished, now, member)
     forget_finished(keys, finished)
+    retention_ms = tonumber(retention_ms)
+    if retention_ms >= 0 then
+      redis.call('ZADD', keys[14], now + retention_ms, member)
+    end
   end
 end

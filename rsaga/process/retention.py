@@ -1,0 +1,134 @@
+"""Retention: removes finished processes once their type's `retention` has passed.
+
+The commit that finishes a process puts it in its type's `expiring` set, scored by
+end + retention (the process index, ``includes/process_index.lua``). The scheduler
+calls `Retention.sweep` every `scheduler.retention_interval`; each batch is one short
+script call (``remove_expired.lua``) over at most `batch_size` processes, so Redis is
+never blocked for long. A removed process leaves a one-entry tombstone stream
+(`ProcessRemoved`): a late trigger folds a finished process and is ignored, where an
+empty stream would start the process again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+from redis.asyncio import Redis
+
+from rsaga.clock import Clock
+from rsaga.events import EventCodec, EventRegistry, new_id
+from rsaga.keyspace import Keyspace
+from rsaga.process.engine import snapshot_fold
+from rsaga.process.events import ProcessRemoved
+from rsaga.scripts import Scripts
+
+_codec = EventCodec(EventRegistry([ProcessRemoved]))
+
+
+class Expiring(msgspec.Struct, frozen=True):
+    """A finished process in its type's `expiring` set."""
+
+    process_type: str
+    stream_id: str
+    expires_ms: int
+    """When its retention passes (ms since the epoch)."""
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """What one removal call did: how many it removed, and whether more are due now."""
+
+    removed: int
+    more: bool
+
+
+class Retention:
+    """Removes finished processes whose retention passed, one bounded batch per call."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keyspace: Keyspace,
+        *,
+        batch_size: int = 100,
+        clock: Clock | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keyspace = keyspace
+        self.scripts = Scripts(redis, keyspace)
+        self.batch_size = batch_size
+        self.clock = clock
+        """None: the Redis server's clock decides what is due (tests inject one)."""
+
+    async def process_types(self, shard: int) -> list[str]:
+        """The process types indexed on `shard`."""
+        types: Any = await self.redis.smembers(self.keyspace.process_types(shard))
+        return sorted(t.decode() for t in types)
+
+    async def due(
+        self, shard: int, process_type: str, limit: int, *, within_ms: int = 0
+    ) -> tuple[list[Expiring], int]:
+        """Up to `limit` processes of `process_type` on `shard` whose retention passed (or
+        passes within `within_ms`), earliest first, and the clock's now (ms) that decided."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.zrange(
+                self.keyspace.expiring_processes(shard, process_type), 0, limit - 1,
+                withscores=True,
+            )
+            (seconds, micros), members = await pipe.execute()
+        now = self.clock.now_ms() if self.clock else int(seconds) * 1000 + int(micros) // 1000
+        found = [
+            Expiring(process_type, member.decode(), int(score))
+            for member, score in members
+            if score <= now + within_ms
+        ]
+        return found, now
+
+    async def expiring(self, *, within: float = 0.0, limit: int = 1000) -> list[Expiring]:
+        """Every shard's processes whose retention passes within `within` seconds (at most
+        `limit` per type and shard), earliest first per type: what `rsaga archive` exports."""
+        found: list[Expiring] = []
+        for shard in range(self.keyspace.shards):
+            for process_type in await self.process_types(shard):
+                due, _ = await self.due(
+                    shard, process_type, limit, within_ms=round(within * 1000)
+                )
+                found += due
+        return found
+
+    async def remove_batch(self, shard: int, process_type: str) -> Batch:
+        """Remove up to `batch_size` processes of `process_type` on `shard` that are due
+        (one atomic script call, which checks again that each is due and finished)."""
+        due, now = await self.due(shard, process_type, self.batch_size)
+        if not due:
+            return Batch(0, False)
+        tombstone = ProcessRemoved(process_type, now)
+        candidates = [
+            (item.stream_id, _codec.encode(
+                tombstone, event_id=new_id(), occurred_at_ms=now, correlation_id="",
+                causation_id=None,
+            ))
+            for item in due
+        ]
+        removed = await self.scripts.remove_expired(
+            shard, process_type, candidates, "" if self.clock is None else now,
+            snapshot_fold(process_type),
+        )
+        return Batch(int(removed), len(due) >= self.batch_size)
+
+    async def sweep(self, shard: int) -> dict[str, int]:
+        """Remove every process of `shard` that is due, batch after batch (other tasks and
+        clients run in between); how many were removed, per process type (if any)."""
+        removed: dict[str, int] = {}
+        for process_type in await self.process_types(shard):
+            while True:
+                batch = await self.remove_batch(shard, process_type)
+                if batch.removed:
+                    removed[process_type] = removed.get(process_type, 0) + batch.removed
+                if not batch.more:
+                    break
+                await anyio.lowlevel.checkpoint()
+        return removed
