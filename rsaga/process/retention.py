@@ -73,7 +73,7 @@ class Retention:
         """Up to `limit` processes of `process_type` on `shard` whose retention passed (or
         passes within `within_ms`), earliest first, and the clock's now (ms) that decided."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.time()
+            pipe.execute_command("TIME")  # not .time(): refused in a cluster pipeline
             pipe.zrange(
                 self.keyspace.expiring_processes(shard, process_type), 0, limit - 1,
                 withscores=True,
