@@ -351,9 +351,11 @@ class Slow(EventHandler):
     name = "slow"
     events = (Ping,)
     retry = FixedDelay(interval=0, max_retries=0)
+    started: list[int] = []
     finished: list[int] = []
 
     async def handle(self, event, ctx: HandlerContext) -> None:  # type: ignore[no-untyped-def]
+        type(self).started.append(event.data.n)
         await anyio.sleep(event.data.n / 1000)
         type(self).finished.append(event.data.n)
 
@@ -362,7 +364,7 @@ async def test_graceful_shutdown_finishes_in_flight_and_leaves_the_rest(
     redis: Redis, prefix: str
 ) -> None:
     store = make_store(redis, prefix, shards=1)
-    Slow.finished = []
+    Slow.started, Slow.finished = [], []
     await store.append("quick", [Ping(n=50)])
     await store.append("stuck", [Ping(n=60_000)])
     settings = WorkerSettings(concurrency=4, block_ms=50, shutdown_timeout=0.5)
@@ -371,7 +373,8 @@ async def test_graceful_shutdown_finishes_in_flight_and_leaves_the_rest(
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run, stop)
-            await anyio.sleep(0.02)
+            while len(Slow.started) < 2:  # both in flight, "quick" not yet finished
+                await anyio.sleep(0.002)
             stop.set()
     assert Slow.finished == [50]
     pending = await redis.xpending_range(store.keyspace.log(0), Slow.name, "-", "+", 10)
