@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Clock(Protocol):
@@ -43,3 +43,15 @@ class ManualClock:
         if now_ms < self._now:
             raise ValueError("a ManualClock only moves forward")
         self._now = now_ms
+
+
+def time_reply_ms(reply: Any) -> int:
+    """Milliseconds since the epoch from a Redis ``TIME`` reply (seconds, microseconds)."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def server_ms(redis: Any) -> int:
+    """The Redis server's clock, in milliseconds since the epoch: the one clock every
+    worker and scheduler agrees on."""
+    return time_reply_ms(await redis.time())

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
+from rsaga.clock import time_reply_ms
 from rsaga.cluster import mget
 from rsaga.keyspace import Keyspace
 from rsaga.records import Heartbeat as Heartbeat
@@ -181,7 +182,7 @@ async def health_report(
         for shard in range(keyspace.shards):
             pipe.smembers(keyspace.process_types(shard))
         now, consumers, *type_sets = await pipe.execute()
-    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    now_ms = time_reply_ms(now)
     ordered = sorted({t.decode() for types in type_sets for t in types})
     defaults = default_thresholds(settings)
     limits = {t: (thresholds or {}).get(t, defaults) for t in ordered}

@@ -12,6 +12,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from rsaga.clock import server_ms
 from rsaga.config import HealthSettings
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
 from rsaga.health import ProcessThresholds, decode_process_record, default_thresholds
@@ -105,9 +106,7 @@ async def list_processes(
     next due time. Stuck: no pending timeout and no progress for `stuck_after`
     seconds, or the next timeout overdue by more than `overdue_after` seconds.
     """
-    now: Any = await redis.time()
-    seconds, micros = now
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms = await server_ms(redis)
     rows: list[ProcessRow] = []
     for process_type in types:
         for shard in range(keyspace.shards):
@@ -183,9 +182,7 @@ async def show_process(store: EventStore, stream_id: str) -> ProcessView | None:
 
 async def list_timeouts(redis: Redis, keyspace: Keyspace, *, limit: int = 50) -> list[TimeoutRow]:
     """The next `limit` timeouts due, per shard, soonest first."""
-    now: Any = await redis.time()
-    seconds, micros = now
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms = await server_ms(redis)
     rows = []
     for shard in range(keyspace.shards):
         found: Any = await redis.zrange(keyspace.timeouts(shard), 0, limit - 1, withscores=True)
@@ -302,7 +299,7 @@ async def search_processes(
             raise ValidationError(f"{name} must be a non-empty str, got {text!r}")
     after = _parse_cursor(cursor)
     health = settings or HealthSettings()
-    now_ms = await _server_ms(redis)
+    now_ms = await server_ms(redis)
     query = _Query(
         state,
         correlation_id,
@@ -349,12 +346,6 @@ def _parse_cursor(cursor: str | None) -> tuple[int, str] | None:
     if not at.lstrip("-").isdigit() or not stream_id:
         raise ValidationError(f"cursor {cursor!r} is not one a search returned")
     return int(at), stream_id
-
-
-async def _server_ms(redis: Redis) -> int:
-    now: Any = await redis.time()
-    seconds, micros = now
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 class _ShardSearch:

@@ -42,6 +42,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from redis.asyncio import Redis
 
+from rsaga.clock import server_ms, time_reply_ms
 from rsaga.health import ProcessThresholds
 from rsaga.keyspace import Keyspace
 from rsaga.observe import Observer
@@ -272,8 +273,7 @@ class PrometheusObserver(Observer):
         limits = {t: (thresholds or {}).get(t, ProcessThresholds()) for t in types}
         now_ms = 0
         if any(limit.max_process_age for limit in limits.values()):
-            now: Any = await redis.time()
-            now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+            now_ms = await server_ms(redis)
         async with redis.pipeline(transaction=False) as pipe:
             for process_type in types:
                 limit = limits[process_type]
@@ -326,8 +326,7 @@ class PrometheusObserver(Observer):
                     self._child(self.lag, name, stream).set(info.get("lag") or 0)
                     self._child(self.pending, name, stream).set(info["pending"])
         if scheduler:
-            seconds, micros = replies[at]
-            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            now_ms = time_reply_ms(replies[at])
             for shard in range(keyspace.shards):
                 head = replies[at + 1 + shard]
                 due = bool(head) and head[0][1] <= now_ms

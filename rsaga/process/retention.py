@@ -18,7 +18,7 @@ import anyio.lowlevel
 import msgspec
 from redis.asyncio import Redis
 
-from rsaga.clock import Clock
+from rsaga.clock import Clock, time_reply_ms
 from rsaga.events import EventCodec, EventRegistry, new_id
 from rsaga.keyspace import Keyspace
 from rsaga.process.engine import snapshot_fold
@@ -78,8 +78,8 @@ class Retention:
                 self.keyspace.expiring_processes(shard, process_type), 0, limit - 1,
                 withscores=True,
             )
-            (seconds, micros), members = await pipe.execute()
-        now = self.clock.now_ms() if self.clock else int(seconds) * 1000 + int(micros) // 1000
+            server_now, members = await pipe.execute()
+        now = self.clock.now_ms() if self.clock else time_reply_ms(server_now)
         found = [
             Expiring(process_type, member.decode(), int(score))
             for member, score in members
