@@ -134,11 +134,13 @@ async def timeouts(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
 WORKLOADS: dict[str, Workload] = {"command": command, "orders": orders, "timeouts": timeouts}
 
 
-async def commands_run(redis: Redis) -> int:
+async def commands_run(redis: Redis) -> dict[str, int]:
+    """Calls so far per server command (INFO left out)."""
     info: dict[str, Any] = await redis.info("commandstats")
-    return sum(
-        int(v["calls"]) for k, v in info.items() if k != "cmdstat_info" and isinstance(v, dict)
-    )
+    return {
+        k.removeprefix("cmdstat_"): int(v["calls"])
+        for k, v in info.items() if k != "cmdstat_info" and isinstance(v, dict)
+    }
 
 
 async def profile(name: str, url: str, count: int, top: int) -> None:
@@ -153,11 +155,16 @@ async def profile(name: str, url: str, count: int, top: int) -> None:
     items = await handle()
     profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    server = await commands_run(redis) - before
+    after = await commands_run(redis)
+    per_command = {k: n - before.get(k, 0) for k, n in after.items() if n > before.get(k, 0)}
+    server = sum(per_command.values())
     trips = Counting.trips
     print(f"== {name}: {items} items, {wall / items * 1e6:.0f} us wall and "
           f"{cpu / items * 1e6:.0f} us CPU per item (under cProfile), "
           f"{trips / items:.1f} round trips and {server / items:.1f} server commands per item")
+    print("server commands per item: " + ", ".join(
+        f"{k} {n / items:.2f}" for k, n in sorted(per_command.items(), key=lambda kv: -kv[1])
+    ))
     for order in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(top)

@@ -25,6 +25,7 @@ from rsaga.defaults import (
     DEFAULT_DEAD_LETTER_MAX_LEN,
     DEFAULT_PAGE_SIZE,
     DEFAULT_PROCESS_RETENTION,
+    DEFAULT_STATE_CACHE_SIZE,
     DURABILITIES,
 )
 from rsaga.errors import ConfigError
@@ -158,10 +159,10 @@ class ExecutorSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     retry: BuiltinRetryPolicy = DEFAULT_COMMAND_RETRY
     """Retry policy on version conflicts: ``kind`` "fixed", "exponential" or "linear"."""
-    state_cache_size: int = 0
+    state_cache_size: int = DEFAULT_STATE_CACHE_SIZE
     """Folded states (per command fold or process stream) a worker keeps, so the next
-    command folds only newer events (10000 is a good size); 0, the default until a
-    Redis-crash test passes reliably with it, keeps the cache off."""
+    command folds only newer events and may decide without reading; 0 turns the cache
+    off. Any Redis error empties it (Redis may have restarted without some writes)."""
 
     def __post_init__(self) -> None:
         if self.state_cache_size < 0:

@@ -21,3 +21,6 @@ DURABILITIES = ("async", "replicated")
 
 DEFAULT_PROCESS_RETENTION = 7 * 86400.0
 """Seconds a finished process is kept before the scheduler removes it."""
+
+DEFAULT_STATE_CACHE_SIZE = 10_000
+"""Folded states an executor keeps (see `rsaga.statecache`)."""

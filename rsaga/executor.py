@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import msgspec
+from redis.exceptions import RedisError
 
 from rsaga.commands import Command, Executable, WritePlan
 from rsaga.defaults import DEFAULT_COMMAND_RETRY as DEFAULT_COMMAND_RETRY
@@ -33,6 +34,8 @@ from rsaga.statecache import DEFAULT_STATE_CACHE_SIZE, CachedFold, StateCache, c
 from rsaga.store import CommitResult, Effects, EventStore, SnapshotWrite, StreamWrite
 
 MAX_RESOLVE_ROUNDS = 16
+_EXECUTABLE_TYPES: set[type] = set()
+"""Types of commands executed before: checked once (`Executable` is a runtime protocol)."""
 
 
 class ExecutionResult(msgspec.Struct, frozen=True):
@@ -120,8 +123,10 @@ class Executor:
         `metadata` is carried by every event written (interceptors may add to it).
         The call goes through the `execute_command` interceptors.
         """
-        if not isinstance(command, Command) and not isinstance(command, Executable):
-            raise ValidationError(f"expected a Command, got {type(command).__name__}")
+        if type(command) not in _EXECUTABLE_TYPES:
+            if not isinstance(command, Command) and not isinstance(command, Executable):
+                raise ValidationError(f"expected a Command, got {type(command).__name__}")
+            _EXECUTABLE_TYPES.add(type(command))  # a protocol check costs ~50 us a call
         return await self._execute(
             CommandInput(command, correlation_id, causation_id, idempotency_key, metadata)
         )
@@ -179,6 +184,13 @@ class Executor:
             )
             assert isinstance(written, CommitResult)
             return ExecutionResult(written.versions, written.events, attempt)
+        except (RedisError, OSError):
+            # Redis may have restarted and lost writes it had acknowledged (an fsync
+            # that never came, a failover): the cache could be ahead of it, and a fold
+            # ahead of its streams decides on events that do not exist. Start anew.
+            if self.cache is not None:
+                self.cache.clear()
+            raise
         finally:
             fold.keep()
 
@@ -374,17 +386,21 @@ class _Fold:
         self.split = command.fold_per_stream
         self.whole = True
         """False while events are being folded: a half-folded state is not kept."""
+        self.restarted = False
+        """The streams were found shorter than folded: what is kept replaces the entry."""
+        self.generation = cache.generation if cache is not None else 0
+        self.declared = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
         self._parts: dict[str, _Part] = {}
         if self.split:
-            streams = list(dict.fromkeys(validate_stream_id(s) for s in command.read_streams()))
-            for stream_id in streams:
+            for stream_id in self.declared:
                 self.part(stream_id)
-            self.from_cache = bool(streams) and all(p.versions for p in self._parts.values())
         else:
             key = command.fold_key() if cache is not None else None
             base = cache.copy(key) if cache is not None else None
             self._whole_part = _Part(key, command, base)
-            self.from_cache = base is not None
+        # An entry kept by an attempt that failed before reading every stream holds
+        # none of some: it cannot be decided on unread.
+        self.from_cache = bool(self.declared) and self.covers_declared()
 
     def part(self, stream_id: str) -> _Part:
         """The part that folds `stream_id` (a new one, split, for a stream not seen yet)."""
@@ -425,11 +441,16 @@ class _Fold:
             return self._whole_part.state
         return self.command.merge({s: p.state for s, p in self._parts.items()})
 
+    def covers_declared(self) -> bool:
+        """Whether every declared stream has been folded (read, or from the cache)."""
+        return all(self.has_stream(s) for s in self.declared)
+
     def restart(self) -> None:
         """Start every part from nothing."""
         for part in self.parts():
             part.restart()
         self.whole = True
+        self.restarted = True
 
     def advance(self, result: CommitResult, key: str | None) -> None:
         """Fold the events a commit wrote: the state at the versions after it."""
@@ -444,10 +465,18 @@ class _Fold:
         self.whole = True
 
     def keep(self) -> None:
-        """Put every part in the cache (unless folding stopped halfway)."""
-        if self.cache is None or not self.whole:
+        """Put every part that folded its streams in the cache (none if folding stopped
+        halfway, or if the cache was cleared since this fold began)."""
+        cache = self.cache
+        if cache is None or not self.whole or cache.generation != self.generation:
+            return
+        if not self.split and not self.covers_declared():
             return
         for part in self.parts():
-            self.cache.put(
-                part.key, CachedFold(part.versions, part.state, part.keys, part.snapshot)
+            if not part.versions:
+                continue  # its stream was never read
+            cache.put(
+                part.key,
+                CachedFold(part.versions, part.state, part.keys, part.snapshot),
+                replace=self.restarted,
             )

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-DEFAULT_STATE_CACHE_SIZE = 10_000
+from rsaga.defaults import DEFAULT_STATE_CACHE_SIZE as DEFAULT_STATE_CACHE_SIZE
 
 
 class CachedFold(msgspec.Struct):
@@ -49,6 +49,8 @@ class StateCache:
         if size < 1:
             raise ValueError(f"state cache size must be >= 1, got {size}")
         self.size = size
+        self.generation = 0
+        """Raised by `clear`: a fold begun before it must not be kept."""
         self._entries: OrderedDict[Hashable, CachedFold] = OrderedDict()
 
     def __len__(self) -> int:
@@ -62,10 +64,11 @@ class StateCache:
         self._entries.move_to_end(key)
         return CachedFold(dict(entry.versions), clone(entry.state), set(entry.keys), entry.snapshot)
 
-    def put(self, key: Hashable, entry: CachedFold) -> None:
-        """Keep `entry`, unless an entry at least as recent in every stream is there."""
+    def put(self, key: Hashable, entry: CachedFold, *, replace: bool = False) -> None:
+        """Keep `entry`, unless an entry at least as recent in every stream is there
+        (`replace`: keep it anyway, as a fold that found its streams shorter does)."""
         current = self._entries.get(key)
-        if current is not None and any(
+        if not replace and current is not None and any(
             entry.versions.get(s, -1) < v for s, v in current.versions.items()
         ):
             return
@@ -79,5 +82,6 @@ class StateCache:
         self._entries.pop(key, None)
 
     def clear(self) -> None:
-        """Forget everything."""
+        """Forget everything, and what folds begun before now would keep."""
         self._entries.clear()
+        self.generation += 1

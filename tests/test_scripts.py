@@ -140,3 +140,42 @@ async def test_store_commits_after_a_script_flush(own_redis: Redis) -> None:
     assert result.versions == {"acct": 2}
     assert await own_redis.xlen(store.keyspace.stream("acct")) == 2
     assert await own_redis.xlen(store.keyspace.log(0)) == 2
+
+
+async def test_ack_batch_acknowledges_only_the_consumers_entries_and_releases_streams(
+    redis: Redis, prefix: str
+) -> None:
+    """One XPENDING over the batch's range decides what is still the consumer's; with more
+    of its entries in that range than the XPENDING lists, it asks per id."""
+    from rsaga.keyspace import Keyspace
+    from rsaga.scripts import Scripts
+
+    keyspace = Keyspace(prefix=prefix)
+    scripts = Scripts(redis, keyspace)
+    log, group = keyspace.log(0), "g"
+    await redis.xgroup_create(log, group, id="0", mkstream=True)
+    ids = [(await redis.xadd(log, {"n": str(i)})).decode() for i in range(300)]
+    streams = [f"s{i % 3}".encode() for i in range(300)]
+    await redis.xreadgroup(group, "a", {log: ">"}, count=300)
+    counts, owners = keyspace.in_flight(0, group), keyspace.stream_owners(0, group)
+    await redis.hset(counts, mapping={"s0": 100, "s1": 100, "s2": 100})
+    await redis.hset(owners, mapping={"s0": "a", "s1": "a", "s2": "a"})
+    await redis.xclaim(log, group, "b", 0, [ids[1]])  # taken over: b's now
+
+    batch = [(ids[0], streams[0]), (ids[1], streams[1]), (ids[299], streams[299]),
+             (ids[0], streams[0])]
+    acknowledged, _, _ = await scripts.ack_batch(log, 0, group, "a", 10, batch)
+    assert acknowledged == 2
+    assert await redis.hgetall(counts) == {b"s0": b"99", b"s1": b"100", b"s2": b"99"}
+    pending = {p["message_id"].decode(): p["consumer"].decode()
+               for p in await redis.xpending_range(log, group, "-", "+", 1000)}
+    assert ids[0] not in pending
+    assert ids[299] not in pending
+    assert pending[ids[1]] == "b"
+    assert len(pending) == 298
+
+    rest = [(ids[i], streams[i]) for i in range(3, 300, 3)]  # the other 99 of s0
+    acknowledged, _, _ = await scripts.ack_batch(log, 0, group, "a", 10, rest)
+    assert acknowledged == 99
+    assert await redis.hgetall(counts) == {b"s1": b"100", b"s2": b"99"}
+    assert await redis.hgetall(owners) == {b"s1": b"a", b"s2": b"a"}

@@ -23,8 +23,18 @@ from bank import (
     balance,
 )
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from rsaga import DomainError, EventRegistry, EventStore, Executor, Keyspace, StreamId, Writes
+from rsaga import (
+    DomainError,
+    EventRegistry,
+    EventStore,
+    Executor,
+    Keyspace,
+    StatelessCommand,
+    StreamId,
+    Writes,
+)
 from rsaga.processes import (
     AdvanceTrigger,
     Decision,
@@ -309,3 +319,72 @@ async def test_a_cache_ahead_of_redis_after_lost_writes_is_not_trusted(
     assert again.versions == {"a": 3}
     await mine.execute(Deposit(account=acct("a"), amount=1))
     assert balance((await plain.read("a")).events) == 12
+
+
+class FailingStore(CountingStore):
+    """Fails its next `fail_reads` reads and `fail_commits` commits as a lost connection."""
+
+    fail_reads = 0
+    fail_commits = 0
+
+    async def read_streams(self, *args: Any, **kw: Any) -> dict[str, StreamSlice]:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise RedisConnectionError("Connection closed by server.")
+        return await super().read_streams(*args, **kw)
+
+    async def commit(self, *args: Any, **kw: Any) -> Any:
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise RedisConnectionError("Connection closed by server.")
+        return await super().commit(*args, **kw)
+
+
+class Tip(StatelessCommand, frozen=True, kw_only=True, tag="tests.Tip"):
+    """Deposits 1 whatever the account's state: decides without failing on any state."""
+
+    account: StreamId
+
+    def handle(self, state: None) -> Writes:
+        return {self.account: [Deposited(1)]}
+
+
+async def test_a_read_that_failed_leaves_nothing_to_decide_on_unread(
+    redis: Redis, prefix: str
+) -> None:
+    """An attempt whose first read failed folded no stream: nothing of it is cached, so
+    the next attempt reads (once it cached an empty fold, decided on it unread, and
+    failed with `UndeclaredStream`)."""
+    store = FailingStore(redis, EventRegistry(BANK_EVENTS), keyspace=Keyspace(prefix=prefix))
+    await Executor(store).execute(OpenAccount(account=acct("a"), owner="a", initial=10))
+    mine = Executor(store)
+    store.fail_reads = 1
+    with pytest.raises(RedisConnectionError):
+        await mine.execute(Tip(account=acct("a")))
+    store.reads.clear()
+    result = await mine.execute(Tip(account=acct("a")))
+    assert store.reads == [[("a", 1)]]
+    assert result.versions == {"a": 3}
+    assert balance((await store.read("a")).events) == 11
+
+
+async def test_a_redis_error_forgets_every_cached_fold(redis: Redis, prefix: str) -> None:
+    """Redis restarted without a write the cache folded, and another worker wrote the same
+    version since: the cache is wrong at a version Redis has. A worker learns of a restart
+    only by a failed call, so any Redis error clears its cache."""
+    store = FailingStore(redis, EventRegistry(BANK_EVENTS), keyspace=Keyspace(prefix=prefix))
+    plain = EventStore(redis, EventRegistry(BANK_EVENTS), keyspace=Keyspace(prefix=prefix))
+    mine = Executor(store)
+    await mine.execute(OpenAccount(account=acct("a"), owner="a", initial=10))
+    await mine.execute(Withdraw(account=acct("a"), amount=5))  # a@3, cached: balance 5
+    await mine.execute(OpenAccount(account=acct("b"), owner="b"))
+    kept = [e.data for e in (await plain.read("a")).events][:2]
+    await redis.delete(plain.keyspace.stream("a"))
+    await plain.append("a", kept)  # restarted without the withdrawal: a@2, balance 10
+    await Executor(plain).execute(Deposit(account=acct("a"), amount=100))  # a@3, balance 110
+    store.fail_commits = 1
+    with pytest.raises(RedisConnectionError):  # the worker's first call after the restart
+        await mine.execute(Deposit(account=acct("b"), amount=1))
+    result = await mine.execute(Withdraw(account=acct("a"), amount=50))
+    assert result.versions == {"a": 4}
+    assert balance((await plain.read("a")).events) == 60

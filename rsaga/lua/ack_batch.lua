@@ -20,9 +20,11 @@
 
 local log, owners, counts, handoffs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, me = ARGV[1], ARGV[2]
-local acknowledged = 0
+local ids, stream_ids = {}, {}
 for i = 4, #ARGV, 2 do
-  acknowledged = acknowledged + release_entry(log, owners, counts, group, me, ARGV[i], ARGV[i + 1])
+  ids[#ids + 1] = ARGV[i]
+  stream_ids[#stream_ids + 1] = ARGV[i + 1]
 end
+local acknowledged = release_entries(log, owners, counts, group, me, ids, stream_ids)
 local handed, deliveries = pop_handoffs(log, handoffs, group, me, tonumber(ARGV[3]))
 return {acknowledged, handed, deliveries}

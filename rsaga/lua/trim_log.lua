@@ -11,6 +11,7 @@
     the number of entries removed
 ]]
 -- @include "now_ms"
+-- @include "id_less"
 
 local log = KEYS[1]
 if redis.call('EXISTS', log) == 0 then
@@ -19,16 +20,6 @@ end
 local groups = redis.call('XINFO', 'GROUPS', log)
 if #groups == 0 then
   return 0
-end
-
-local function id_less(a, b)
-  local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
-  local b_ms, b_seq = string.match(b, '(%d+)-(%d+)')
-  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
-  if a_ms ~= b_ms then
-    return a_ms < b_ms
-  end
-  return tonumber(a_seq) < tonumber(b_seq)
 end
 
 local keep_from = string.format('%d-0', now_ms() - tonumber(ARGV[1]))
