@@ -16,7 +16,9 @@ the top functions by own time and by cumulative time.
 - ``orders``: ``--count`` / 10 orders of ``rsaga_examples.orders`` with the
   process and its three simulated services, as ``process_e2e`` runs them.
 - ``timeouts``: ``--count`` `plugins.TimerProbe` processes whose timeouts are
-  due at once: the step a worker runs per due timeout.
+  due at once: the step a worker runs per due timeout (the worker started
+  them, so their folds are in its state cache); ``timeouts_cold``: the same
+  with the cache emptied first, as for a worker that never saw the processes.
 
 The figures are in-process (no subprocess, no second worker): use them for
 shares and counts, and `run.py` for rates.
@@ -112,7 +114,7 @@ async def orders(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
     return driver, setup, handle
 
 
-async def timeouts(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
+async def timeouts(redis: Redis, count: int, cold: bool = False) -> tuple[Driver, Step, Step]:
     store = EventStore(redis, EventRegistry(), keyspace=Keyspace(prefix="pt"))
     driver = Driver(store, [TimerProbe()], settings=SETTINGS)
 
@@ -122,6 +124,8 @@ async def timeouts(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
             await driver.processes.start(TimerProbe.name, f"p{i}", due)
         await driver.worker.run_until_idle()
         driver.clock.advance(2)
+        if cold and driver.executor.cache is not None:
+            driver.executor.cache.clear()  # as in `timeout_capacity`: every step a miss
         return count
 
     async def handle() -> int:
@@ -131,7 +135,13 @@ async def timeouts(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
     return driver, setup, handle
 
 
-WORKLOADS: dict[str, Workload] = {"command": command, "orders": orders, "timeouts": timeouts}
+async def timeouts_cold(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
+    return await timeouts(redis, count, cold=True)
+
+
+WORKLOADS: dict[str, Workload] = {
+    "command": command, "orders": orders, "timeouts": timeouts, "timeouts_cold": timeouts_cold,
+}
 
 
 async def commands_run(redis: Redis) -> dict[str, int]:

@@ -201,7 +201,7 @@ class Executor:
         duplicate). A stream now shorter than folded (deleted, or lost in a Redis
         crash) makes the whole fold start again from version 1.
         """
-        declared = [validate_stream_id(s) for s in command.read_streams()]
+        declared = fold.declared
         spec = command.snapshot_spec()
         new = list(dict.fromkeys([*declared, *fold.versions()]))
         rounds = 0

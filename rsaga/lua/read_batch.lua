@@ -8,7 +8,8 @@
      must not overtake them).
   2. XREADGROUP up to `count` new entries. An entry whose type (field t) the
      group does not want, or replayed for another group (field g), is
-     acknowledged at once, here. For each other entry of stream S:
+     acknowledged at once, here (all in one XACK). For each other entry of
+     stream S:
      - if a live consumer owns S (it holds in-flight entries of S), hand the
        entry to that owner: XCLAIM it over and note it in the owner's handoffs;
      - if a dead consumer owns S, take over everything it holds first
@@ -37,6 +38,7 @@
 -- @include "is_dead"
 -- @include "pop_handoffs"
 -- @include "take_over"
+-- @include "call_in_chunks"
 
 local log, owners, counts, handoffs, alive = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, me, count, timeout_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -56,7 +58,7 @@ if #ARGV > 4 then
     wanted[ARGV[i]] = true
   end
 end
-local owner_of, handed_to = {}, {}
+local owner_of, handed_to, unwanted = {}, {}, {}
 for _, entry in ipairs(read) do
   local fields = entry[2]
   local stream_id = entry_field(fields, RECORD.stream)
@@ -64,7 +66,7 @@ for _, entry in ipairs(read) do
   local event_type = wanted and entry_field(fields, RECORD.type)
   local target = entry_field(fields, RECORD.group)
   if (event_type and not wanted[event_type]) or (target and target ~= group) then
-    redis.call('XACK', log, group, entry[1])
+    unwanted[#unwanted + 1] = entry[1]
     mine = false
   elseif stream_id and stream_id ~= '' then
     redis.call('HINCRBY', counts, stream_id, 1)
@@ -97,6 +99,7 @@ for _, entry in ipairs(read) do
     deliveries[#deliveries + 1] = 1
   end
 end
+call_in_chunks('XACK', log, unwanted, group)
 for owner, ids in pairs(handed_to) do
   local queued = redis.call('HGET', handoffs, owner)
   local added = table.concat(ids, ' ')

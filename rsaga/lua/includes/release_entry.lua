@@ -9,6 +9,7 @@
   Returns how many entries this call acknowledged.
 ]]
 -- @include "id_less"
+-- @include "call_in_chunks"
 
 local function pending_on(log, group, consumer, ids)
   local low, high = ids[1], ids[1]
@@ -36,12 +37,6 @@ local function pending_on(log, group, consumer, ids)
   return found
 end
 
-local function call_in_chunks(command, key, items)
-  for first = 1, #items, 1000 do
-    redis.call(command, key, unpack(items, first, math.min(first + 999, #items)))
-  end
-end
-
 local function release_entries(log, owners, counts, group, consumer, ids, stream_ids)
   if #ids == 0 then
     return 0
@@ -65,10 +60,7 @@ local function release_entries(log, owners, counts, group, consumer, ids, stream
   if #acknowledged == 0 then
     return 0
   end
-  for first = 1, #acknowledged, 1000 do
-    redis.call('XACK', log, group,
-               unpack(acknowledged, first, math.min(first + 999, #acknowledged)))
-  end
+  call_in_chunks('XACK', log, acknowledged, group)
   local idle = {}
   for _, stream_id in ipairs(streams) do
     if redis.call('HINCRBY', counts, stream_id, -released[stream_id]) <= 0 then
