@@ -9,6 +9,7 @@ from typing import Any, NamedTuple, cast
 
 import anyio
 from redis.asyncio import ConnectionPool, Redis, SSLConnection
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
@@ -72,7 +73,49 @@ def connect(settings: RedisSettings) -> Redis:
         pool = ConnectionPool.from_url(target.address, **options)
     except (ValueError, RedisClusterException) as exc:
         raise ConfigError(f"redis.url: {exc} ({redact_url(settings.url)})") from None
+    pool.connection_class = packing_fast(pool.connection_class)
     return Redis(connection_pool=pool)
+
+
+_FAST_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def packing_fast(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """`connection_class` (plain, TLS or Unix socket) with a faster `pack_command`.
+
+    A commit is one EVALSHA of 50-100 arguments; redis-py encodes each through a
+    generic encoder and builds the message in chunks (~40 us for 70 arguments),
+    this joins bytes, str and int arguments at once (~15 us). Anything else
+    (floats, memoryviews, a command name of two words) is packed by redis-py.
+    """
+    fast = _FAST_PACKING.get(connection_class)
+    if fast is None:
+        general = connection_class.pack_command
+
+        def pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
+            first = args[0] if args else None
+            if type(first) is not str or " " in first:
+                return general(self, *args)
+            encoding = self.encoder.encoding
+            errors = self.encoder.encoding_errors
+            parts = [b"*%d\r\n" % len(args)]
+            for arg in args:
+                kind = type(arg)
+                if kind is bytes:
+                    data = arg
+                elif kind is str:
+                    data = arg.encode(encoding, errors)
+                elif kind is int:
+                    data = b"%d" % arg
+                else:
+                    return general(self, *args)
+                parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+            return [b"".join(parts)]
+
+        fast = _FAST_PACKING[connection_class] = type(
+            connection_class.__name__, (connection_class,), {"pack_command": pack_command}
+        )
+    return fast
 
 
 class PasswordFile(CredentialProvider):

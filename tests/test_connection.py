@@ -340,3 +340,39 @@ async def test_a_user_without_permissions_gets_one_line(
     assert last.startswith("rsaga: the Redis user lacks "), result.stdout
     assert problem.format(prefix=prefix) in last
     assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "f" * 40, 2, b"k1", "k\u00e9", -7, b"\x00\r\n\xff" * 3, ""),
+        ("SET", "k", 1.5),  # a float: redis-py packs it
+        ("CONFIG GET", "maxmemory"),  # a two-word name: redis-py splits it
+        ("SET", b"k", memoryview(b"v")),
+        ("SET", b"big", b"x" * 20_000),
+    ],
+)
+def test_fast_packing_sends_what_redis_py_would(args: tuple[object, ...]) -> None:
+    from redis.asyncio.connection import Connection, SSLConnection
+
+    from rsaga.connection import packing_fast
+
+    for base in (Connection, SSLConnection):
+        fast = packing_fast(base)()
+        assert isinstance(fast, base)
+        assert b"".join(map(bytes, fast.pack_command(*args))) == b"".join(
+            map(bytes, base().pack_command(*args))
+        )
+
+
+async def test_a_connected_client_packs_fast_and_round_trips(redis_server: RedisServer) -> None:
+    client = connect(RedisSettings(url=redis_server.url))
+    try:
+        assert client.connection_pool.connection_class.pack_command is not (
+            Redis().connection_pool.connection_class.pack_command
+        )
+        await client.set("k\u00e9", b"\x00\r\n")
+        assert await client.execute_command("GET", "k\u00e9") == b"\x00\r\n"
+        assert await client.incrby("n", 41) == 41
+    finally:
+        await client.aclose()
