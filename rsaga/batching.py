@@ -30,16 +30,26 @@ class CallBatcher:
         self._pending: list[tuple[Sequence[Any], asyncio.Future[Any]]] = []
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        """Calls and pipelines sent and not answered yet."""
 
-    def execute(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command; its reply (or error) completes the returned future."""
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its reply (or raise its error): at once when
+        nothing of this client is on its way (no turn of the loop is waited for, as
+        a lone caller would otherwise), else in the next pipeline of this turn."""
+        if not self._in_flight and not self._pending:
+            self._in_flight += 1  # the calls made meanwhile gather into a pipeline
+            try:
+                return await self.redis.execute_command(*args)  # type: ignore[no-untyped-call]
+            finally:
+                self._in_flight -= 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((args, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return future
+        return await future
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -52,6 +62,7 @@ class CallBatcher:
         task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: list[tuple[Sequence[Any], asyncio.Future[Any]]]) -> None:
+        self._in_flight += 1
         try:
             replies = await self._round_trip([args for args, _ in batch])
         except Exception as exc:
@@ -63,6 +74,8 @@ class CallBatcher:
             for _, future in batch:
                 future.cancel()
             raise
+        finally:
+            self._in_flight -= 1
         for (_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
