@@ -4,6 +4,7 @@ side by side; a suspect entry (one that went through a crash) runs alone in the 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -73,6 +74,47 @@ class Gate:
         finally:
             self._exclusive = False
             self._notify()
+
+
+class Slots:
+    """At most `total` entries of a worker running at once.
+
+    As `anyio.CapacityLimiter`, but a free slot is taken without a trip through the
+    event loop (the limiter yields once per acquire: ~20 us per entry, measured).
+    Waiters are served first come, first served; a slot freed while some wait
+    passes straight to the first of them.
+    """
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError(f"slots: need at least 1, got {total}")
+        self.total = total
+        self.taken = 0
+        self._waiters: deque[anyio.Event] = deque()
+
+    async def __aenter__(self) -> None:
+        if self.taken < self.total and not self._waiters:
+            self.taken += 1
+            return
+        handed = anyio.Event()
+        self._waiters.append(handed)
+        try:
+            await handed.wait()
+        except BaseException:
+            if handed.is_set():
+                self._free()  # handed a slot while being cancelled: pass it on
+            else:
+                self._waiters.remove(handed)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._free()
+
+    def _free(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the slot stays taken, by the first waiter
+        else:
+            self.taken -= 1
 
 
 class Isolation:

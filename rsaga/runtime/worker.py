@@ -33,7 +33,7 @@ from rsaga.observe import Observer
 from rsaga.process.api import ProcessManager
 from rsaga.process.runner import ProcessRunner
 from rsaga.runtime.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
-from rsaga.runtime.dispatch import Isolation
+from rsaga.runtime.dispatch import Isolation, Slots
 from rsaga.runtime.liveness import (
     Backoff,
     consumer_name,
@@ -56,7 +56,7 @@ class _Subscription:
         source: Source,
         consumer: GroupConsumer,
         settings: WorkerSettings,
-        limiter: anyio.CapacityLimiter,
+        limiter: Slots,
         isolation: Isolation,
         observer: Observer,
     ) -> None:
@@ -410,7 +410,7 @@ class Worker:
             assert self.runner is not None
             claim = self.settings.claim_timeout or type(manager).claim_timeout
             sources.append((TimeoutSource(manager, self.runner), "due", claim))
-        limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        limiter = Slots(self.settings.concurrency)
         isolation = Isolation()
         ks = store.keyspace
         self.subscriptions = [
