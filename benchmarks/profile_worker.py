@@ -49,6 +49,7 @@ from rsaga_examples.orders import (
 
 from rsaga import EventRegistry, EventStore, Keyspace
 from rsaga.config import WorkerSettings
+from rsaga.connection import packing_fast
 from rsaga.testing import Driver, RedisServer
 
 Step = Callable[[], Awaitable[int]]
@@ -155,6 +156,8 @@ async def commands_run(redis: Redis) -> dict[str, int]:
 
 async def profile(name: str, url: str, count: int, top: int) -> None:
     redis = Counting.from_url(url)
+    # As `rsaga.connection.connect` builds it for `rsaga worker`.
+    redis.connection_pool.connection_class = packing_fast(redis.connection_pool.connection_class)
     driver, setup, handle = await WORKLOADS[name](redis, count)
     await setup()
     profiler = cProfile.Profile()
