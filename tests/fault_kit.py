@@ -275,8 +275,20 @@ class DroppingProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Cancel the connections' tasks and close the loop: tasks left pending in a
+        # stopped loop are destroyed at some later garbage collection, and asyncio
+        # logs that in whatever test runs then (a CLI test counting stderr lines).
+        asyncio.run_coroutine_threadsafe(self._cancel_tasks(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -70,6 +70,7 @@ async def test_kill_loop(
     processes += [*workers, *schedulers]
     await workload.ping(["warm-up"])
     await wait_for(workload.all_handled, 60, "the workers to start", lambda: outputs(processes))
+    await every_one_started(workers, processes)
 
     base_burst = 4000
     base_rate = base_burst / await drain_seconds(workload, [f"base-{n}" for n in range(200)], 20)
@@ -111,6 +112,16 @@ async def test_kill_loop(
     await redis.aclose()
 
 
+async def every_one_started(workers: list[RsagaProcess], processes: list[RsagaProcess]) -> None:
+    """Wait until every worker has started (one handling the warm-up says nothing of the
+    others, and a test freezing Redis then catches a late one still connecting)."""
+
+    async def started() -> bool:
+        return all(" starting: handlers " in w.output for w in workers)
+
+    await wait_for(started, 60, "every worker to start", lambda: outputs(processes))
+
+
 async def start_cluster(
     url: str,
     workload: Workload,
@@ -125,6 +136,7 @@ async def start_cluster(
     processes += [*workers, RsagaProcess(url, prefix, tmp, "scheduler", **env)]
     await workload.ping(["warm-up"])
     await wait_for(workload.all_handled, 60, "the workers to start", lambda: outputs(processes))
+    await every_one_started(workers, processes)
     now_ms = int(time.time() * 1000)
     await workload.set_alarms(alarms, lambda n: now_ms + 1000 + n * 50)
     return workers
