@@ -32,6 +32,7 @@ from rsaga.processes import (
     ProcessManager,
     Timeout,
     Trigger,
+    decode_timeout,
 )
 from rsaga.runtime.scheduler import Scheduler
 from rsaga.scripts import Scripts
@@ -426,3 +427,59 @@ async def test_removing_a_process_removes_its_snapshot(redis: Redis, prefix: str
     assert await Retention(redis, ks).sweep(0) == {"snapped-order": 1}
     assert await redis.exists(snapshot) == 0
     assert _types((await store.read(stream)).events) == ["rsaga.ProcessRemoved"]
+
+
+async def test_a_late_timeout_for_a_removed_process_is_ignored(
+    redis: Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A timeout already on its way (moved to the due stream, or redelivered) when its
+    process finished and was removed fires into the tombstone: nothing is written."""
+    driver = _driver(redis, prefix)
+    ks = driver.store.keyspace
+    await _order(driver, "1", paid=False)
+    await driver.run_until_idle()
+    stream = Order.stream_id("1")
+    blob = await redis.hget(ks.timeout_data(0), f"{stream}|pay")
+    assert blob is not None
+    pending = decode_timeout(blob)
+    await driver.store.append(_cart("1"), [Paid("1")])
+    await driver.run_until_idle()
+    assert await Retention(redis, ks).sweep(0) == {"order": 1}
+    observer = PrometheusObserver()
+    driver.executor.observer = observer
+    with caplog.at_level("INFO", logger="rsaga.process"):
+        assert await driver.processes.on_timeout(pending) == []
+    assert _types((await driver.store.read(stream)).events) == ["rsaga.ProcessRemoved"]
+    assert await redis.zcard(ks.processes_since(0, "order")) == 0
+    assert await redis.zcard(ks.waiting_processes(0, "order")) == 0
+    assert await redis.zcard(ks.timeouts(0)) == 0
+    assert "it finished and was removed" in caplog.text
+    assert observer.late_triggers.labels("order")._value.get() == 1
+
+
+async def test_a_worker_gives_processes_finished_before_retention_an_expiry(
+    redis: Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process that finished before retention existed is in no `expiring` set; the next
+    worker to start puts it there (end + retention), so the scheduler removes it too."""
+    driver = _driver(redis, prefix)
+    ks = driver.store.keyspace
+    await _order(driver, "old")
+    await _order(driver, "k", process_type="kept-order")
+    await _order(driver, "h", process_type="hour-order")
+    await driver.run_until_idle()
+    ended = await redis.zscore(ks.finished_processes(0, "order", "completed"), "order-old")
+    assert ended is not None
+    await redis.zrem(ks.expiring_processes(0, "order"), "order-old")  # as before retention
+    hour = await redis.zscore(ks.expiring_processes(0, "hour-order"), "hour-order-h")
+    assert await Retention(redis, ks).sweep(0) == {}
+    with caplog.at_level("INFO", logger="rsaga.worker"):
+        await driver.run_until_idle()  # a worker starts
+    assert await redis.zscore(ks.expiring_processes(0, "order"), "order-old") == ended
+    assert "1 finished order process(es) of shard 0 had no expiry" in caplog.text
+    assert await redis.zscore(ks.expiring_processes(0, "hour-order"), "hour-order-h") == hour
+    assert await redis.zcard(ks.expiring_processes(0, "kept-order")) == 0  # kept for ever
+    assert await Retention(redis, ks).sweep(0) == {"order": 1}
+    assert _types((await driver.store.read(Order.stream_id("old"))).events) == [
+        "rsaga.ProcessRemoved"
+    ]

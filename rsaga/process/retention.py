@@ -99,6 +99,34 @@ class Retention:
                 found += due
         return found
 
+    async def backfill(self, shard: int, process_type: str, retention_ms: int | None) -> int:
+        """Give the finished processes of `process_type` on `shard` that have no expiry an
+        expiry of end + `retention_ms` (None: kept for ever, nothing to do); how many.
+
+        Processes that finished before retention existed (or while their type kept
+        them for ever) are in the finished sets but in no `expiring` set, so nothing
+        would ever remove them. Workers call this when they start, for the types they
+        run; an expiry already set is left as it is (ZADD NX). Only the last 10,000
+        finished processes per outcome are indexed: older ones cannot be found.
+        """
+        if retention_ms is None:
+            return 0
+        ks = self.keyspace
+        expiring = ks.expiring_processes(shard, process_type)
+        added = 0
+        for outcome in ("completed", "failed", "compensated"):
+            finished: Any = await self.redis.zrange(
+                ks.finished_processes(shard, process_type, outcome), 0, -1, withscores=True
+            )
+            for first in range(0, len(finished), 1000):  # bounded writes: Redis stays responsive
+                expiries = {
+                    member: int(ended) + retention_ms
+                    for member, ended in finished[first:first + 1000]
+                }
+                count: Any = await self.redis.zadd(expiring, expiries, nx=True)
+                added += int(count)
+        return added
+
     async def remove_batch(self, shard: int, process_type: str) -> Batch:
         """Remove up to `batch_size` processes of `process_type` on `shard` that are due
         (one atomic script call, which checks again that each is due and finished)."""

@@ -31,6 +31,7 @@ from rsaga.executor import Executor
 from rsaga.handlers import EventHandler
 from rsaga.observe import Observer
 from rsaga.process.api import ProcessManager
+from rsaga.process.retention import Retention
 from rsaga.process.runner import ProcessRunner
 from rsaga.runtime.consumer import START_FROM_BEGINNING, START_FROM_NEW, GroupConsumer, RawEntry
 from rsaga.runtime.dispatch import Isolation, Slots
@@ -446,6 +447,7 @@ class Worker:
             ttl = self.settings.heartbeat_ttl
             tg.start_soon(keep_heartbeat, store.redis, store.keyspace, beat, ttl, stop)
             tg.start_soon(self._trim_loop, stop)
+            tg.start_soon(self._backfill_retention)
             async with anyio.create_task_group() as subs:
                 for sub in self.subscriptions:
                     subs.start_soon(sub.run, stop)
@@ -471,6 +473,30 @@ class Worker:
                 else:
                     quiet = 0
             stop.set()
+
+    async def _backfill_retention(self) -> None:
+        """Give the finished processes of this worker's types that have no expiry one
+        (they finished before retention existed): once per start, best effort."""
+        if self.runner is None:
+            return
+        store = self.executor.store
+        retention = Retention(store.redis, store.keyspace)
+        for manager in self.runner.managers.values():
+            retention_ms = self.runner.retention_ms(manager)
+            if retention_ms is None:
+                continue  # kept for ever
+            for shard in self.shards:
+                with redis_outage() as outage:
+                    added = await retention.backfill(shard, manager.name, retention_ms)
+                    if added:
+                        log.info(
+                            "retention: %d finished %s process(es) of shard %d had no expiry; "
+                            "they now expire %s after they finished",
+                            added, manager.name, shard, f"{retention_ms / 1000:g} s",
+                        )
+                if outage.error is not None:
+                    log.warning("retention backfill of %s skipped: %s", manager.name, outage.error)
+                    return
 
     async def _trim_loop(self, stop: anyio.Event) -> None:
         store = self.executor.store
