@@ -105,6 +105,45 @@ async def test_every_event_handled_once_in_stream_order(redis: Redis, prefix: st
         assert await seen_versions(store, stream_id) == list(range(1, 16))
 
 
+class CountingRecorder(Recorder):
+    """A `Recorder` that notes how many of its calls run at once."""
+
+    running = 0
+    most = 0
+
+    async def handle(self, event, ctx):  # type: ignore[no-untyped-def]
+        cls = type(self)
+        cls.running += 1
+        cls.most = max(cls.most, cls.running)
+        try:
+            await anyio.sleep(random.random() * 0.002)
+            await super().handle(event, ctx)
+        finally:
+            cls.running -= 1
+
+
+async def test_many_streams_share_a_few_drainers_in_stream_order(
+    redis: Redis, prefix: str
+) -> None:
+    """200 streams, concurrency 4: at most 4 entries run at once, 4 of them do, and every
+    stream is drained to its end in order (a drainer takes stream after stream)."""
+    CountingRecorder.running = CountingRecorder.most = 0
+    store = make_store(redis, prefix)
+    ids = await append_interleaved(store, streams=200, per_stream=3)
+    settings = WorkerSettings(concurrency=4, block_ms=50, heartbeat_ttl=5, shutdown_timeout=5)
+    worker = Worker(Executor(store), [CountingRecorder()], settings=settings)
+
+    async def done() -> bool:
+        if not all([len(await seen_versions(store, s)) == 3 for s in ids]):
+            return False
+        return await settled(redis, store)
+
+    await run_workers([worker], done, timeout=60)
+    for stream_id in ids:
+        assert await seen_versions(store, stream_id) == [1, 2, 3]
+    assert CountingRecorder.most == 4
+
+
 async def test_two_workers_share_a_group_and_keep_stream_order(redis: Redis, prefix: str) -> None:
     """Entries of a stream owned by one consumer are handed to it by the other."""
     store = make_store(redis, prefix)

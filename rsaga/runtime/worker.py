@@ -71,6 +71,9 @@ class _Subscription:
         self.policy = EntryPolicy(self)
         self._delivery_lock = anyio.Lock()
         self._queues: dict[str, deque[RawEntry]] = {}
+        self._ready: deque[tuple[str, deque[RawEntry]]] = deque()
+        """Streams queued and not yet taken by a drainer."""
+        self._drainers = 0
         self._known: set[str] = set()
         self._to_ack: list[RawEntry] = []
         self._started: set[str] = set()
@@ -125,6 +128,12 @@ class _Subscription:
             # Runners stop after their current entry; whatever still runs at the
             # deadline is cancelled and left pending.
             work.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_timeout
+        # Streams no drainer took before the stop are dropped, as drained ones are
+        # (their entries stay known and pending in Redis).
+        for key, queue in self._ready:
+            if self._queues.get(key) is queue:
+                del self._queues[key]
+        self._ready.clear()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             with redis_outage() as outage:
                 async with self._delivery_lock:
@@ -221,7 +230,8 @@ class _Subscription:
                     await anyio.sleep(Backoff.FIRST)
 
     def _dispatch(self, entries: Sequence[RawEntry]) -> None:
-        """Queue entries per stream, in the order given; start a runner per new stream."""
+        """Queue entries per stream, in the order given; a stream new to the queues waits
+        for a drainer (started here while fewer than `concurrency` run)."""
         assert self._work is not None
         for entry in entries:
             if entry.log_id in self._known:
@@ -231,18 +241,29 @@ class _Subscription:
             queue = self._queues.get(key)
             if queue is None:
                 queue = self._queues[key] = deque()
-                self._work.start_soon(self._drain, key, queue)
+                self._ready.append((key, queue))
+                if self._drainers < self.settings.concurrency:
+                    self._drainers += 1
+                    self._work.start_soon(self._drain_ready)
             queue.append(entry)
 
-    async def _drain(self, key: str, queue: deque[RawEntry]) -> None:
+    async def _drain_ready(self) -> None:
+        """Drain the queued streams one after another, each to its end: a stream is
+        in `_ready` once, so one drainer at a time runs its entries, in order. A
+        task per drainer, not per stream: starting a task per entry cost ~20 us."""
         try:
-            while queue and not self.stopping:
-                if not await self._run(queue[0]):
-                    return
-                queue.popleft()
+            while self._ready and not self.stopping:
+                key, queue = self._ready.popleft()
+                try:
+                    while queue and not self.stopping:
+                        if not await self._run(queue[0]):
+                            return
+                        queue.popleft()
+                finally:
+                    if self._queues.get(key) is queue:
+                        del self._queues[key]
         finally:
-            if self._queues.get(key) is queue:
-                del self._queues[key]
+            self._drainers -= 1
 
     async def _run(self, entry: RawEntry) -> bool:
         """Run one entry: with others normally, alone if a handler started it before a crash.
