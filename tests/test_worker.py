@@ -24,7 +24,7 @@ from rsaga import (
     ValidationError,
 )
 from rsaga.config import WorkerSettings
-from rsaga.consumer import GroupConsumer
+from rsaga.consumer import START_FROM_BEGINNING, GroupConsumer
 from rsaga.deadletters import DeadLetter, DeadLetters
 from rsaga.events import MAX_EVENT_NESTING
 from rsaga.handlers import EventHandler, HandlerContext
@@ -202,6 +202,28 @@ async def test_unwanted_types_are_acknowledged_without_reaching_the_handler(
 
     await run_workers([worker], done)
     assert Picky.seen == ["Ping"]
+
+
+async def test_a_group_that_wants_no_type_gets_no_entry(redis: Redis, prefix: str) -> None:
+    """An empty `wanted` (a process type with no trigger events) is not "every entry":
+    the entries are acknowledged inside Redis and never reach Python."""
+    store = make_store(redis, prefix, shards=1)
+    await store.append("a", [Other(), Ping()])
+    consumer = GroupConsumer(
+        redis, store.keyspace, 0, "nothing", "c1", claim_timeout_ms=30_000,
+        stream=store.keyspace.log(0),
+    )
+    await consumer.ensure_group(START_FROM_BEGINNING)
+    assert (await consumer.read(100, set())).entries == []
+    info = await redis.xinfo_groups(store.keyspace.log(0))
+    assert info[0]["pending"] == 0
+    assert info[0]["last-delivered-id"] == (await redis.xrevrange(store.keyspace.log(0)))[0][0]
+    everything = GroupConsumer(
+        redis, store.keyspace, 0, "everything", "c1", claim_timeout_ms=30_000,
+        stream=store.keyspace.log(0),
+    )
+    await everything.ensure_group(START_FROM_BEGINNING)
+    assert len((await everything.read(100, None)).entries) == 2
 
 
 async def test_failing_handler_dead_letters_then_replay_succeeds(

@@ -120,11 +120,16 @@ class GroupConsumer:
         """Entries to run next: handed over, taken over, and up to `count` new ones.
 
         With `wanted`, entries of other event types are acknowledged inside Redis
-        and never reach Python.
+        and never reach Python; an empty `wanted` (a process type started only by
+        `start`) wants no typed entry at all, where None wants every entry.
         """
+        if wanted is None:
+            types: list[str] = []
+        else:
+            # read_batch.lua reads no type as "every entry": "" matches no type name.
+            types = sorted(wanted) or [""]
         last_id, found, deliveries = await self.scripts.read_batch(
-            self.log, self.shard, self.group, self.name, count, self.claim_timeout_ms,
-            sorted(wanted) if wanted else (),
+            self.log, self.shard, self.group, self.name, count, self.claim_timeout_ms, types
         )
         return ReadResult(_with_deliveries(found, deliveries), last_id.decode())
 
