@@ -2,7 +2,7 @@
   Acknowledge a batch of log entries for one consumer of a group, releasing its
   hold on each stream whose last in-flight entry this was, and take (up to a
   limit) the entries other consumers handed to it meanwhile. Entries another
-  consumer has taken over are not acknowledged (see release_entry).
+  consumer has taken over are not acknowledged (see release_entries).
 
   Input:
     KEYS[1] shard log   KEYS[2] owners   KEYS[3] in-flight counts   KEYS[4] handoffs
@@ -15,7 +15,7 @@
                                          {id, fields} in log order, and how
                                          often each has been delivered.
 ]]
--- @include "release_entry"
+-- @include "release_entries"
 -- @include "pop_handoffs"
 
 local log, owners, counts, handoffs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

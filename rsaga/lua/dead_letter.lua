@@ -13,7 +13,7 @@
   Output:
     the id of the dead-letter entry, or '' if the entry is not this consumer's
 ]]
--- @include "release_entry"
+-- @include "release_entries"
 
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not pending[1] or pending[1][2] ~= ARGV[2] then
@@ -24,5 +24,5 @@ for i = 6, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', unpack(fields))
-release_entry(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+release_entries(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], {ARGV[3]}, {ARGV[4]})
 return id
