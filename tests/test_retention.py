@@ -483,3 +483,21 @@ async def test_a_worker_gives_processes_finished_before_retention_an_expiry(
     assert _types((await driver.store.read(Order.stream_id("old"))).events) == [
         "rsaga.ProcessRemoved"
     ]
+
+
+async def test_a_process_listed_again_after_its_removal_is_not_removed_twice(
+    redis: Redis, prefix: str
+) -> None:
+    """A backfill that read the finished sets just before a removal lists the process in
+    `expiring` again: the next sweep only takes it out, and counts nothing."""
+    driver = _driver(redis, prefix)
+    ks = driver.store.keyspace
+    await _order(driver, "1")
+    await driver.run_until_idle()
+    retention = Retention(redis, ks)
+    assert await retention.sweep(0) == {"order": 1}
+    tombstone = await redis.get(ks.stream(Order.stream_id("1")))
+    await redis.zadd(ks.expiring_processes(0, "order"), {"order-1": 0})
+    assert await retention.sweep(0) == {}
+    assert await redis.zcard(ks.expiring_processes(0, "order")) == 0
+    assert await redis.get(ks.stream(Order.stream_id("1"))) == tombstone

@@ -11,7 +11,8 @@
   finished process never becomes active again, so this only guards against a
   caller passing the wrong streams. Its timeouts went in the commit that
   finished it (that commit cancels every pending one), so there is no timeout
-  data left to remove. An active candidate is only taken out of `expiring`.
+  data left to remove. An active candidate, or one already a tombstone, is
+  only taken out of `expiring`.
 
   Input:
     KEYS[1 .. 14]        the type's process index (Keyspace.process_index order:
@@ -27,6 +28,7 @@
     the number of processes removed
 ]]
 -- @include "now_ms"
+-- @include "stream_version"
 
 local active, waiting, since, retrying = KEYS[1], KEYS[7], KEYS[8], KEYS[9]
 local finished = {KEYS[4], KEYS[5], KEYS[6]}
@@ -42,6 +44,8 @@ for i = 1, n do
     or redis.call('ZSCORE', active, member) or redis.call('ZSCORE', waiting, member)
   if due and tonumber(due) <= now and is_active then
     redis.call('ZREM', expiring, member)  -- not finished: it goes back in when it finishes
+  elseif due and tonumber(due) <= now and select(2, stream_version(KEYS[14 + i])) then
+    redis.call('ZREM', expiring, member)  -- removed before (a backfill raced that removal)
   elseif due and tonumber(due) <= now then
     local stream = KEYS[14 + i]
     redis.call('SET', stream, tombstone)
