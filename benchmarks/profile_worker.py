@@ -53,7 +53,8 @@ from rsaga.connection import packing_fast
 from rsaga.testing import Driver, RedisServer
 
 Step = Callable[[], Awaitable[int]]
-Workload = Callable[[Redis, int], Awaitable[tuple[Driver, Step, Step]]]
+Workload = Callable[[Redis, int], Awaitable[tuple[Driver, Step]]]
+"""Builds a driver and a setup step that returns how many items the driver will handle."""
 
 
 class Counting(Redis):
@@ -81,7 +82,7 @@ class Counting(Redis):
 SETTINGS = WorkerSettings(block_ms=100, shutdown_timeout=5)
 
 
-async def command(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
+async def command(redis: Redis, count: int) -> tuple[Driver, Step]:
     store = EventStore(redis, EventRegistry([Ping, Seen]), keyspace=Keyspace(prefix="pc"))
     driver = Driver(store, [CommandHandler()], settings=SETTINGS)
 
@@ -90,14 +91,10 @@ async def command(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
             await store.append(f"s-{i % 500}", [Ping()])
         return count
 
-    async def handle() -> int:
-        await driver.run_until_idle()
-        return count
-
-    return driver, setup, handle
+    return driver, setup
 
 
-async def orders(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
+async def orders(redis: Redis, count: int) -> tuple[Driver, Step]:
     store = EventStore(redis, EventRegistry(WORLD_EVENTS), keyspace=Keyspace(prefix="po"))
     services = [PaymentService(), InventoryService(), ShippingService()]
     driver = Driver(store, [OrderFulfilment(), *services], settings=SETTINGS)
@@ -108,14 +105,10 @@ async def orders(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
             await store.append(f"order-{i}", [OrderPlaced(str(i), 100)])
         return n
 
-    async def handle() -> int:
-        await driver.run_until_idle()
-        return n
-
-    return driver, setup, handle
+    return driver, setup
 
 
-async def timeouts(redis: Redis, count: int, cold: bool = False) -> tuple[Driver, Step, Step]:
+async def timeouts(redis: Redis, count: int, cold: bool = False) -> tuple[Driver, Step]:
     store = EventStore(redis, EventRegistry(), keyspace=Keyspace(prefix="pt"))
     driver = Driver(store, [TimerProbe()], settings=SETTINGS)
 
@@ -129,14 +122,10 @@ async def timeouts(redis: Redis, count: int, cold: bool = False) -> tuple[Driver
             driver.executor.cache.clear()  # as in `timeout_capacity`: every step a miss
         return count
 
-    async def handle() -> int:
-        await driver.run_until_idle()
-        return count
-
-    return driver, setup, handle
+    return driver, setup
 
 
-async def timeouts_cold(redis: Redis, count: int) -> tuple[Driver, Step, Step]:
+async def timeouts_cold(redis: Redis, count: int) -> tuple[Driver, Step]:
     return await timeouts(redis, count, cold=True)
 
 
@@ -158,14 +147,14 @@ async def profile(name: str, url: str, count: int, top: int) -> None:
     redis = Counting.from_url(url)
     # As `rsaga.connection.connect` builds it for `rsaga worker`.
     redis.connection_pool.connection_class = packing_fast(redis.connection_pool.connection_class)
-    driver, setup, handle = await WORKLOADS[name](redis, count)
-    await setup()
+    driver, setup = await WORKLOADS[name](redis, count)
+    items = await setup()
     profiler = cProfile.Profile()
     before = await commands_run(redis)
     Counting.trips = 0
     wall, cpu = time.perf_counter(), time.process_time()
     profiler.enable()
-    items = await handle()
+    await driver.run_until_idle()
     profiler.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = await commands_run(redis)

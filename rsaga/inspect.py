@@ -16,7 +16,7 @@ from rsaga.clock import server_ms
 from rsaga.config import HealthSettings
 from rsaga.errors import EventDecodeError, UnknownEventType, ValidationError
 from rsaga.health import ProcessThresholds, decode_process_record, default_thresholds
-from rsaga.keyspace import Keyspace, validate_stream_id
+from rsaga.keyspace import FINISHED_OUTCOMES, Keyspace, validate_stream_id
 from rsaga.process.api import ProcessInfo
 from rsaga.process.engine import fold_info
 from rsaga.process.events import ProcessRemoved, ProcessStarted
@@ -114,7 +114,7 @@ async def list_processes(
             waiting = keyspace.waiting_processes(shard, process_type)
             # (sorted set, state shown, newest first, or oldest before this score)
             sources: list[tuple[str, str, float | None]]
-            if state in ("completed", "failed", "compensated"):
+            if state in FINISHED_OUTCOMES:
                 sources = [(keyspace.finished_processes(shard, process_type, state), state, None)]
             elif state == "stuck":
                 sources = [
@@ -213,7 +213,6 @@ stuck or retrying (whose indexes are not ordered by time); the newest of them ar
 
 _BATCH = 200
 _TYPE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")  # as `rsaga.handlers.check_name` allows
-_FINISHED = ("completed", "failed", "compensated")
 T = TypeVar("T")
 
 
@@ -370,7 +369,9 @@ class _ShardSearch:
         self.records = keyspace.process_records(shard, process_type)
         self.by_correlation = keyspace.processes_by_correlation(shard, process_type)
         self.by_id = keyspace.processes_by_id(shard, process_type)
-        self.finished = {o: keyspace.finished_processes(shard, process_type, o) for o in _FINISHED}
+        self.finished = {
+            o: keyspace.finished_processes(shard, process_type, o) for o in FINISHED_OUTCOMES
+        }
         self.old_before = (
             query.now_ms - int(limits.max_process_age * 1000) if limits.max_process_age else None
         )
@@ -450,12 +451,12 @@ class _ShardSearch:
             replies = await pipe.execute()
         records, scores = replies[0], replies[1:]
         found = []
-        width = 3 + len(_FINISHED)
+        width = 3 + len(FINISHED_OUTCOMES)
         for i, (member, blob) in enumerate(zip(members, records, strict=True)):
             progress, due, since, *ends = scores[width * i : width * (i + 1)]
             match = self._match(
                 member.decode(), decode_process_record(blob), progress, due, since,
-                dict(zip(_FINISHED, ends, strict=True)),
+                dict(zip(FINISHED_OUTCOMES, ends, strict=True)),
             )
             if match is not None:
                 found.append(match)
@@ -481,7 +482,7 @@ class _ShardSearch:
             state = "stuck" if due <= q.overdue_before else "waiting"
         else:
             return None  # no longer indexed (finished and forgotten meanwhile)
-        finished = state in _FINISHED
+        finished = state in FINISHED_OUTCOMES
         retries = 0 if finished else int(record.get("n") or 0)
         wanted = {
             None: True,

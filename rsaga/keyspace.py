@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from rsaga.errors import CrossShardWrite, InvalidStreamId, ValidationError
 
 MAX_STREAM_ID_LENGTH = 200
+
+FINISHED_OUTCOMES = ("completed", "failed", "compensated")
+"""How a process can finish: each has a sorted set of its own (`finished_processes`)."""
 # Braces would fight the hash tag, whitespace and glob characters would break
 # SCAN patterns and the CLI; everything else printable is fine.
 _STREAM_ID = re.compile(r"[A-Za-z0-9._:@/+=~!$%&()<>,;|^#-]+")
@@ -179,9 +182,7 @@ class Keyspace:
             self.active_processes(shard, process_type),
             self.process_stats(shard, process_type),
             self.process_durations(shard, process_type),
-            self.finished_processes(shard, process_type, "completed"),
-            self.finished_processes(shard, process_type, "failed"),
-            self.finished_processes(shard, process_type, "compensated"),
+            *(self.finished_processes(shard, process_type, o) for o in FINISHED_OUTCOMES),
             self.waiting_processes(shard, process_type),
             self.processes_since(shard, process_type),
             self.retrying_processes(shard, process_type),

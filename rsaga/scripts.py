@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any, NamedTuple
@@ -237,13 +237,15 @@ class Scripts:
 
     async def read_batch(
         self, log: str, shard: int, group: str, consumer: str, count: int,
-        claim_timeout_ms: int, wanted: Sequence[str] = (),
+        claim_timeout_ms: int, wanted: Collection[str] | None = None,
     ) -> Any:
         """``read_batch.lua``: entries handed over, taken over, and up to `count` new ones
-        of `log` (a shard log or due stream) for `consumer` of `group`."""
+        of `log` (a shard log or due stream) for `consumer` of `group`; with `wanted`,
+        only entries of those event types (an empty collection: none), else every one."""
+        filtered: list[EncodableArg] = ["0"] if wanted is None else ["1", *sorted(wanted)]
         return await script("read_batch")(
             self.redis, self._group_keys(log, shard, group),
-            [group, consumer, count, claim_timeout_ms, *wanted],
+            [group, consumer, count, claim_timeout_ms, *filtered],
         )
 
     async def ack_batch(

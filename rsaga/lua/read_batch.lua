@@ -25,7 +25,8 @@
     KEYS[3] in-flight counts (stream id -> n)   KEYS[4] handoffs (consumer -> ids)
     KEYS[5] alive (consumer -> last seen ms)
     ARGV[1] group   ARGV[2] consumer   ARGV[3] count   ARGV[4] claim timeout ms
-    ARGV[5 ..] the event types the group wants (none: every entry)
+    ARGV[5] '1' to keep only the event types in ARGV[6 ..] (none: no typed entry),
+            '0' for every entry
 
   Output:
     {last_id, entries, deliveries}   entries as {id, fields} in the order to run
@@ -52,9 +53,9 @@ if not more_handed then
   read = group_entries(reply)
 end
 local wanted = nil
-if #ARGV > 4 then
+if ARGV[5] == '1' then
   wanted = {}
-  for i = 5, #ARGV do
+  for i = 6, #ARGV do
     wanted[ARGV[i]] = true
   end
 end

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from rsaga.clock import Clock, time_reply_ms
 from rsaga.events import EventCodec, EventRegistry, new_id
-from rsaga.keyspace import Keyspace
+from rsaga.keyspace import FINISHED_OUTCOMES, Keyspace
 from rsaga.process.engine import snapshot_fold
 from rsaga.process.events import ProcessRemoved
 from rsaga.scripts import Scripts
@@ -114,7 +114,7 @@ class Retention:
         ks = self.keyspace
         expiring = ks.expiring_processes(shard, process_type)
         added = 0
-        for outcome in ("completed", "failed", "compensated"):
+        for outcome in FINISHED_OUTCOMES:
             finished: Any = await self.redis.zrange(
                 ks.finished_processes(shard, process_type, outcome), 0, -1, withscores=True
             )

@@ -123,13 +123,8 @@ class GroupConsumer:
         and never reach Python; an empty `wanted` (a process type started only by
         `start`) wants no typed entry at all, where None wants every entry.
         """
-        if wanted is None:
-            types: list[str] = []
-        else:
-            # read_batch.lua reads no type as "every entry": "" matches no type name.
-            types = sorted(wanted) or [""]
         last_id, found, deliveries = await self.scripts.read_batch(
-            self.log, self.shard, self.group, self.name, count, self.claim_timeout_ms, types
+            self.log, self.shard, self.group, self.name, count, self.claim_timeout_ms, wanted
         )
         return ReadResult(_with_deliveries(found, deliveries), last_id.decode())
 
