@@ -633,15 +633,19 @@ async def _stream(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _archive(args: argparse.Namespace, settings: Settings) -> int:
     """Write the finished processes due for removal as JSON lines, events included."""
-    store = open_store(settings)
     to_file = args.output != "-"
     try:
-        due = await Retention(store.redis, store.keyspace).expiring(
-            within=args.within, limit=args.limit
-        )
+        # Opened before Redis is asked: a bad path is the user's to fix, not an outage.
         out = await anyio.open_file(args.output, "a", encoding="utf-8") if to_file \
             else anyio.wrap_file(sys.stdout)
+    except OSError as exc:
+        raise UsageError(f"--output {args.output}: {exc.strerror or exc}") from None
+    try:
+        store = open_store(settings)
         try:
+            due = await Retention(store.redis, store.keyspace).expiring(
+                within=args.within, limit=args.limit
+            )
             for item in due:
                 events: list[EventRow] = []
                 while True:
@@ -656,10 +660,10 @@ async def _archive(args: argparse.Namespace, settings: Settings) -> int:
                 await out.write(_json(line) + "\n")
             await out.flush()
         finally:
-            if to_file:
-                await out.aclose()
+            await store.redis.aclose()
     finally:
-        await store.redis.aclose()
+        if to_file:
+            await out.aclose()
     if to_file:
         _print(f"archived {len(due)} process(es) to {args.output}")
     return 0
@@ -762,6 +766,13 @@ def _moment(text: str) -> datetime:
             f"must be an ISO 8601 time such as 2026-12-01T09:30, got {text!r}"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -1037,7 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
         "scheduler removes them, e.g. hourly with --within 7200. It removes nothing.",
         _archive,
     )
-    archive.add_argument("--within", type=float, default=0.0, metavar="SECONDS",
+    archive.add_argument("--within", type=_seconds, default=0.0, metavar="SECONDS",
                          help="also processes whose retention passes this soon (default 0: "
                          "those due now)")
     archive.add_argument("--output", default="-", metavar="FILE",

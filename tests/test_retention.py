@@ -410,6 +410,22 @@ def test_cli_archive_writes_the_processes_due_as_json_lines_and_removes_nothing(
     assert all(v > 1 for v in anyio.run(versions))
 
 
+def test_cli_archive_refuses_a_bad_window_or_output_in_one_line(
+    env: Path, real_redis_url: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("RSAGA_REDIS_URL", real_redis_url)
+    for within in ("-5", "inf", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["archive", "--within", within])
+        assert exit_info.value.code == 2
+        assert "--within: must be a number of seconds >= 0" in capsys.readouterr().err
+    # Not "cannot reach Redis": a path that cannot be written is the user's to fix.
+    assert main(["archive", "--output", str(env / "missing" / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rsaga: --output {env / 'missing' / 'out.jsonl'}: No such file or directory\n"
+
+
 class SnapshottedOrder(Order):
     name = "snapped-order"
     snapshot_every = 1
