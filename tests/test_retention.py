@@ -410,6 +410,27 @@ def test_cli_archive_writes_the_processes_due_as_json_lines_and_removes_nothing(
     assert all(v > 1 for v in anyio.run(versions))
 
 
+async def test_garbage_in_the_retention_sets_is_dropped_not_a_crash(
+    redis: Redis, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Members of `expiring` that are no stream id (bad bytes, empty) and process types
+    that are no text would stop every sweep: they are dropped with a warning, and the
+    real processes around them are removed."""
+    driver = _driver(redis, prefix)
+    ks = driver.store.keyspace
+    await _order(driver, "1")
+    await driver.run_until_idle()
+    expiring = ks.expiring_processes(0, "order")
+    await redis.zadd(expiring, {b"bad id \xff\x00": 0, b"": 0})
+    await redis.sadd(ks.process_types(0), b"\xff\xfe")
+    retention = Retention(redis, ks)
+    assert [e.stream_id for e in await retention.expiring()] == ["order-1"]
+    with caplog.at_level("WARNING", logger="rsaga.retention"):
+        assert await retention.sweep(0) == {"order": 1}
+    assert "dropped 2 entries" in caplog.text
+    assert await redis.zcard(expiring) == 0
+
+
 def test_cli_archive_refuses_a_bad_window_or_output_in_one_line(
     env: Path, real_redis_url: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],

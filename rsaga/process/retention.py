@@ -11,6 +11,7 @@ empty stream would start the process again.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import anyio
@@ -19,13 +20,23 @@ import msgspec
 from redis.asyncio import Redis
 
 from rsaga.clock import Clock, time_reply_ms
+from rsaga.errors import InvalidStreamId
 from rsaga.events import EventCodec, EventRegistry, new_id
-from rsaga.keyspace import FINISHED_OUTCOMES, Keyspace
+from rsaga.keyspace import FINISHED_OUTCOMES, Keyspace, validate_stream_id
 from rsaga.process.engine import snapshot_fold
 from rsaga.process.events import ProcessRemoved
 from rsaga.scripts import Scripts
 
 _codec = EventCodec(EventRegistry([ProcessRemoved]))
+log = logging.getLogger("rsaga.retention")
+
+
+def _text(raw: bytes) -> str | None:
+    """`raw` as UTF-8 text, or None if it is not."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 class Expiring(msgspec.Struct, frozen=True):
@@ -65,13 +76,14 @@ class Retention:
     async def process_types(self, shard: int) -> list[str]:
         """The process types indexed on `shard`."""
         types: Any = await self.redis.smembers(self.keyspace.process_types(shard))
-        return sorted(t.decode() for t in types)
+        return sorted(t for t in map(_text, types) if t is not None)
 
     async def due(
         self, shard: int, process_type: str, limit: int, *, within_ms: int = 0
-    ) -> tuple[list[Expiring], int]:
+    ) -> tuple[list[Expiring], int, list[bytes]]:
         """Up to `limit` processes of `process_type` on `shard` whose retention passed (or
-        passes within `within_ms`), earliest first, and the clock's now (ms) that decided."""
+        passes within `within_ms`), earliest first; the clock's now (ms) that decided; and
+        the members among them that are no stream id (written by something else)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.execute_command("TIME")  # not .time(): refused in a cluster pipeline
             pipe.zrange(
@@ -80,12 +92,17 @@ class Retention:
             )
             server_now, members = await pipe.execute()
         now = self.clock.now_ms() if self.clock else time_reply_ms(server_now)
-        found = [
-            Expiring(process_type, member.decode(), int(score))
-            for member, score in members
-            if score <= now + within_ms
-        ]
-        return found, now
+        found, unreadable = [], []
+        for member, score in members:
+            if score > now + within_ms:
+                break  # by score: the rest are later
+            try:
+                stream_id = validate_stream_id(_text(member) or "")
+            except InvalidStreamId:
+                unreadable.append(member)
+                continue
+            found.append(Expiring(process_type, stream_id, int(score)))
+        return found, now, unreadable
 
     async def expiring(self, *, within: float = 0.0, limit: int = 1000) -> list[Expiring]:
         """Every shard's processes whose retention passes within `within` seconds (at most
@@ -93,7 +110,7 @@ class Retention:
         found: list[Expiring] = []
         for shard in range(self.keyspace.shards):
             for process_type in await self.process_types(shard):
-                due, _ = await self.due(
+                due, _, _ = await self.due(
                     shard, process_type, limit, within_ms=round(within * 1000)
                 )
                 found += due
@@ -130,9 +147,15 @@ class Retention:
     async def remove_batch(self, shard: int, process_type: str) -> Batch:
         """Remove up to `batch_size` processes of `process_type` on `shard` that are due
         (one atomic script call, which checks again that each is due and finished)."""
-        due, now = await self.due(shard, process_type, self.batch_size)
+        due, now, unreadable = await self.due(shard, process_type, self.batch_size)
+        if unreadable:
+            # Nothing can remove them and they would stop every sweep: drop them, say so.
+            expiring = self.keyspace.expiring_processes(shard, process_type)
+            await self.redis.zrem(expiring, *unreadable)
+            log.warning("retention: dropped %d entries of %s that are no process stream id: %r",
+                        len(unreadable), expiring, unreadable[:5])
         if not due:
-            return Batch(0, False)
+            return Batch(0, bool(unreadable))
         tombstone = ProcessRemoved(process_type, now)
         candidates = [
             (item.stream_id, _codec.encode(
